@@ -1,0 +1,188 @@
+"""Localized Region Contrast loss (Yan et al., MICCAI 2023).
+
+[paper] Dense features are sampled inside Felzenszwalb super-pixels; samples of the same
+super-pixel attract, samples of different super-pixels repel.
+
+[ours] The exact form (see ``LRC_SPEC.md`` §1.4-1.5 and the README): per image, up to N
+regions present in both views; per region and view, the mean of M sampled, L2-normalised
+pixel embeddings (or full masked pooling); InfoNCE with temperature where the positive of a
+view-1 region is the same region in view 2 and the negatives are every other valid region
+of view 2 in the (global) batch, optionally also the other view-1 regions; symmetrised.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lrc_lightning import distributed
+from lrc_lightning.regions import (
+    DownsampleMode,
+    downsample_superpixels,
+    region_embeddings,
+    select_regions,
+)
+
+__all__ = ["LocalizedRegionContrastLoss"]
+
+
+class LocalizedRegionContrastLoss(nn.Module):
+    """InfoNCE between super-pixel region embeddings of two views.
+
+    Args:
+        temperature: InfoNCE temperature tau (> 0).
+        num_regions: N, region slots drawn per image (fixed shape, padded with invalid slots).
+        samples_per_region: M, pixels averaged per region and view; ``None`` = masked
+            average pooling over the whole region.
+        min_pixels: a region must cover at least this many feature pixels in both views.
+        downsample: how (B, H, W) maps are brought to the feature resolution:
+            ``"nearest"`` or ``"majority"``.
+        symmetric: average the view1->view2 and view2->view1 terms (else only the first).
+        negatives_from_same_view: also use the anchor view's other regions as negatives.
+        gather_distributed: gather regions from all processes so negatives span the global
+            batch; gradients flow back to every rank.
+
+    Shapes:
+        features_v1, features_v2: (B, D, h, w) dense embeddings (normalised here per pixel).
+        superpixels_v1, superpixels_v2: (B, H, W) or (B, h, w) integer ids, -1 = ignore;
+        equal ids in the two views denote the same region.
+        Output: scalar.
+
+    Under ``gather_distributed`` each rank returns ``sum of its anchors' losses * world_size
+    / number of valid anchors in the global batch``, so that DDP's gradient averaging yields
+    exactly the gradient of the global-batch loss, also when ranks hold different numbers of
+    valid regions.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        num_regions: int = 16,
+        samples_per_region: int | None = 16,
+        min_pixels: int = 4,
+        downsample: DownsampleMode = "nearest",
+        symmetric: bool = True,
+        negatives_from_same_view: bool = False,
+        gather_distributed: bool = False,
+    ) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if num_regions < 1:
+            raise ValueError(f"num_regions must be >= 1, got {num_regions}")
+        if samples_per_region is not None and samples_per_region < 1:
+            raise ValueError(f"samples_per_region must be >= 1 or None, got {samples_per_region}")
+        if min_pixels < 1:
+            raise ValueError(f"min_pixels must be >= 1, got {min_pixels}")
+        if downsample not in ("nearest", "majority"):
+            raise ValueError(f"downsample must be 'nearest' or 'majority', got {downsample!r}")
+        if gather_distributed and not torch.distributed.is_available():
+            raise ValueError("gather_distributed=True but torch.distributed is not available")
+        self.temperature = temperature
+        self.num_regions = num_regions
+        self.samples_per_region = samples_per_region
+        self.min_pixels = min_pixels
+        self.downsample = downsample
+        self.symmetric = symmetric
+        self.negatives_from_same_view = negatives_from_same_view
+        self.gather_distributed = gather_distributed
+
+    def region_embeddings(
+        self,
+        features_v1: Tensor,
+        features_v2: Tensor,
+        superpixels_v1: Tensor,
+        superpixels_v2: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Fixed-shape region embeddings of both views.
+
+        Returns:
+            z1, z2: (B, N, D) L2-normalised region embeddings (slot n = the same region).
+            valid: (B, N) bool.
+        """
+        if features_v1.shape != features_v2.shape or features_v1.ndim != 4:
+            raise ValueError(
+                "features_v1 and features_v2 must both be (B, D, h, w), got "
+                f"{tuple(features_v1.shape)} and {tuple(features_v2.shape)}"
+            )
+        b, _, h, w = features_v1.shape
+        for name, maps in (("superpixels_v1", superpixels_v1), ("superpixels_v2", superpixels_v2)):
+            if maps.ndim != 3 or maps.shape[0] != b:
+                raise ValueError(f"{name} must be (B, H, W) with B={b}, got {tuple(maps.shape)}")
+        maps_v1 = downsample_superpixels(superpixels_v1, (h, w), self.downsample)
+        maps_v2 = downsample_superpixels(superpixels_v2, (h, w), self.downsample)
+        ids, valid = select_regions(maps_v1, maps_v2, self.num_regions, self.min_pixels, generator)
+        emb_v1 = F.normalize(features_v1.float(), dim=1)
+        emb_v2 = F.normalize(features_v2.float(), dim=1)
+        m = self.samples_per_region
+        z1 = region_embeddings(emb_v1, maps_v1, ids, valid, m, generator)
+        z2 = region_embeddings(emb_v2, maps_v2, ids, valid, m, generator)
+        return z1, z2, valid
+
+    def forward(
+        self,
+        features_v1: Tensor,
+        features_v2: Tensor,
+        superpixels_v1: Tensor,
+        superpixels_v2: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        device_type = features_v1.device.type
+        # Similarities and log-sum-exp in fp32 even under autocast.
+        with torch.autocast(device_type=device_type, enabled=False):
+            z1, z2, valid = self.region_embeddings(
+                features_v1, features_v2, superpixels_v1, superpixels_v2, generator
+            )
+            return self.contrast(z1, z2, valid)
+
+    def contrast(self, z1: Tensor, z2: Tensor, valid: Tensor) -> Tensor:
+        """InfoNCE over region embeddings.
+
+        Args:
+            z1, z2: (B, N, D) normalised region embeddings of the two views.
+            valid: (B, N) bool.
+        """
+        d = z1.shape[-1]
+        a1, a2, v = z1.reshape(-1, d), z2.reshape(-1, d), valid.reshape(-1)
+        if self.gather_distributed and distributed.is_distributed():
+            g1, g2, gv = distributed.gather(a1), distributed.gather(a2), distributed.gather(v)
+            world = distributed.world_size()
+            offset = distributed.rank() * a1.shape[0]
+        else:
+            g1, g2, gv, world, offset = a1, a2, v, 1, 0
+        total_valid = gv.sum()
+        directions = [(a1, g2, g1), (a2, g1, g2)] if self.symmetric else [(a1, g2, g1)]
+        loss_sum = a1.new_zeros(())
+        for anchors, other_view, same_view in directions:
+            loss_sum = loss_sum + self._direction(anchors, other_view, same_view, v, gv, offset)
+        loss_sum = loss_sum / len(directions)
+        # Global mean over valid anchors, scaled so that DDP's gradient average is exact.
+        return loss_sum * world / total_valid.clamp(min=1).to(loss_sum.dtype)
+
+    def _direction(
+        self,
+        anchors: Tensor,
+        other_view: Tensor,
+        same_view: Tensor,
+        valid: Tensor,
+        global_valid: Tensor,
+        offset: int,
+    ) -> Tensor:
+        """Sum of per-anchor InfoNCE terms (anchors: (n, D); candidates: (G, D))."""
+        n = anchors.shape[0]
+        targets = torch.arange(n, device=anchors.device) + offset
+        logits = anchors @ other_view.T / self.temperature
+        logits = logits.masked_fill(~global_valid.unsqueeze(0), float("-inf"))
+        if self.negatives_from_same_view:
+            same = anchors @ same_view.T / self.temperature
+            not_self = torch.ones_like(same, dtype=torch.bool)
+            not_self[torch.arange(n, device=anchors.device), targets] = False
+            same = same.masked_fill(~(global_valid.unsqueeze(0) & not_self), float("-inf"))
+            logits = torch.cat([logits, same], dim=1)
+        # Rows of invalid anchors may be all -inf: neutralise them before the log-softmax so
+        # that neither the value nor the gradient turns into NaN, then drop them.
+        logits = torch.where(valid.unsqueeze(1), logits, torch.zeros_like(logits))
+        per_anchor = F.cross_entropy(logits, targets, reduction="none")
+        return (per_anchor * valid.to(per_anchor.dtype)).sum()

@@ -1,0 +1,158 @@
+"""Small real-data batches and tiny LightningModules for the Trainer tests."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from lrc_lightning import LRCMixin, felzenszwalb
+
+DEMO = Path(__file__).resolve().parents[1] / "data" / "chaos-t2-demo" / "imagesTr"
+
+
+class PairedSlices(Dataset):
+    """Real CHAOS slices at 32x32 with two aligned views and their super-pixel maps.
+
+    View 2 is the horizontal flip of view 1 with a brightness change: maps move with the
+    image, intensities change on the image only.
+    """
+
+    def __init__(self, n: int = 8, size: int = 32) -> None:
+        arr = sitk.GetArrayFromImage(sitk.ReadImage(str(DEMO / "chaos_t2_001.nii.gz")))
+        arr = arr.astype(np.float32)
+        lo, hi = np.percentile(arr, [0.5, 99.5])
+        vol = np.clip((arr - lo) / (hi - lo), 0, 1).astype(np.float32)
+        idx = np.linspace(8, vol.shape[0] - 8, n).astype(int)
+        t = torch.from_numpy(vol[idx]).unsqueeze(1)
+        self.images = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+        self.maps = torch.stack(
+            [
+                torch.from_numpy(felzenszwalb(im[0].numpy(), scale=20, min_size=8))
+                for im in self.images
+            ]
+        ).long()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        image, sp = self.images[i], self.maps[i]
+        return {
+            "image_v1": image,
+            "image_v2": (image.flip(-1) * 0.8 + 0.1),
+            "superpixels_v1": sp,
+            "superpixels_v2": sp.flip(-1),
+        }
+
+
+class TinyUNet(nn.Module):
+    """Encoder (stride 2) + decoder back to full resolution; decoder output = features."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(1, width, 3, 2, 1), nn.BatchNorm2d(width), nn.ReLU())
+        self.decoder = nn.Sequential(
+            nn.Upsample(scale_factor=2), nn.Conv2d(width, width, 3, 1, 1), nn.ReLU()
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bottleneck = self.encoder(x)
+        return bottleneck, self.decoder(bottleneck)
+
+
+class TinyMoCo(pl.LightningModule):
+    """Global InfoNCE between pooled query and momentum-key embeddings (MoCo-like)."""
+
+    def __init__(self, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.lr = lr
+        self.net = TinyUNet()
+        self.key_net = copy.deepcopy(self.net).requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)[1]
+
+    def global_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        q = F.normalize(self.net(batch["image_v1"])[0].mean((2, 3)), dim=1)
+        with torch.no_grad():
+            for pk, pq in zip(self.key_net.parameters(), self.net.parameters(), strict=False):
+                pk.mul_(0.99).add_(pq.detach(), alpha=0.01)
+            k = F.normalize(self.key_net(batch["image_v2"])[0].mean((2, 3)), dim=1)
+        logits = q @ k.T / 0.2
+        return F.cross_entropy(logits, torch.arange(len(q)))
+
+    def training_step(self, batch, batch_idx):
+        loss = self.global_loss(batch)
+        self.log("train/global_loss", loss, batch_size=len(batch["image_v1"]))
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class TinyMoCoLRC(LRCMixin, TinyMoCo):
+    """The user's MoCo plus LRC through the mixin: five added lines."""
+
+    def __init__(self, lr: float = 1e-2, **lrc) -> None:
+        super().__init__(lr=lr)
+        self.init_lrc(feature_channels=8, embedding_dim=16, **lrc)
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        f1, f2 = self.net(batch["image_v1"])[1], self.net(batch["image_v2"])[1]
+        return loss + self.lrc_loss(f1, f2, batch["superpixels_v1"], batch["superpixels_v2"])
+
+
+class TinySupervisedLike(pl.LightningModule):
+    """An unmodified module: forwards view 1 once, returns a dict with its own loss."""
+
+    def __init__(self, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.lr = lr
+        self.net = TinyUNet()
+        self.head = nn.Conv2d(8, 1, 1)
+
+    def forward(self, x):
+        return self.head(self.net(x)[1])
+
+    def training_step(self, batch, batch_idx):
+        pred = self(batch["image_v1"])
+        return {"loss": F.mse_loss(pred, batch["image_v1"])}
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class MetricHistory(pl.Callback):
+    """Records chosen logged values after every training batch."""
+
+    def __init__(self, *keys: str) -> None:
+        self.keys = keys
+        self.history: dict[str, list[float]] = {k: [] for k in keys}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        for k in self.keys:
+            if k in trainer.callback_metrics:
+                self.history[k].append(float(trainer.callback_metrics[k]))
+
+
+def trainer(**kwargs) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
