@@ -1,0 +1,205 @@
+"""LRCDataModule: medical volumes in, cached super-pixels and aligned paired views out."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+
+from lrc_lightning.data.cache import CachedVolume, PreprocessConfig, VolumeCache
+from lrc_lightning.data.datasets import LabelledSlices, PairedViewSlices, Volumes
+from lrc_lightning.data.intensity import Modality
+from lrc_lightning.data.io import Case, discover_cases
+from lrc_lightning.data.splits import Split, split_cases
+from lrc_lightning.data.transforms import GeometryAugment, IntensityAugment
+
+__all__ = ["LRCDataModule"]
+
+
+def _declared_labels(data: Any) -> tuple[int, ...] | None:
+    if isinstance(data, (list, tuple)):
+        return None
+    path = Path(data)
+    if path.is_dir():
+        path = path / "dataset.json"
+    if path.suffix == ".json" and path.is_file():
+        labels = json.loads(path.read_text()).get("labels")
+        if isinstance(labels, dict):
+            return tuple(sorted(int(k) for k in labels))
+    return None
+
+
+class LRCDataModule(pl.LightningDataModule):
+    """Reads CT/MR volumes, precomputes Felzenszwalb super-pixels into a cache, serves batches.
+
+    ``mode="pretrain"``: training batches hold ``image_v1``, ``image_v2`` (B, 1, H, W),
+    ``superpixels_v1``, ``superpixels_v2`` (B, H, W) int64 (and ``label_v1``/``label_v2``
+    with ``pretrain_with_labels``), from every case except validation and test cases.
+    ``mode="finetune"``: ``image`` (B, 1, H, W) and ``label`` (B, H, W) from the labelled
+    cases. Validation and test: one whole volume per batch (``image`` (1, S, 1, H, W),
+    ``label`` (1, S, H, W)) for 3D Dice.
+
+    Args:
+        data: MSD ``dataset.json`` or its folder, a CSV, a folder of volumes / DICOM series,
+            or a list of paths (see :func:`lrc_lightning.data.io.discover_cases`).
+        cache_dir: where the super-pixel cache lives (shared by all ranks of a node; put it
+            on a shared filesystem for several nodes).
+        modality, ct_window, mr_percentiles: intensity normalisation.
+        image_size: in-plane resize (None keeps the file's size).
+        slice_axis: 0 = axial after reorientation to LPS.
+        skip_empty_slices: pre-train on slices with at least ``min_foreground_fraction`` of
+            pixels brighter than ``foreground_threshold`` only.
+        superpixel_*: Felzenszwalb parameters; ``background_threshold`` suppresses dark regions.
+        labels: allowed label values (default: the ``labels`` of dataset.json).
+        test_cases, val_cases, labelled_cases, seed: patient-level split.
+        precompute_workers: processes for the cache; ``shard``: ``"i/n"`` to fill only
+            this share (a cluster job array).
+        hash_content: key the cache on file contents instead of path + size + mtime.
+    """
+
+    def __init__(
+        self,
+        data: str | list[str],
+        cache_dir: str = ".lrc_cache",
+        batch_size: int = 8,
+        num_workers: int = 0,
+        persistent_workers: bool = False,
+        mode: Literal["pretrain", "finetune"] = "pretrain",
+        modality: Modality = "mr",
+        ct_window: str | tuple[float, float] = "abdomen",
+        mr_percentiles: tuple[float, float] = (0.5, 99.5),
+        image_size: int | None = None,
+        slice_axis: int = 0,
+        skip_empty_slices: bool = True,
+        foreground_threshold: float = 0.05,
+        min_foreground_fraction: float = 0.02,
+        superpixel_scale: float = 100.0,
+        superpixel_sigma: float = 0.8,
+        superpixel_min_size: int = 50,
+        background_threshold: float | None = None,
+        labels: list[int] | None = None,
+        test_cases: int | list[str] = 0,
+        val_cases: int | list[str] = 0,
+        labelled_cases: int | float | None = None,
+        seed: int = 0,
+        pretrain_with_labels: bool = False,
+        augment: bool = True,
+        crop_scale: tuple[float, float] = (0.5, 1.0),
+        max_rotation: float = 10.0,
+        precompute_workers: int = 1,
+        shard: str | None = None,
+        hash_content: bool = False,
+    ) -> None:
+        super().__init__()
+        if mode not in ("pretrain", "finetune"):
+            raise ValueError(f"mode must be 'pretrain' or 'finetune', got {mode!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.save_hyperparameters()
+        self.data = data
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.mode = mode
+        self.test_cases = test_cases
+        self.val_cases = val_cases
+        self.labelled_cases = labelled_cases
+        self.seed = seed
+        self.pretrain_with_labels = pretrain_with_labels
+        self.precompute_workers = precompute_workers
+        self.shard = shard
+        self.config = PreprocessConfig(
+            modality=modality,
+            ct_window=tuple(ct_window) if not isinstance(ct_window, str) else ct_window,
+            mr_percentiles=tuple(mr_percentiles),
+            image_size=image_size,
+            slice_axis=slice_axis,
+            foreground_threshold=foreground_threshold if skip_empty_slices else -1.0,
+            min_foreground_fraction=min_foreground_fraction if skip_empty_slices else 0.0,
+            superpixel_scale=superpixel_scale,
+            superpixel_sigma=superpixel_sigma,
+            superpixel_min_size=superpixel_min_size,
+            background_threshold=background_threshold,
+            allowed_labels=tuple(labels) if labels is not None else _declared_labels(data),
+        )
+        self.cache = VolumeCache(cache_dir, self.config, hash_content=hash_content)
+        self.geometry = (
+            GeometryAugment(crop_scale=crop_scale, max_rotation=max_rotation)
+            if augment
+            else GeometryAugment(crop_scale=(1.0, 1.0), horizontal_flip=0.0, max_rotation=0.0)
+        )
+        self.intensity = (
+            IntensityAugment() if augment else IntensityAugment(0.0, 0.0, (1.0, 1.0), 0.0, 0.0)
+        )
+        self.augment = augment
+        self.split: Split | None = None
+        self._volumes: dict[str, CachedVolume] = {}
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def cases(self) -> list[Case]:
+        return discover_cases(self.data)
+
+    def prepare_data(self) -> None:
+        """Fill the cache (once per node). Assigns no state, as Lightning requires."""
+        self.cache.prepare(self.cases(), processes=self.precompute_workers, shard=self.shard)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Split by patient and memory-map the cached cases (every rank)."""
+        cases = self.cases()
+        self.split = split_cases(
+            cases, self.test_cases, self.val_cases, self.labelled_cases, self.seed
+        )
+        for case in cases:
+            if case.case_id not in self._volumes:
+                self.cache.ensure(case)  # normally a no-op after prepare_data
+                self._volumes[case.case_id] = self.cache.load(case)
+
+    def _vols(self, cases: Sequence[Case]) -> list[CachedVolume]:
+        return [self._volumes[c.case_id] for c in cases]
+
+    def _require_split(self) -> Split:
+        if self.split is None:
+            raise RuntimeError("call setup() before asking for dataloaders")
+        return self.split
+
+    def train_dataset(self) -> PairedViewSlices | LabelledSlices:
+        split = self._require_split()
+        if self.mode == "pretrain":
+            return PairedViewSlices(
+                self._vols(split.pool),
+                self.geometry,
+                self.intensity,
+                with_labels=self.pretrain_with_labels,
+            )
+        if not split.labelled:
+            raise ValueError("fine-tuning with labelled_cases=0: no labelled case to train on")
+        geometry = self.geometry if self.augment else None
+        intensity = self.intensity if self.augment else None
+        return LabelledSlices(self._vols(split.labelled), geometry, intensity)
+
+    def _loader(self, dataset: Any, shuffle: bool, batch_size: int) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.persistent_workers,
+            drop_last=shuffle and len(dataset) > batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset(), shuffle=True, batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader | list:
+        split = self._require_split()
+        vols = [v for v in self._vols(split.val) if v.label is not None]
+        return self._loader(Volumes(vols), False, 1) if vols else []
+
+    def test_dataloader(self) -> DataLoader | list:
+        split = self._require_split()
+        vols = [v for v in self._vols(split.test) if v.label is not None]
+        return self._loader(Volumes(vols), False, 1) if vols else []
