@@ -21,7 +21,19 @@ def _slice_index(volumes: list[CachedVolume], kept_only: bool) -> list[tuple[int
     return index
 
 
-class PairedViewSlices(Dataset):
+def _slice(array: np.ndarray, s: int, dtype: type) -> Tensor:
+    """One slice of a memory-mapped (S, H, W) array as a tensor (copied out of the map)."""
+    return torch.from_numpy(np.asarray(array[s], dtype=dtype))
+
+
+class _SliceDataset(Dataset):
+    index: list[tuple[int, int]]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+class PairedViewSlices(_SliceDataset):
     """Two augmented views of each kept slice with their super-pixel maps.
 
     Items: ``image_v1``/``image_v2`` (1, H, W) float32, ``superpixels_v1``/``_v2`` (H, W)
@@ -44,16 +56,13 @@ class PairedViewSlices(Dataset):
         self.intensity = intensity if intensity is not None else IntensityAugment()
         self.with_labels = with_labels and all(v.label is not None for v in volumes)
 
-    def __len__(self) -> int:
-        return len(self.index)
-
     def __getitem__(self, i: int) -> dict[str, Tensor | str | int]:
         v, s = self.index[i]
         vol = self.volumes[v]
-        image = torch.from_numpy(np.asarray(vol.image[s], dtype=np.float32)).unsqueeze(0)
-        maps = {"superpixels": torch.from_numpy(np.asarray(vol.superpixels[s], dtype=np.int64))}
+        image = _slice(vol.image, s, np.float32).unsqueeze(0)
+        maps = {"superpixels": _slice(vol.superpixels, s, np.int64)}
         if self.with_labels:
-            maps["label"] = torch.from_numpy(np.asarray(vol.label[s], dtype=np.int64))
+            maps["label"] = _slice(vol.label, s, np.int64)  # type: ignore[arg-type]
         item: dict[str, Tensor | str | int] = {"case_id": vol.case_id, "slice_index": s}
         for view in ("v1", "v2"):
             warped, warped_maps = apply_affine(self.geometry.sample(), image, maps)
@@ -63,7 +72,7 @@ class PairedViewSlices(Dataset):
         return item
 
 
-class LabelledSlices(Dataset):
+class LabelledSlices(_SliceDataset):
     """Image + label slices (all slices of labelled cases), optionally augmented."""
 
     def __init__(
@@ -80,14 +89,11 @@ class LabelledSlices(Dataset):
         self.geometry = geometry
         self.intensity = intensity
 
-    def __len__(self) -> int:
-        return len(self.index)
-
     def __getitem__(self, i: int) -> dict[str, Tensor | str | int]:
         v, s = self.index[i]
         vol = self.volumes[v]
-        image = torch.from_numpy(np.asarray(vol.image[s], dtype=np.float32)).unsqueeze(0)
-        label = torch.from_numpy(np.asarray(vol.label[s], dtype=np.int64))  # type: ignore[index]
+        image = _slice(vol.image, s, np.float32).unsqueeze(0)
+        label = _slice(vol.label, s, np.int64)  # type: ignore[arg-type]
         if self.geometry is not None:
             image, maps = apply_affine(self.geometry.sample(), image, {"label": label})
             label = maps["label"]
