@@ -63,8 +63,10 @@ def main() -> None:
         for processes in (1, 2):
             rate, slices = precompute_rate(cases, config, processes)
             rates[processes] = rate
-            print(f"  {name:13s} {len(cases):3d} cases {slices:5d} slices  {processes} proc: "
-                  f"{rate:7.1f} slices/s")
+            print(
+                f"  {name:13s} {len(cases):3d} cases {slices:5d} slices  {processes} proc: "
+                f"{rate:7.1f} slices/s"
+            )
         headline[f"{name}_slices_per_s_1proc"] = round(rates[1], 1)
         headline[f"{name}_slices_per_s_2proc"] = round(rates[2], 1)
         headline[f"{name}_scaling_2proc"] = round(rates[2] / rates[1], 2)
@@ -90,8 +92,13 @@ def main() -> None:
         headline["cached_slice_load_us"] = round(load_us, 1)
 
         dataset = PairedViewSlices(vols)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
-                                             num_workers=1, persistent_workers=True)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=args.batch_size,
+            shuffle=True,
+            num_workers=1,
+            persistent_workers=True,
+        )
         it = iter(loader)
         next(it)
         t0 = time.perf_counter()
@@ -100,10 +107,9 @@ def main() -> None:
             batch = next(it)
         loader_rate = n / (time.perf_counter() - t0)
 
-        sys.path.insert(0, str(ROOT / "examples"))
-        from pretrain_demo import MoCoLiteLRC
+        from lrc_lightning.models import MoCoV2LRC, UNet2d
 
-        model = MoCoLiteLRC(width=16)
+        model = MoCoV2LRC(UNet2d(width=16, depth=4), queue_size=1024)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         model.train()
         for i in range(6):
@@ -114,8 +120,10 @@ def main() -> None:
             loss.backward()
             opt.step()
         step_rate = 5 / (time.perf_counter() - t0)
-        print(f"DataLoader (1 worker): {loader_rate:.2f} batches/s; training step consumes "
-              f"{step_rate:.2f} batches/s; ratio {loader_rate / step_rate:.1f}")
+        print(
+            f"DataLoader (1 worker): {loader_rate:.2f} batches/s; training step consumes "
+            f"{step_rate:.2f} batches/s; ratio {loader_rate / step_rate:.1f}"
+        )
         headline["loader_batches_per_s_1worker"] = round(loader_rate, 2)
         headline["train_steps_per_s"] = round(step_rate, 2)
         headline["loader_over_step"] = round(loader_rate / step_rate, 2)

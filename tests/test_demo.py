@@ -1,36 +1,55 @@
-"""The README's main command, reduced: the demo pre-training runs from the shipped data."""
+"""The README's main command, reduced, and the two integration examples, on shipped data."""
 
 from __future__ import annotations
 
+import importlib.util
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_pretrain_demo_runs_on_shipped_chaos_volumes(tmp_path) -> None:
-    cmd = [
-        sys.executable,
-        "examples/pretrain_demo.py",
-        "--epochs",
-        "1",
-        "--max-steps",
-        "4",
-        "--size",
-        "64",
-        "--batch-size",
-        "4",
-        "--width",
-        "8",
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--out",
-        str(tmp_path / "out"),
-    ]
+def load_example(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_pretrains_exports_finetunes_and_prints_dice(tmp_path: Path) -> None:
+    cmd = [sys.executable, "examples/demo.py", "--max-steps", "2", "--size", "64",
+           "--width", "4", "--batch-size", "4", "--pretrain-epochs", "1",
+           "--finetune-epochs", "1", "--cache-dir", str(tmp_path / "cache"),
+           "--out", str(tmp_path / "out")]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "lrc_loss=" in done.stdout
-    metrics = list((tmp_path / "out").rglob("metrics.csv"))
-    assert metrics and "train/lrc_loss_epoch" in metrics[0].read_text().splitlines()[0]
+    table = dict(re.findall(r"^\s+(\w+)\s+([0-9.na]+)$", done.stdout, flags=re.M))
+    assert set(table) == {"liver", "right_kidney", "left_kidney", "spleen", "mean"}
+    assert all(0.0 <= float(v) <= 1.0 for v in table.values() if not math.isnan(float(v)))
+    assert (tmp_path / "out" / "backbone.pt").is_file()
     assert len(list((tmp_path / "cache").glob("chaos_t2_*"))) == 4
+
+
+def test_custom_module_example_adds_lrc(tmp_path: Path, capsys) -> None:
+    example = load_example("custom_module")
+    example.main(["--steps", "3", "--size", "64", "--width", "8",
+                  "--cache-dir", str(tmp_path)])  # fmt: skip
+    out = capsys.readouterr().out
+    values = dict(re.findall(r"(\w+_loss)=([0-9.]+)", out))
+    assert set(values) == {"simclr_loss", "lrc_loss"}
+    source = (ROOT / "examples" / "custom_module.py").read_text()
+    assert source.count("# added") < 15  # the promise in the docs
+
+
+def test_callback_only_example_adds_lrc(tmp_path: Path, capsys) -> None:
+    example = load_example("callback_only")
+    example.main(["--steps", "3", "--size", "64", "--width", "8",
+                  "--cache-dir", str(tmp_path)])  # fmt: skip
+    values = dict(re.findall(r"(\w+_loss)=([0-9.]+)", capsys.readouterr().out))
+    assert set(values) == {"byol_loss", "lrc_loss"}
+    assert float(values["lrc_loss"]) > 0

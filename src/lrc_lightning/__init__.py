@@ -4,7 +4,7 @@ from lrc_lightning.callback import LRCCallback
 from lrc_lightning.data import LRCDataModule
 from lrc_lightning.heads import DenseProjectionHead
 from lrc_lightning.loss import LocalizedRegionContrastLoss
-from lrc_lightning.mixin import LRCMixin
+from lrc_lightning.mixin import LRCConfig, LRCMixin
 from lrc_lightning.superpixels import felzenszwalb, felzenszwalb_volume
 
 __version__ = "0.1.0"
@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DenseProjectionHead",
     "LRCCallback",
+    "LRCConfig",
     "LRCDataModule",
     "LRCMixin",
     "LocalizedRegionContrastLoss",

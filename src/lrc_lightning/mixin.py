@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -16,7 +17,7 @@ from lrc_lightning.schedules import WeightSchedule, lrc_weight
 if TYPE_CHECKING:
     from pytorch_lightning import Callback
 
-__all__ = ["LRCMixin", "lrc_term", "SUPERPIXEL_KEYS", "VIEW_KEYS"]
+__all__ = ["LRCConfig", "LRCMixin", "lrc_term", "SUPERPIXEL_KEYS", "VIEW_KEYS"]
 
 #: Batch keys of the two views and of their super-pixel maps (LRCDataModule's names).
 VIEW_KEYS = ("image_v1", "image_v2")
@@ -54,6 +55,33 @@ def check_batch_has_superpixels(batch: Any, keys: Sequence[str] = SUPERPIXEL_KEY
             f"but the batch has {found}. Use lrc_lightning.LRCDataModule (pre-training mode), "
             "or add maps computed with lrc_lightning.superpixels.felzenszwalb to your batches."
         )
+
+
+@dataclass
+class LRCConfig:
+    """The LRC options of :meth:`LRCMixin.init_lrc`, as one config block (LightningCLI's
+    ``model.init_args.lrc``). ``feature_level`` picks the decoder level of the reference
+    models' backbone (-1: the finest)."""
+
+    weight: float = 1.0
+    schedule: WeightSchedule = "constant"
+    warmup_steps: int = 0
+    temperature: float = 0.1
+    num_regions: int = 16
+    samples_per_region: int | None = 16
+    min_pixels: int = 4
+    downsample: DownsampleMode = "nearest"
+    negatives_from_same_view: bool = False
+    gather_distributed: bool = False
+    embedding_dim: int = 128
+    hidden_dim: int | None = None
+    feature_level: int = -1
+
+    def init_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :meth:`LRCMixin.init_lrc` (all but ``feature_channels``)."""
+        kwargs = asdict(self)
+        kwargs.pop("feature_level")
+        return kwargs
 
 
 class LRCMixin:

@@ -158,7 +158,8 @@ class LRCDataModule(pl.LightningDataModule):
                 self.cache.ensure(case)  # normally a no-op after prepare_data
                 self._volumes[case.case_id] = self.cache.load(case)
 
-    def _vols(self, cases: Sequence[Case]) -> list[CachedVolume]:
+    def volumes(self, cases: Sequence[Case]) -> list[CachedVolume]:
+        """The memory-mapped cached volumes of ``cases`` (after :meth:`setup`)."""
         return [self._volumes[c.case_id] for c in cases]
 
     def _require_split(self) -> Split:
@@ -170,7 +171,7 @@ class LRCDataModule(pl.LightningDataModule):
         split = self._require_split()
         if self.mode == "pretrain":
             return PairedViewSlices(
-                self._vols(split.pool),
+                self.volumes(split.pool),
                 self.geometry,
                 self.intensity,
                 with_labels=self.pretrain_with_labels,
@@ -179,7 +180,7 @@ class LRCDataModule(pl.LightningDataModule):
             raise ValueError("fine-tuning with labelled_cases=0: no labelled case to train on")
         geometry = self.geometry if self.augment else None
         intensity = self.intensity if self.augment else None
-        return LabelledSlices(self._vols(split.labelled), geometry, intensity)
+        return LabelledSlices(self.volumes(split.labelled), geometry, intensity)
 
     def _loader(self, dataset: Any, shuffle: bool, batch_size: int) -> DataLoader:
         return DataLoader(
@@ -196,10 +197,10 @@ class LRCDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         split = self._require_split()
-        vols = [v for v in self._vols(split.val) if v.label is not None]
+        vols = [v for v in self.volumes(split.val) if v.label is not None]
         return self._loader(Volumes(vols), False, 1) if vols else []
 
     def test_dataloader(self) -> DataLoader | list:
         split = self._require_split()
-        vols = [v for v in self._vols(split.test) if v.label is not None]
+        vols = [v for v in self.volumes(split.test) if v.label is not None]
         return self._loader(Volumes(vols), False, 1) if vols else []

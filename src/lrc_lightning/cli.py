@@ -1,0 +1,132 @@
+"""The ``lrc-lightning`` command: LightningCLI for fit/validate/test, plus precompute/export.
+
+    lrc-lightning fit --config examples/configs/moco_lrc.yaml
+    lrc-lightning precompute --config examples/configs/moco_lrc.yaml [--data.shard 0/4]
+    lrc-lightning export --ckpt runs/moco_lrc/.../last.ckpt --out moco_lrc_backbone.pt
+    lrc-lightning fit --config examples/configs/finetune.yaml \\
+        --model.init_args.pretrained moco_lrc_backbone.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.cli import LightningCLI
+
+from lrc_lightning.data import LRCDataModule
+
+__all__ = ["LRCLightningCLI", "main"]
+
+_DESCRIPTION = (
+    "LRC pre-training and fine-tuning (LightningCLI). Subcommands: fit, validate, test, "
+    "predict; and `lrc-lightning precompute --config CFG` (fill the super-pixel cache), "
+    "`lrc-lightning export --ckpt CKPT --out FILE` (backbone weights as a plain state_dict)."
+)
+
+
+def _wandb_offline_without_key() -> None:
+    """W&B is optional: with no API key (env or ~/.netrc) runs are logged offline."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"):
+        return
+    netrc = Path.home() / ".netrc"
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return
+    os.environ["WANDB_MODE"] = "offline"
+
+
+class LRCLightningCLI(LightningCLI):
+    """LightningCLI with any LightningModule (subclass mode: ``model.class_path``) and
+    :class:`LRCDataModule` as ``data``. Configs: ``examples/configs``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", {"description": _DESCRIPTION})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(pl.LightningModule, LRCDataModule, *args, **kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        _wandb_offline_without_key()
+
+
+def _ignored_sections(parser: Any) -> None:
+    # A fit config also holds trainer/model sections: accepted, not used.
+    for key in ("model", "trainer", "optimizer", "lr_scheduler"):
+        parser.add_argument(f"--{key}", type=Any, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--seed_everything", type=Any, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--ckpt_path", type=Any, default=None, help=argparse.SUPPRESS)
+
+
+def precompute(argv: list[str]) -> int:
+    """Fill the super-pixel cache of a config's ``data`` section (shardable)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(
+        prog="lrc-lightning precompute",
+        description="Read, normalise and super-pixel every case of the config's data section "
+        "into its cache. Rerun-safe: finished cases are skipped. For a job array give "
+        "--data.shard i/n to each task.",
+    )
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_class_arguments(LRCDataModule, "data")
+    _ignored_sections(parser)
+    cfg = parser.parse_args(argv)
+    datamodule: LRCDataModule = parser.instantiate_classes(cfg).data
+    start = time.perf_counter()
+    cases = datamodule.cases()
+    datamodule.prepare_data()
+    print(
+        f"cache {datamodule.cache.root}: {len(cases)} case(s) ready "
+        f"(shard {datamodule.shard or 'all'}) in {time.perf_counter() - start:.1f} s"
+    )
+    return 0
+
+
+def export(argv: list[str]) -> int:
+    """Write a checkpoint's backbone weights as a plain PyTorch state_dict."""
+    from lrc_lightning.models.weights import BACKBONE_PREFIX, export_backbone
+
+    parser = argparse.ArgumentParser(
+        prog="lrc-lightning export",
+        description="Write the trained backbone of a checkpoint as a plain state_dict "
+        "(torch.load + load_state_dict in plain PyTorch), with a .json describing it.",
+    )
+    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt)")
+    parser.add_argument("--out", required=True, help="output file, e.g. backbone.pt")
+    parser.add_argument("--prefix", default=BACKBONE_PREFIX, help="state_dict key prefix")
+    args = parser.parse_args(argv)
+    try:
+        path = export_backbone(args.ckpt, args.out, args.prefix)
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"lrc-lightning export: error: {err}\n")
+    print(f"wrote {path} and {path.name}.json")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "precompute":
+        return precompute(args[1:])
+    if args and args[0] == "export":
+        return export(args[1:])
+    if argv is None:
+        LRCLightningCLI()  # reads sys.argv itself
+        return 0
+    # Called from Python (a script with its own options, a test): hide the caller's argv,
+    # which LightningCLI would otherwise compare with `args` and warn about.
+    saved, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        LRCLightningCLI(args=args)
+    finally:
+        sys.argv = saved
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Dice: the segmentation metric (torchmetrics) and the soft Dice loss.
+
+Definition used everywhere in this package (training, validation, test, benchmarks):
+Dice of organ c over a *sample* = 2 |P_c ∩ G_c| / (|P_c| + |G_c|). While training a
+sample is one 2D slice; at validation and test it is one whole 3D volume (all its slices
+together, the paper's and CHAOS's "3D Dice"). Background is not scored. An organ absent
+from both prediction and ground truth has no Dice (NaN) and is left out of every mean; an
+organ predicted but absent from the ground truth scores 0. Reported means: per organ, the
+mean over samples; overall, the mean of those per-organ means.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.functional.segmentation import dice_score
+
+__all__ = ["dice_per_organ", "nanmean", "soft_dice_loss"]
+
+
+def dice_per_organ(prediction: Tensor, target: Tensor, num_classes: int) -> Tensor:
+    """(N, num_classes - 1) Dice of each sample and organ (NaN where undefined).
+
+    Args:
+        prediction, target: (N, *spatial) integer class maps; target pixels < 0 (ignored)
+            are left out of both.
+    """
+    if prediction.shape != target.shape:
+        raise ValueError(
+            f"prediction and target differ in shape: {tuple(prediction.shape)} vs "
+            f"{tuple(target.shape)}"
+        )
+    ignored = target < 0
+    if ignored.any():
+        # An ignored pixel becomes background in both maps: it counts for no organ.
+        prediction = prediction.masked_fill(ignored, 0)
+        target = target.masked_fill(ignored, 0)
+    return dice_score(
+        prediction.long(),
+        target.long(),
+        num_classes=num_classes,
+        include_background=False,
+        average="none",
+        input_format="index",
+        aggregation_level="samplewise",
+    ).reshape(prediction.shape[0], num_classes - 1)
+
+
+def nanmean(values: Tensor, dim: int | None = None) -> Tensor:
+    """Mean over the defined (non-NaN) values; NaN when none is."""
+    if dim is None:
+        return values.nanmean() if (~values.isnan()).any() else values.new_tensor(float("nan"))
+    return values.nanmean(dim=dim)
+
+
+def soft_dice_loss(logits: Tensor, target: Tensor, ignore_index: int = -1) -> Tensor:
+    """1 - mean soft Dice over the organs present in the batch (background excluded).
+
+    Args:
+        logits: (B, C, H, W); target: (B, H, W) class ids, ``ignore_index`` ignored.
+    """
+    num_classes = logits.shape[1]
+    valid = (target != ignore_index).unsqueeze(1)
+    probabilities = logits.float().softmax(dim=1) * valid
+    one_hot = F.one_hot(target.clamp(min=0), num_classes).permute(0, 3, 1, 2) * valid
+    dims = (0, 2, 3)
+    intersection = (probabilities * one_hot).sum(dims)[1:]
+    denominator = probabilities.sum(dims)[1:] + one_hot.sum(dims)[1:]
+    present = one_hot.sum(dims)[1:] > 0
+    if not present.any():
+        return probabilities.sum() * 0.0  # keeps the graph; nothing to score
+    dice = (2 * intersection + 1e-6) / (denominator + 1e-6)
+    return 1.0 - dice[present].mean()

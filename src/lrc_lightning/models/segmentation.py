@@ -1,0 +1,284 @@
+"""Supervised segmentation (pre-training or fine-tuning) with per-organ Dice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import CatMetric
+
+from lrc_lightning.metrics import dice_per_organ, nanmean, soft_dice_loss
+from lrc_lightning.mixin import LRCConfig, LRCMixin
+from lrc_lightning.models.backbone import dense_channels, describe_backbone
+from lrc_lightning.models.optim import (
+    LRSchedule,
+    OptimizerName,
+    configure_optimizer,
+    total_training_steps,
+    trainable_parameters,
+)
+from lrc_lightning.models.unet import UNet2d
+from lrc_lightning.models.weights import BACKBONE_PREFIX, load_backbone_weights
+
+__all__ = ["FineTuneSegmentation", "SupervisedSegmentation", "SupervisedSegmentationLRC"]
+
+
+def _decoder_features(backbone: nn.Module, images: Tensor) -> list[Tensor]:
+    if hasattr(backbone, "forward_features"):
+        return list(backbone.forward_features(images)[1])  # type: ignore[operator]
+    return [backbone(images)]
+
+
+class SupervisedSegmentation(pl.LightningModule):
+    """Backbone + 1x1 conv head trained with cross-entropy + soft Dice.
+
+    Training batches: ``image`` (B, 1, H, W) + ``label`` (B, H, W) (fine-tuning), or the two
+    views ``image_v1``/``image_v2`` + ``label_v1``/``label_v2`` (pre-training mode with
+    ``pretrain_with_labels``); label -1 is ignored. Validation/test batches: one volume,
+    ``image`` (1, S, 1, H, W) + ``label`` (1, S, H, W), predicted slice by slice.
+
+    Logs ``train/dice_mean`` (per 2D slice), ``{val,test}/dice_<organ>`` and
+    ``{val,test}/dice_mean`` (per 3D volume); see :mod:`lrc_lightning.metrics` for the
+    exact Dice definition. ``last_dice_table`` keeps the per-volume values of the last
+    validation/test epoch for loggers.
+
+    Args:
+        backbone: default ``UNet2d()``; its finest decoder features feed the head.
+        num_classes: classes including background.
+        class_names: organ names for the logs (default ``class_1``...).
+        dice_weight: weight of the soft Dice loss next to cross-entropy.
+        eval_batch_size: slices per forward when predicting a volume.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module | None = None,
+        num_classes: int = 5,
+        class_names: list[str] | None = None,
+        dice_weight: float = 1.0,
+        optimizer: OptimizerName = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        lr_schedule: LRSchedule = "cosine",
+        warmup_steps: int = 0,
+        eval_batch_size: int = 32,
+        ignore_index: int = -1,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (background + organs), got {num_classes}")
+        names = list(class_names) if class_names else [f"class_{c}" for c in range(num_classes)]
+        if len(names) == num_classes - 1:
+            names = ["background", *names]
+        if len(names) != num_classes:
+            raise ValueError(
+                f"class_names has {len(names)} names for {num_classes} classes "
+                "(give all, or all but background)"
+            )
+        self.save_hyperparameters(ignore=["backbone"])
+        self.backbone = backbone if backbone is not None else UNet2d()
+        self.head = nn.Conv2d(dense_channels(self.backbone, -1), num_classes, kernel_size=1)
+        self.num_classes = num_classes
+        self.organ_names = names[1:]
+        self.ignore_index = ignore_index
+        # One row of per-organ Dice per volume; CatMetric gathers the rows of all ranks.
+        self.volume_dice = CatMetric(nan_strategy="disable")
+        self._volume_ids: list[str] = []
+        self.last_dice_table: dict[str, list[float]] = {}
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, images: Tensor) -> Tensor:
+        """(B, C_in, H, W) -> (B, num_classes, H, W) logits."""
+        return self.head(_decoder_features(self.backbone, images)[-1])
+
+    def segmentation_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        ce = F.cross_entropy(logits.float(), labels, ignore_index=self.ignore_index)
+        return ce + self.hparams["dice_weight"] * soft_dice_loss(logits, labels, self.ignore_index)
+
+    @staticmethod
+    def batch_views(batch: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+        if "image" in batch:
+            return [batch["image"]], [batch["label"]]
+        if "label_v1" not in batch:
+            raise KeyError(
+                "supervised pre-training needs labels of both views: use LRCDataModule("
+                f"mode='pretrain', pretrain_with_labels=True); the batch has {sorted(batch)}"
+            )
+        return [batch["image_v1"], batch["image_v2"]], [batch["label_v1"], batch["label_v2"]]
+
+    def supervised_step(self, batch: dict[str, Any]) -> tuple[Tensor, list[Tensor]]:
+        """Segmentation loss of the batch and the finest decoder features of each view."""
+        images, labels = self.batch_views(batch)
+        b = images[0].shape[0]
+        features = _decoder_features(self.backbone, torch.cat(images))
+        logits = self.head(features[-1])
+        label = torch.cat(labels)
+        loss = self.segmentation_loss(logits, label)
+        with torch.no_grad():
+            slice_dice = dice_per_organ(logits.argmax(1), label, self.num_classes)
+        if self._trainer is not None:
+            self.log("train/seg_loss", loss.detach(), prog_bar=True, batch_size=b)
+            mean = nanmean(slice_dice)
+            if not mean.isnan():
+                self.log("train/dice_mean", mean, prog_bar=True, batch_size=b)
+        return loss, list(features[self.dense_level].split(b))
+
+    #: Decoder level returned as dense features (set by the LRC subclass).
+    dense_level: int = -1
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self.supervised_step(batch)[0]
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def predict_volume(self, volume: Tensor) -> Tensor:
+        """(S, 1, H, W) image -> (S, H, W) class map, ``eval_batch_size`` slices at a time."""
+        size = self.hparams["eval_batch_size"]
+        return torch.cat([self(chunk).argmax(1) for chunk in volume.split(size)])
+
+    def _eval_step(self, batch: dict[str, Any]) -> Tensor:
+        if batch["image"].ndim != 5:
+            raise ValueError(
+                "validation/test batches must be whole volumes (1, S, 1, H, W), got "
+                f"{tuple(batch['image'].shape)}; LRCDataModule's val/test loaders give those"
+            )
+        prediction = self.predict_volume(batch["image"][0])
+        dice = dice_per_organ(prediction[None], batch["label"][0][None], self.num_classes)
+        self.volume_dice.update(dice)
+        self._volume_ids += list(batch.get("case_id", ["?"]))
+        return prediction
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self._eval_step(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self._eval_step(batch)
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        if not self._volume_ids and self.volume_dice.update_count == 0:
+            return
+        rows = self.volume_dice.compute().reshape(-1, self.num_classes - 1)
+        self.volume_dice.reset()
+        per_organ = nanmean(rows, dim=0)
+        for name, value in zip(self.organ_names, per_organ.tolist(), strict=True):
+            self.log(f"{stage}/dice_{name}", value, sync_dist=False)
+        self.log(f"{stage}/dice_mean", float(nanmean(per_organ)), prog_bar=True)
+        ids = (
+            self._volume_ids
+            if len(self._volume_ids) == len(rows)
+            else [str(i) for i in range(len(rows))]
+        )
+        self.last_dice_table = {case: row.tolist() for case, row in zip(ids, rows, strict=True)}
+        self._volume_ids = []
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["backbone_config"] = describe_backbone(self.backbone)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        h = self.hparams
+        return configure_optimizer(
+            trainable_parameters(self),
+            h["optimizer"],
+            h["lr"],
+            h["weight_decay"],
+            h["lr_schedule"],
+            h["warmup_steps"],
+            total_training_steps(self.trainer),
+        )
+
+
+class SupervisedSegmentationLRC(LRCMixin, SupervisedSegmentation):
+    """Supervised pre-training + LRC (the paper's second setting): cross-entropy + Dice on
+    both labelled views, plus LRC on their decoder features from the same forward pass.
+
+    Args:
+        lrc: LRC options (:class:`~lrc_lightning.LRCConfig`); the rest as
+            :class:`SupervisedSegmentation`.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module | None = None,
+        lrc: LRCConfig | None = None,
+        **segmentation_kwargs: Any,
+    ) -> None:
+        lrc = lrc if lrc is not None else LRCConfig()
+        self.dense_level = lrc.feature_level
+        super().__init__(backbone=backbone, **segmentation_kwargs)
+        channels = dense_channels(self.backbone, lrc.feature_level)
+        self.init_lrc(feature_channels=channels, **lrc.init_kwargs())
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        if "image_v1" not in batch:
+            raise KeyError(
+                "SupervisedSegmentationLRC needs two views: LRCDataModule(mode='pretrain')"
+            )
+        loss, (dense_v1, dense_v2) = self.supervised_step(batch)
+        return loss + self.lrc_loss(
+            dense_v1, dense_v2, batch["superpixels_v1"], batch["superpixels_v2"]
+        )
+
+
+class FineTuneSegmentation(SupervisedSegmentation):
+    """Fine-tune a pre-trained backbone for segmentation with few labels.
+
+    ``pretrained`` is a pre-training checkpoint (``.ckpt``; the weights under
+    ``pretrained_prefix`` are taken) or a file from ``lrc-lightning export`` / plain
+    ``torch.save(backbone.state_dict())``. Loading is strict: a clear error lists missing,
+    unexpected and mis-shaped keys. ``pretrained=None`` is the random-init baseline.
+
+    Args:
+        pretrained, pretrained_prefix: where the backbone weights come from.
+        freeze_backbone: train the head only (a linear probe).
+        backbone_lr_scale: learning-rate factor of the pre-trained backbone.
+        Others: see :class:`SupervisedSegmentation`.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module | None = None,
+        pretrained: str | None = None,
+        pretrained_prefix: str = BACKBONE_PREFIX,
+        freeze_backbone: bool = False,
+        backbone_lr_scale: float = 1.0,
+        **segmentation_kwargs: Any,
+    ) -> None:
+        super().__init__(backbone=backbone, **segmentation_kwargs)
+        if backbone_lr_scale <= 0:
+            raise ValueError(f"backbone_lr_scale must be > 0, got {backbone_lr_scale}")
+        if pretrained is not None:
+            load_backbone_weights(self.backbone, Path(pretrained), pretrained_prefix)
+        if freeze_backbone:
+            self.backbone.requires_grad_(False)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        h = self.hparams
+        scale = h["backbone_lr_scale"]
+        if scale == 1.0:
+            return super().configure_optimizers()
+        backbone_ids = {id(p) for p in self.backbone.parameters()}
+        params = trainable_parameters(self)
+        groups = [
+            {"params": [p for p in params if id(p) in backbone_ids], "lr": h["lr"] * scale},
+            {"params": [p for p in params if id(p) not in backbone_ids]},
+        ]
+        return configure_optimizer(
+            [g for g in groups if g["params"]],
+            h["optimizer"],
+            h["lr"],
+            h["weight_decay"],
+            h["lr_schedule"],
+            h["warmup_steps"],
+            total_training_steps(self.trainer),
+        )

@@ -1,0 +1,173 @@
+"""Reference models: shapes, MoCo queue and momentum, strict weight loading, Dice, probe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lrc_lightning.metrics import dice_per_organ, nanmean, soft_dice_loss
+from lrc_lightning.models import (
+    FineTuneSegmentation,
+    MoCoV2,
+    MoCoV2LRC,
+    SupervisedSegmentation,
+    UNet2d,
+    load_backbone_weights,
+)
+from lrc_lightning.probe import fit_pixel_classifier, sample_pixels
+from tests.helpers import PairedSlices, trainer
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_unet_shapes_and_channels(depth: int) -> None:
+    net = UNet2d(width=4, depth=depth, norm="group")
+    x = torch.randn(2, 1, 32, 32)
+    bottleneck, decoder = net.forward_features(x)
+    assert bottleneck.shape == (2, 4 * 2**depth, 32 // 2**depth, 32 // 2**depth)
+    assert [f.shape[1] for f in decoder] == net.decoder_channels
+    assert decoder[-1].shape == (2, 4, 32, 32) == net(x).shape
+    assert [f.shape[-1] for f in decoder] == [32 // 2 ** (depth - 1 - i) for i in range(depth)]
+
+
+def test_unet_rejects_bad_input_and_arguments() -> None:
+    with pytest.raises(ValueError, match="divisible by 8"):
+        UNet2d(width=4, depth=3)(torch.randn(1, 1, 36, 36))
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
+        UNet2d(width=4, depth=1)(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="norm must be"):
+        UNet2d(norm="layer")  # type: ignore[arg-type]
+
+
+def test_moco_queue_wraps_around() -> None:
+    model = MoCoV2(UNet2d(width=4, depth=1), queue_size=5, projection_dim=3)
+    keys = torch.eye(3)
+    model.enqueue(keys)
+    model.enqueue(-keys)
+    assert int(model.queue_ptr) == 1
+    torch.testing.assert_close(model.queue[:1], -keys[2:])
+    torch.testing.assert_close(model.queue[1:3], keys[1:])
+    torch.testing.assert_close(model.queue[3:5], -keys[:2])
+
+
+def test_moco_contrast_known_value() -> None:
+    model = MoCoV2(UNet2d(width=4, depth=1), queue_size=2, projection_dim=2, temperature=1.0)
+    model.queue.copy_(torch.tensor([[0.0, 1.0], [0.0, -1.0]]))
+    q = k = torch.tensor([[1.0, 0.0]])
+    expected = -torch.log(torch.exp(torch.tensor(1.0)) / (torch.e + 2.0))
+    torch.testing.assert_close(model.contrast(q, k), expected)
+
+
+def test_momentum_update_follows_optimizer_steps_and_key_encoder_is_frozen() -> None:
+    model = MoCoV2(UNet2d(width=4, depth=1), queue_size=16, momentum=0.5, lr=1e-2)
+    before = [p.detach().clone() for p in model.key_backbone.parameters()]
+    t = trainer(max_steps=3, accumulate_grad_batches=2)
+    t.fit(model, DataLoader(PairedSlices(n=8), batch_size=2))
+    assert t.global_step == 3
+    assert int(model.momentum_updates) == 3  # six batches, three optimizer steps
+    optimized = {id(p) for g in t.optimizers[0].param_groups for p in g["params"]}
+    assert not any(id(p) in optimized for p in model.key_backbone.parameters())
+    assert not any(id(p) in optimized for p in model.key_projector.parameters())
+    after = list(model.key_backbone.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+def test_moco_lrc_backpropagates_lrc_into_decoder_only_through_query() -> None:
+    model = MoCoV2LRC(UNet2d(width=4, depth=2), queue_size=8)
+    batch = next(iter(DataLoader(PairedSlices(n=4), batch_size=4)))
+    model.training_step(batch, 0).backward()
+    assert model.backbone.decoders[-1][0].weight.grad.abs().sum() > 0
+    assert model.lrc_head.layers[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.key_backbone.parameters())
+
+
+def test_lrc_alone_has_no_global_branch() -> None:
+    model = MoCoV2LRC(UNet2d(width=4, depth=1), global_weight=0.0)
+    assert not hasattr(model, "key_backbone") and not hasattr(model, "projector")
+    with pytest.raises(ValueError, match="no loss"):
+        MoCoV2(UNet2d(width=4, depth=1), global_weight=0.0)
+
+
+def test_strict_loading_lists_missing_and_unexpected_keys(tmp_path: Path) -> None:
+    state = UNet2d(width=4, depth=2).state_dict()
+    state.pop("bottleneck.0.weight")
+    state["extra.weight"] = torch.zeros(1)
+    path = tmp_path / "w.pt"
+    torch.save(state, path)
+    with pytest.raises(ValueError) as info:
+        load_backbone_weights(UNet2d(width=4, depth=2), path)
+    message = str(info.value)
+    assert "w.pt" in message
+    assert "missing keys (1): bottleneck.0.weight" in message
+    assert "unexpected keys (1): extra.weight" in message
+    with pytest.raises(FileNotFoundError, match=r"nope\.pt"):
+        FineTuneSegmentation(UNet2d(width=4, depth=2), pretrained=str(tmp_path / "nope.pt"))
+
+
+def test_finetune_loads_exact_weights(tmp_path: Path) -> None:
+    source = UNet2d(width=4, depth=2)
+    torch.save(source.state_dict(), tmp_path / "b.pt")
+    model = FineTuneSegmentation(UNet2d(width=4, depth=2), pretrained=str(tmp_path / "b.pt"),
+                                 freeze_backbone=True)  # fmt: skip
+    for a, b in zip(model.backbone.state_dict().values(), source.state_dict().values(),
+                    strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b)
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert all(p.requires_grad for p in model.head.parameters())
+
+
+def test_dice_known_values_and_undefined_organs() -> None:
+    prediction = torch.tensor([[[0, 1, 1, 2]], [[0, 1, 0, 0]]])
+    target = torch.tensor([[[0, 1, 0, 0]], [[0, 1, -1, 0]]])
+    dice = dice_per_organ(prediction, target, num_classes=3)
+    # sample 0: organ 1 2*1/(2+1); organ 2 predicted, absent: 0. sample 1: 1; organ 2 undefined
+    torch.testing.assert_close(dice[0], torch.tensor([2 / 3, 0.0]))
+    assert dice[1, 0] == 1.0 and dice[1, 1].isnan()
+    torch.testing.assert_close(nanmean(dice, dim=0), torch.tensor([5 / 6, 0.0]))
+    assert nanmean(torch.tensor([float("nan")])).isnan()
+
+
+def test_soft_dice_loss_perfect_and_gradient() -> None:
+    target = torch.tensor([[[0, 1], [2, -1]]])
+    perfect = torch.nn.functional.one_hot(target.clamp(min=0), 3).permute(0, 3, 1, 2) * 50.0
+    assert soft_dice_loss(perfect.float(), target) < 1e-3
+    logits = torch.zeros(1, 3, 2, 2, requires_grad=True)
+    soft_dice_loss(logits, target).backward()
+    assert logits.grad.abs().sum() > 0
+    assert logits.grad[..., 1, 1].abs().sum() == 0  # the ignored pixel
+
+
+def test_supervised_volume_dice_is_3d() -> None:
+    model = SupervisedSegmentation(UNet2d(width=4, depth=1), num_classes=3)
+    label = torch.zeros(4, 8, 8, dtype=torch.long)
+    label[1, 2:4, 2:4] = 1
+    # A perfect predictor for organ 1 and none for organ 2: 3D Dice of organ 1 = 1, 2 = NaN.
+    model.predict_volume = lambda volume: label  # type: ignore[method-assign]
+    model._eval_step({"image": torch.zeros(1, 4, 1, 8, 8), "label": label[None],
+                      "case_id": ["c1"]})  # fmt: skip
+    rows = model.volume_dice.compute()
+    assert rows.shape == (1, 2) and rows[0, 0] == 1.0 and rows[0, 1].isnan()
+
+
+def test_probe_head_recovers_separable_features() -> None:
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (600,), generator=generator)
+    features = torch.nn.functional.one_hot(labels, 3).float() * 5 + 0.3 * torch.randn(
+        600, 3, generator=generator
+    )
+    head = fit_pixel_classifier(features, labels, 3, steps=100)
+    image = features.T.reshape(1, 3, 20, 30)
+    prediction = head(image).argmax(1)
+    dice = dice_per_organ(prediction, labels.reshape(1, 20, 30), 3)
+    assert (dice > 0.98).all()
+
+
+def test_sample_pixels_is_class_balanced() -> None:
+    label = torch.zeros(32, 32, dtype=torch.long)
+    label[:3, :3] = 1  # a 9-pixel organ
+    label[-1, -1] = -1
+    rows, cols = sample_pixels(label, 5, torch.Generator().manual_seed(0))
+    picked = label[rows, cols]
+    assert (picked == 1).sum() == 5 and (picked == 0).sum() == 5 and (picked == -1).sum() == 0
