@@ -226,7 +226,7 @@ def test_bad_inputs_get_clear_errors() -> None:
         loss_fn(f, f, s[:1], s)
     with pytest.raises(TypeError, match="integer"):
         loss_fn(f, f, s.float(), s)
-    with pytest.raises(ValueError, match=r"\(B, D, h, w\)"):
+    with pytest.raises(ValueError, match=r"\(B, C, h, w\)"):
         loss_fn(f, f[:, :2], s, s)
 
 

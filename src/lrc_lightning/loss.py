@@ -19,8 +19,11 @@ from torch import Tensor, nn
 from lrc_lightning import distributed
 from lrc_lightning.regions import (
     DownsampleMode,
+    average_samples,
     downsample_superpixels,
-    region_embeddings,
+    gather_pixels,
+    pool_regions,
+    sample_region_pixels,
     select_regions,
 )
 
@@ -44,10 +47,18 @@ class LocalizedRegionContrastLoss(nn.Module):
             batch; gradients flow back to every rank.
 
     Shapes:
-        features_v1, features_v2: (B, D, h, w) dense embeddings (normalised here per pixel).
+        features_v1, features_v2: (B, C, h, w) dense features: the embeddings themselves
+        (normalised here per pixel), or the input of ``projector`` when one is given.
         superpixels_v1, superpixels_v2: (B, H, W) or (B, h, w) integer ids, -1 = ignore;
         equal ids in the two views denote the same region.
         Output: scalar.
+
+    ``projector`` (e.g. :class:`~lrc_lightning.DenseProjectionHead`) maps (B', C, *, *)
+    features to embeddings. With sampling it runs on the N x M sampled pixels of both views
+    only, not on the (B, C, h, w) maps: at 256x256 that is about 64x fewer pixels, and the
+    same result per pixel since the head is 1x1 (only its BatchNorm statistics are taken
+    over the sampled pixels instead of all pixels). With ``samples_per_region=None`` it
+    runs on the full maps.
 
     Under ``gather_distributed`` each rank returns ``sum of its anchors' losses * world_size
     / number of valid anchors in the global batch``, so that DDP's gradient averaging yields
@@ -95,6 +106,7 @@ class LocalizedRegionContrastLoss(nn.Module):
         superpixels_v1: Tensor,
         superpixels_v2: Tensor,
         generator: torch.Generator | None = None,
+        projector: nn.Module | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Fixed-shape region embeddings of both views.
 
@@ -104,7 +116,7 @@ class LocalizedRegionContrastLoss(nn.Module):
         """
         if features_v1.shape != features_v2.shape or features_v1.ndim != 4:
             raise ValueError(
-                "features_v1 and features_v2 must both be (B, D, h, w), got "
+                "features_v1 and features_v2 must both be (B, C, h, w), got "
                 f"{tuple(features_v1.shape)} and {tuple(features_v2.shape)}"
             )
         b, _, h, w = features_v1.shape
@@ -114,12 +126,28 @@ class LocalizedRegionContrastLoss(nn.Module):
         maps_v1 = downsample_superpixels(superpixels_v1, (h, w), self.downsample)
         maps_v2 = downsample_superpixels(superpixels_v2, (h, w), self.downsample)
         ids, valid = select_regions(maps_v1, maps_v2, self.num_regions, self.min_pixels, generator)
-        emb_v1 = F.normalize(features_v1.float(), dim=1)
-        emb_v2 = F.normalize(features_v2.float(), dim=1)
         m = self.samples_per_region
-        z1 = region_embeddings(emb_v1, maps_v1, ids, valid, m, generator)
-        z2 = region_embeddings(emb_v2, maps_v2, ids, valid, m, generator)
-        return z1, z2, valid
+        if m is None:
+            if projector is not None:
+                features_v1, features_v2 = _project(projector, features_v1, features_v2)
+            z1 = pool_regions(F.normalize(features_v1.float(), dim=1), maps_v1, ids, valid)
+            z2 = pool_regions(F.normalize(features_v2.float(), dim=1), maps_v2, ids, valid)
+            return z1, z2, valid
+        samples_v1 = gather_pixels(
+            features_v1, sample_region_pixels(maps_v1, ids, valid, m, generator)
+        )
+        samples_v2 = gather_pixels(
+            features_v2, sample_region_pixels(maps_v2, ids, valid, m, generator)
+        )
+        if projector is not None:
+            # (B, C, N*M) -> (B, C, N*M, 1): a 1x1-conv head sees the samples as an image.
+            projected = _project(projector, samples_v1.unsqueeze(-1), samples_v2.unsqueeze(-1))
+            samples_v1, samples_v2 = (p.squeeze(-1) for p in projected)
+        return (
+            average_samples(samples_v1.float(), valid),
+            average_samples(samples_v2.float(), valid),
+            valid,
+        )
 
     def forward(
         self,
@@ -128,12 +156,13 @@ class LocalizedRegionContrastLoss(nn.Module):
         superpixels_v1: Tensor,
         superpixels_v2: Tensor,
         generator: torch.Generator | None = None,
+        projector: nn.Module | None = None,
     ) -> Tensor:
         device_type = features_v1.device.type
         # Similarities and log-sum-exp in fp32 even under autocast.
         with torch.autocast(device_type=device_type, enabled=False):
             z1, z2, valid = self.region_embeddings(
-                features_v1, features_v2, superpixels_v1, superpixels_v2, generator
+                features_v1, features_v2, superpixels_v1, superpixels_v2, generator, projector
             )
             return self.contrast(z1, z2, valid)
 
@@ -186,3 +215,9 @@ class LocalizedRegionContrastLoss(nn.Module):
         logits = torch.where(valid.unsqueeze(1), logits, torch.zeros_like(logits))
         per_anchor = F.cross_entropy(logits, targets, reduction="none")
         return (per_anchor * valid.to(per_anchor.dtype)).sum()
+
+
+def _project(projector: nn.Module, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
+    """Both views through the projector in one call, so that its BatchNorm sees both."""
+    out = projector(torch.cat([x1.float(), x2.float()]))
+    return out[: x1.shape[0]], out[x1.shape[0] :]

@@ -6,7 +6,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import Tensor, nn
 
 from lrc_lightning.heads import DenseProjectionHead
@@ -34,16 +33,15 @@ def lrc_term(
 ) -> Tensor:
     """Unweighted LRC loss of two views' features (shared by the mixin and the callback).
 
-    Both views go through the head in one call, so BatchNorm sees both (as MoCo's and
-    SimCLR's projectors do on the concatenated batch).
+    The loss runs the head on the sampled pixels of both views in one call (BatchNorm sees
+    both, as MoCo's and SimCLR's projectors do on the concatenated batch).
     """
     if features_v1.shape != features_v2.shape:
         raise ValueError(
             "the two views' features differ in shape: "
             f"{tuple(features_v1.shape)} vs {tuple(features_v2.shape)}"
         )
-    projected_v1, projected_v2 = head(torch.cat([features_v1, features_v2])).chunk(2)
-    return criterion(projected_v1, projected_v2, superpixels_v1, superpixels_v2)
+    return criterion(features_v1, features_v2, superpixels_v1, superpixels_v2, projector=head)
 
 
 def check_batch_has_superpixels(batch: Any, keys: Sequence[str] = SUPERPIXEL_KEYS) -> None:

@@ -17,9 +17,13 @@ from torch import Tensor
 
 __all__ = [
     "DownsampleMode",
+    "average_samples",
     "downsample_superpixels",
+    "gather_pixels",
+    "pool_regions",
     "region_embeddings",
     "region_slots",
+    "sample_region_pixels",
     "select_regions",
 ]
 
@@ -139,6 +143,73 @@ def region_slots(maps: Tensor, ids: Tensor, valid: Tensor) -> Tensor:
     return slots.masked_fill(flat < 0, n)
 
 
+def sample_region_pixels(
+    maps: Tensor,
+    ids: Tensor,
+    valid: Tensor,
+    samples_per_region: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Draw M pixel positions inside each drawn region.
+
+    Without replacement; a region smaller than M contributes every pixel, cyclically.
+    Positions of invalid slots are arbitrary (their embeddings are masked later).
+
+    Args:
+        maps: (B, h, w) int64 ids (-1 = ignore); ids, valid: (B, N).
+
+    Returns:
+        (B, N * M) flat pixel indices into h * w, slot-major.
+    """
+    b, h, w = maps.shape
+    n, m, hw = ids.shape[1], samples_per_region, h * w
+    slots = region_slots(maps, ids, valid)  # (B, hw), N = unassigned
+    counts = torch.zeros(b, n + 1, dtype=torch.long, device=maps.device)
+    counts.scatter_add_(1, slots, torch.ones_like(slots))
+    # Group pixels by slot, in random order inside each group: sort by slot + U[0, 1).
+    jitter = torch.rand(b, hw, device=maps.device, generator=generator)
+    order = (slots.to(jitter.dtype) + jitter).argsort(dim=1)
+    starts = counts.cumsum(1) - counts  # first position of each slot in `order`
+    draws = torch.arange(m, device=maps.device)
+    pos = starts[:, :n, None] + draws % counts[:, :n, None].clamp(min=1)
+    return order.gather(1, pos.clamp(max=hw - 1).flatten(1))
+
+
+def gather_pixels(features: Tensor, pixels: Tensor) -> Tensor:
+    """(B, C, h, w) features at (B, P) flat pixel indices -> (B, C, P)."""
+    b, c = features.shape[:2]
+    return features.flatten(2).gather(2, pixels.unsqueeze(1).expand(b, c, pixels.shape[1]))
+
+
+def average_samples(samples: Tensor, valid: Tensor) -> Tensor:
+    """(B, D, N * M) sampled pixel embeddings -> (B, N, D) region embeddings.
+
+    Each sample is L2-normalised, the M samples of a region are averaged and the mean is
+    normalised again; invalid slots become zeros.
+    """
+    b, d, _ = samples.shape
+    n = valid.shape[1]
+    unit = torch.nn.functional.normalize(samples, dim=1)
+    pooled = torch.nn.functional.normalize(unit.view(b, d, n, -1).mean(-1).transpose(1, 2), dim=-1)
+    return pooled * valid.unsqueeze(-1).to(pooled.dtype)
+
+
+def pool_regions(embeddings: Tensor, maps: Tensor, ids: Tensor, valid: Tensor) -> Tensor:
+    """Masked average pooling of (B, D, h, w) unit embeddings over each drawn region ->
+    (B, N, D), normalised; invalid slots become zeros."""
+    b, d, h, w = embeddings.shape
+    n, hw = ids.shape[1], h * w
+    slots = region_slots(maps, ids, valid)
+    counts = torch.zeros(b, n + 1, dtype=torch.long, device=maps.device)
+    counts.scatter_add_(1, slots, torch.ones_like(slots))
+    sums = embeddings.new_zeros(b, n + 1, d)
+    flat = embeddings.flatten(2)
+    sums.scatter_add_(1, slots.unsqueeze(-1).expand(b, hw, d), flat.transpose(1, 2))
+    pooled = sums[:, :n] / counts[:, :n].clamp(min=1).unsqueeze(-1).to(sums.dtype)
+    pooled = torch.nn.functional.normalize(pooled, dim=-1)
+    return pooled * valid.unsqueeze(-1).to(pooled.dtype)
+
+
 def region_embeddings(
     embeddings: Tensor,
     maps: Tensor,
@@ -149,9 +220,9 @@ def region_embeddings(
 ) -> Tensor:
     """One L2-normalised embedding per drawn region.
 
-    * ``samples_per_region=M``: M pixel positions are drawn inside the region (without
-      replacement; a region smaller than M contributes every pixel, cyclically) and their
-      embeddings are averaged. [ours: the paper's "contrastive sampling"; how the samples
+    * ``samples_per_region=M``: M pixel positions are drawn inside the region
+      (:func:`sample_region_pixels`) and their normalised embeddings averaged
+      (:func:`average_samples`). [ours: the paper's "contrastive sampling"; how the samples
       are reduced is not stated there.]
     * ``samples_per_region=None``: masked average pooling over the whole region
       (DetCon-style), an ablation.
@@ -164,31 +235,13 @@ def region_embeddings(
     Returns:
         (B, N, D) region embeddings (zeros where ``valid`` is False).
     """
-    b, d, h, w = embeddings.shape
+    b, _, h, w = embeddings.shape
     if maps.shape != (b, h, w):
         raise ValueError(
             f"superpixels {tuple(maps.shape)} do not match embeddings {tuple(embeddings.shape)}"
         )
-    n = ids.shape[1]
-    hw = h * w
-    slots = region_slots(maps, ids, valid)  # (B, hw), N = unassigned
-    flat = embeddings.flatten(2)  # (B, D, hw)
-    counts = torch.zeros(b, n + 1, dtype=torch.long, device=maps.device)
-    counts.scatter_add_(1, slots, torch.ones_like(slots))
     if samples_per_region is None:
-        sums = flat.new_zeros(b, n + 1, d)
-        sums.scatter_add_(1, slots.unsqueeze(-1).expand(b, hw, d), flat.transpose(1, 2))
-        pooled = sums[:, :n] / counts[:, :n].clamp(min=1).unsqueeze(-1).to(sums.dtype)
-    else:
-        m = samples_per_region
-        # Group pixels by slot, in random order inside each group: sort by slot + U[0, 1).
-        jitter = torch.rand(b, hw, device=maps.device, generator=generator)
-        order = (slots.to(jitter.dtype) + jitter).argsort(dim=1)
-        starts = counts.cumsum(1) - counts  # first position of each slot in `order`
-        draws = torch.arange(m, device=maps.device)
-        pos = starts[:, :n, None] + draws % counts[:, :n, None].clamp(min=1)
-        pixels = order.gather(1, pos.clamp(max=hw - 1).flatten(1))  # (B, N*M)
-        picked = flat.gather(2, pixels.unsqueeze(1).expand(b, d, n * m))
-        pooled = picked.view(b, d, n, m).mean(-1).transpose(1, 2)
-    pooled = torch.nn.functional.normalize(pooled, dim=-1)
-    return pooled * valid.unsqueeze(-1).to(pooled.dtype)
+        unit = torch.nn.functional.normalize(embeddings, dim=1)
+        return pool_regions(unit, maps, ids, valid)
+    pixels = sample_region_pixels(maps, ids, valid, samples_per_region, generator)
+    return average_samples(gather_pixels(embeddings, pixels), valid)

@@ -55,7 +55,11 @@ class LRCDataModule(pl.LightningDataModule):
             pixels brighter than ``foreground_threshold`` only.
         superpixel_*: Felzenszwalb parameters; ``background_threshold`` suppresses dark regions.
         labels: allowed label values (default: the ``labels`` of dataset.json).
-        test_cases, val_cases, labelled_cases, seed: patient-level split.
+        test_cases, val_cases, labelled_cases, seed: patient-level split (counts draw from
+            a seeded permutation, lists name case ids).
+        pretrain_with_labels: pre-training batches also carry ``label_v1``/``label_v2``.
+        pretrain_on: pre-train on the whole pool (self-supervised) or on the labelled
+            cases only (supervised pre-training that may use only the labels it is given).
         precompute_workers: processes for the cache; ``shard``: ``"i/n"`` to fill only
             this share (a cluster job array).
         hash_content: key the cache on file contents instead of path + size + mtime.
@@ -84,9 +88,10 @@ class LRCDataModule(pl.LightningDataModule):
         labels: list[int] | None = None,
         test_cases: int | list[str] = 0,
         val_cases: int | list[str] = 0,
-        labelled_cases: int | float | None = None,
+        labelled_cases: int | float | list[str] | None = None,
         seed: int = 0,
         pretrain_with_labels: bool = False,
+        pretrain_on: Literal["pool", "labelled"] = "pool",
         augment: bool = True,
         crop_scale: tuple[float, float] = (0.5, 1.0),
         max_rotation: float = 10.0,
@@ -110,6 +115,9 @@ class LRCDataModule(pl.LightningDataModule):
         self.labelled_cases = labelled_cases
         self.seed = seed
         self.pretrain_with_labels = pretrain_with_labels
+        if pretrain_on not in ("pool", "labelled"):
+            raise ValueError(f"pretrain_on must be 'pool' or 'labelled', got {pretrain_on!r}")
+        self.pretrain_on = pretrain_on
         self.precompute_workers = precompute_workers
         self.shard = shard
         self.config = PreprocessConfig(
@@ -170,8 +178,9 @@ class LRCDataModule(pl.LightningDataModule):
     def train_dataset(self) -> PairedViewSlices | LabelledSlices:
         split = self._require_split()
         if self.mode == "pretrain":
+            cases = split.labelled if self.pretrain_on == "labelled" else split.pool
             return PairedViewSlices(
-                self.volumes(split.pool),
+                self.volumes(cases),
                 self.geometry,
                 self.intensity,
                 with_labels=self.pretrain_with_labels,

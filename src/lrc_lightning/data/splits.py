@@ -36,13 +36,13 @@ def split_cases(
     cases: Sequence[Case],
     test_cases: int | Sequence[str] = 0,
     val_cases: int | Sequence[str] = 0,
-    labelled_cases: int | float | None = None,
+    labelled_cases: int | float | Sequence[str] | None = None,
     seed: int = 0,
 ) -> Split:
     """Split by case (patient). Counts draw from a seeded permutation of the sorted ids;
     lists name ids. Labelled subsets are nested: the first k of the pool's permutation, so
     k=1 is inside k=2 is inside k=4. ``labelled_cases`` is a count, a fraction in (0, 1],
-    or ``None`` (all of the pool)."""
+    a list of ids from the pool, or ``None`` (all of the pool)."""
     ordered = sorted(cases, key=lambda c: c.case_id)
     perm = [ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))]
     test = _pick(perm, test_cases, "test_cases")
@@ -51,6 +51,8 @@ def split_cases(
     pool = [c for c in rest if c not in val]
     if labelled_cases is None:
         labelled = list(pool)
+    elif isinstance(labelled_cases, (list, tuple)):
+        labelled = _pick(pool, labelled_cases, "labelled_cases (must be pool cases)")
     elif isinstance(labelled_cases, float) and 0 < labelled_cases <= 1:
         labelled = pool[: max(1, round(labelled_cases * len(pool)))]
     elif isinstance(labelled_cases, int) and 0 <= labelled_cases <= len(pool):
