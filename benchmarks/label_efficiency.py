@@ -162,7 +162,8 @@ class Benchmark:
         evaluator = pl.Trainer(accelerator=a.accelerator, devices=1, logger=False,
                                enable_progress_bar=False, enable_model_summary=False,
                                precision=a.precision)  # fmt: skip
-        (evaluator.test if stage == "test" else evaluator.validate)(model, datamodule, verbose=False)
+        evaluate = evaluator.test if stage == "test" else evaluator.validate
+        evaluate(model, datamodule, verbose=False)
         if not model.last_dice_table:
             raise RuntimeError(f"no {stage} volume was evaluated")
         return dict(model.last_dice_table)

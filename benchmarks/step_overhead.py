@@ -188,8 +188,10 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--no-memory", action="store_true")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; UNet2d(width="
-          f"{args.width}, depth={args.depth}); median of {args.repeats} alternating steps")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; UNet2d(width="
+        f"{args.width}, depth={args.depth}); median of {args.repeats} alternating steps"
+    )
     results: dict[str, Any] = {}
     cpu = torch.device("cpu")
     for size in args.sizes:

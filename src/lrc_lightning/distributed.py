@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["gather", "is_distributed", "rank", "world_size"]
+__all__ = ["all_reduce_with_grad", "gather", "is_distributed", "rank", "side_group", "world_size"]
+
+_SIDE_GROUPS: dict[int, dist.ProcessGroup] = {}
 
 
 def is_distributed() -> bool:
@@ -21,6 +23,45 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def side_group() -> dist.ProcessGroup:
+    """A process group of all ranks for the collectives that run *inside* backward.
+
+    DDP all-reduces gradient buckets asynchronously on the default group while autograd
+    goes on; a collective issued from a backward function on that same group can then be
+    matched with a different collective on another rank (seen with gloo: gradients left
+    unsynchronised). A group of their own keeps both orders consistent. Created on first
+    use, which every rank reaches in the same forward pass.
+    """
+    key = id(dist.group.WORLD)
+    if key not in _SIDE_GROUPS:
+        _SIDE_GROUPS[key] = dist.new_group(backend=dist.get_backend())
+    return _SIDE_GROUPS[key]
+
+
+class _AllReduceWithGrad(torch.autograd.Function):
+    """Sum over ranks; the gradient of every rank's input is the sum of all ranks' output
+    gradients (each rank's loss depends on the reduced value)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=side_group())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=side_group())
+        return out
+
+
+def all_reduce_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Autograd-aware sum over ranks (a no-op outside a multi-process group)."""
+    if not is_distributed():
+        return tensor
+    return _AllReduceWithGrad.apply(tensor)
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward returns this rank's slice of the summed gradients.
 
@@ -32,13 +73,13 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
         out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, tensor.contiguous())
+        dist.all_gather(out, tensor.contiguous(), group=side_group())
         return tuple(out)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         stacked = torch.stack([g.contiguous() for g in grads])
-        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=side_group())
         return stacked[dist.get_rank()]
 
 
@@ -53,6 +94,6 @@ def gather(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     if not tensor.is_floating_point():
         out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, tensor.contiguous())
+        dist.all_gather(out, tensor.contiguous(), group=side_group())
         return torch.cat(out, dim=0)
     return torch.cat(_GatherWithGrad.apply(tensor), dim=0)

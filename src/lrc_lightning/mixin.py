@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 
 from lrc_lightning.heads import DenseProjectionHead
@@ -80,6 +81,11 @@ class LRCConfig:
         kwargs = asdict(self)
         kwargs.pop("feature_level")
         return kwargs
+
+
+# Lightning saves hyper-parameters in checkpoints and reloads them with
+# torch.load(weights_only=True): the config must be an allowed global to resume.
+torch.serialization.add_safe_globals([LRCConfig])
 
 
 class LRCMixin:

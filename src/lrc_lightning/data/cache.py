@@ -27,8 +27,9 @@ import shutil
 import time
 import uuid
 import warnings
+from collections import deque
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -136,8 +137,38 @@ def _resize_slices(volume: np.ndarray, size: int, mode: str) -> np.ndarray:
     return out.squeeze(1).numpy()
 
 
+@dataclass
+class _ReadCase:
+    case: Case
+    image: np.ndarray  # (S, H, W) float32 in [0, 1], contiguous
+    label: np.ndarray | None  # (S, H, W) uint8
+    spacing_zyx: list[float]
+
+
 def build_entry(case: Case, config: PreprocessConfig) -> dict[str, np.ndarray | dict]:
     """Read, normalise, resize and segment one case (no I/O to the cache)."""
+    read = _read_case(case, config)
+    superpixels = np.stack([_felzenszwalb(s, config) for s in read.image])
+    return _assemble(read, superpixels, config)
+
+
+def _felzenszwalb(image: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    return felzenszwalb(
+        image,
+        config.superpixel_scale,
+        config.superpixel_sigma,
+        config.superpixel_min_size,
+        config.background_threshold,
+    )
+
+
+def _felzenszwalb_slices(images: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """Pool worker: super-pixels of a (k, H, W) block of slices (numba only, no torch)."""
+    return np.stack([_felzenszwalb(s, config) for s in images])
+
+
+def _read_case(case: Case, config: PreprocessConfig) -> _ReadCase:
+    """Read, check, normalise and resize one case."""
     image = read_volume(case.image)
     arr = sitk.GetArrayFromImage(image)  # (z, y, x)
     label_arr = None
@@ -172,18 +203,14 @@ def build_entry(case: Case, config: PreprocessConfig) -> dict[str, np.ndarray | 
         if label_arr is not None:
             label_arr = _resize_slices(label_arr, config.image_size, "nearest")
     norm = np.ascontiguousarray(norm, dtype=np.float32)
-    superpixels = np.stack(
-        [
-            felzenszwalb(
-                s,
-                config.superpixel_scale,
-                config.superpixel_sigma,
-                config.superpixel_min_size,
-                config.background_threshold,
-            )
-            for s in norm
-        ]
-    )
+    return _ReadCase(case, norm, label_arr, list(reversed(image.GetSpacing())))
+
+
+def _assemble(
+    read: _ReadCase, superpixels: np.ndarray, config: PreprocessConfig
+) -> dict[str, np.ndarray | dict]:
+    """The arrays and metadata of a cache entry."""
+    case, norm, label_arr = read.case, read.image, read.label
     foreground = (norm > config.foreground_threshold).mean(axis=(1, 2))
     kept = [int(i) for i in np.flatnonzero(foreground >= config.min_foreground_fraction)]
     n_regions = superpixels.reshape(len(norm), -1).max(1) + 1
@@ -199,7 +226,7 @@ def build_entry(case: Case, config: PreprocessConfig) -> dict[str, np.ndarray | 
         "image_file": str(case.image),
         "label_file": str(case.label) if case.label else None,
         "shape": list(norm.shape),
-        "spacing_zyx": list(reversed(image.GetSpacing())),
+        "spacing_zyx": read.spacing_zyx,
         "kept_slices": kept,
         "regions_per_slice": {
             "min": int(n_regions.min()),
@@ -351,17 +378,43 @@ class VolumeCache:
                     self._write(case, build_entry(case, self.config))
                     bar.update(1)
             else:
-                # spawn, not fork: a forked child deadlocks in torch/OpenMP once the parent
-                # has used its thread pool (resizing does).
-                context = multiprocessing.get_context("spawn")
-                with ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
-                    jobs = [pool.submit(_build_and_write, self, case) for case in todo]
-                    for job in as_completed(jobs):
-                        job.result()
-                        bar.update(1)
+                self._prepare_pipelined(todo, processes, bar)
         finally:
             bar.close()
         return stats
+
+    def _prepare_pipelined(self, todo: list[Case], processes: int, bar: Any) -> None:
+        """This process reads, normalises and writes; ``processes`` workers compute
+        super-pixels by blocks of slices, for up to two cases in flight. Parallel by slice,
+        so one large volume (a CT) scales too, not just many small ones.
+
+        Workers run numba code only, never torch, ITK or OpenMP: forking them from a
+        process that has used those is safe and costs no interpreter start-up.
+        """
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        _felzenszwalb(np.zeros((8, 8), np.float32), self.config)  # compiled once, inherited
+        in_flight: deque[tuple[_ReadCase, list[Future]]] = deque()
+
+        def finish_oldest() -> None:
+            read, futures = in_flight.popleft()
+            superpixels = np.concatenate([f.result() for f in futures])
+            self._write(read.case, _assemble(read, superpixels, self.config))
+            bar.update(1)
+
+        with ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
+            for case in todo:
+                read = _read_case(case, self.config)
+                block = max(1, -(-len(read.image) // (4 * processes)))  # ~4 blocks per worker
+                futures = [
+                    pool.submit(_felzenszwalb_slices, read.image[i : i + block], self.config)
+                    for i in range(0, len(read.image), block)
+                ]
+                in_flight.append((read, futures))
+                if len(in_flight) > 1:
+                    finish_oldest()
+            while in_flight:
+                finish_oldest()
 
     # ---------------------------------------------------------------- reading
     def load(self, case: Case) -> CachedVolume:
@@ -381,10 +434,6 @@ class VolumeCache:
             kept_slices=list(meta["kept_slices"]),
             meta=meta,
         )
-
-
-def _build_and_write(cache: VolumeCache, case: Case) -> Path:
-    return cache._write(case, build_entry(case, cache.config))
 
 
 def cases_in(cache: VolumeCache, cases: Iterable[Case]) -> list[CachedVolume]:

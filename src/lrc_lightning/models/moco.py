@@ -115,7 +115,6 @@ class MoCoV2(pl.LightningModule):
             self.register_buffer("queue", queue)
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("momentum_updates", torch.zeros((), dtype=torch.long))
-        self._last_momentum_step = -1
 
     # ------------------------------------------------------------------ global branch
     def query(self, images: Tensor) -> tuple[Tensor | None, Tensor | None]:
@@ -197,15 +196,13 @@ class MoCoV2(pl.LightningModule):
             target_buffer.copy_(online_buffer)  # BN running stats follow the online encoder
         self.momentum_updates += 1
 
-    def on_train_start(self) -> None:
-        self._last_momentum_step = self.trainer.global_step
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # global_step counts optimizer steps: with accumulate_grad_batches=n it moves every
-        # n batches, and so does the key encoder (as in solo-learn).
-        if self.global_weight > 0 and self.trainer.global_step > self._last_momentum_step:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # Called once per optimizer step (every n batches under accumulate_grad_batches=n),
+        # and before any on_train_batch_end hook, so a checkpoint taken at this step already
+        # holds the updated key encoder (resuming does not skip an update).
+        super().optimizer_step(*args, **kwargs)
+        if self.global_weight > 0:
             self.update_key_encoder()
-            self._last_momentum_step = self.trainer.global_step
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["backbone_config"] = describe_backbone(self.backbone)
