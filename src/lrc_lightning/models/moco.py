@@ -6,7 +6,6 @@ import copy
 import math
 from typing import Any, NamedTuple
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -15,15 +14,13 @@ from lrc_lightning.mixin import VIEW_KEYS, LRCConfig, LRCMixin
 from lrc_lightning.models.backbone import (
     backbone_features,
     dense_channels,
-    describe_backbone,
 )
 from lrc_lightning.models.backbone import global_channels as read_global_channels
 from lrc_lightning.models.optim import (
     LRSchedule,
     OptimizerName,
-    configure_optimizer,
+    ReferenceModel,
     total_training_steps,
-    trainable_parameters,
 )
 from lrc_lightning.models.unet import UNet2d
 
@@ -42,7 +39,7 @@ def _projector(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     )
 
 
-class MoCoV2(pl.LightningModule):
+class MoCoV2(ReferenceModel):
     """MoCo v2: query encoder + MLP projector, momentum key encoder, a queue of negatives.
 
     Symmetrised: both views are queries and keys. The key encoder is an exponential moving
@@ -203,22 +200,6 @@ class MoCoV2(pl.LightningModule):
         super().optimizer_step(*args, **kwargs)
         if self.global_weight > 0:
             self.update_key_encoder()
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["backbone_config"] = describe_backbone(self.backbone)
-
-    # ------------------------------------------------------------------ optimisation
-    def configure_optimizers(self) -> dict[str, Any]:
-        h = self.hparams
-        return configure_optimizer(
-            trainable_parameters(self),
-            h["optimizer"],
-            h["lr"],
-            h["weight_decay"],
-            h["lr_schedule"],
-            h["warmup_steps"],
-            total_training_steps(self.trainer),
-        )
 
 
 class MoCoV2LRC(LRCMixin, MoCoV2):

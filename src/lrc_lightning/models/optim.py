@@ -6,10 +6,17 @@ import math
 from collections.abc import Iterable
 from typing import Any, Literal
 
+import pytorch_lightning as pl
 import torch
 from torch import nn
 
-__all__ = ["OptimizerName", "LRSchedule", "configure_optimizer", "trainable_parameters"]
+__all__ = [
+    "LRSchedule",
+    "OptimizerName",
+    "ReferenceModel",
+    "configure_optimizer",
+    "trainable_parameters",
+]
 
 OptimizerName = Literal["adamw", "sgd"]
 LRSchedule = Literal["cosine", "constant"]
@@ -62,3 +69,32 @@ def total_training_steps(trainer: Any) -> int:
     except Exception:  # no dataloader yet, e.g. a bare module
         return 1
     return int(steps) if math.isfinite(steps) else 1
+
+
+class ReferenceModel(pl.LightningModule):
+    """What the reference models share: the optimizer built from their hyper-parameters
+    (``optimizer``, ``lr``, ``weight_decay``, ``lr_schedule``, ``warmup_steps``) and the
+    backbone's description in every checkpoint (read by ``lrc-lightning export``)."""
+
+    backbone: nn.Module
+
+    def optimizer_parameters(self) -> list[Any]:
+        """Parameters or param groups to optimise (override for per-group learning rates)."""
+        return trainable_parameters(self)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        h = self.hparams
+        return configure_optimizer(
+            self.optimizer_parameters(),
+            h["optimizer"],
+            h["lr"],
+            h["weight_decay"],
+            h["lr_schedule"],
+            h["warmup_steps"],
+            total_training_steps(self.trainer),
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from lrc_lightning.models.backbone import describe_backbone
+
+        checkpoint["backbone_config"] = describe_backbone(self.backbone)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -13,12 +12,11 @@ from torchmetrics import CatMetric
 
 from lrc_lightning.metrics import dice_per_organ, nanmean, soft_dice_loss
 from lrc_lightning.mixin import LRCConfig, LRCMixin
-from lrc_lightning.models.backbone import dense_channels, describe_backbone
+from lrc_lightning.models.backbone import dense_channels
 from lrc_lightning.models.optim import (
     LRSchedule,
     OptimizerName,
-    configure_optimizer,
-    total_training_steps,
+    ReferenceModel,
     trainable_parameters,
 )
 from lrc_lightning.models.unet import UNet2d
@@ -33,7 +31,7 @@ def _decoder_features(backbone: nn.Module, images: Tensor) -> list[Tensor]:
     return [backbone(images)]
 
 
-class SupervisedSegmentation(pl.LightningModule):
+class SupervisedSegmentation(ReferenceModel):
     """Backbone + 1x1 conv head trained with cross-entropy + soft Dice.
 
     Training batches: ``image`` (B, 1, H, W) + ``label`` (B, H, W) (fine-tuning), or the two
@@ -181,22 +179,6 @@ class SupervisedSegmentation(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["backbone_config"] = describe_backbone(self.backbone)
-
-    # ------------------------------------------------------------------ optimisation
-    def configure_optimizers(self) -> dict[str, Any]:
-        h = self.hparams
-        return configure_optimizer(
-            trainable_parameters(self),
-            h["optimizer"],
-            h["lr"],
-            h["weight_decay"],
-            h["lr_schedule"],
-            h["warmup_steps"],
-            total_training_steps(self.trainer),
-        )
-
 
 class SupervisedSegmentationLRC(LRCMixin, SupervisedSegmentation):
     """Supervised pre-training + LRC (the paper's second setting): cross-entropy + Dice on
@@ -262,23 +244,15 @@ class FineTuneSegmentation(SupervisedSegmentation):
         if freeze_backbone:
             self.backbone.requires_grad_(False)
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def optimizer_parameters(self) -> list[Any]:
         h = self.hparams
         scale = h["backbone_lr_scale"]
-        if scale == 1.0:
-            return super().configure_optimizers()
-        backbone_ids = {id(p) for p in self.backbone.parameters()}
         params = trainable_parameters(self)
+        if scale == 1.0:
+            return params
+        backbone_ids = {id(p) for p in self.backbone.parameters()}
         groups = [
             {"params": [p for p in params if id(p) in backbone_ids], "lr": h["lr"] * scale},
             {"params": [p for p in params if id(p) not in backbone_ids]},
         ]
-        return configure_optimizer(
-            [g for g in groups if g["params"]],
-            h["optimizer"],
-            h["lr"],
-            h["weight_decay"],
-            h["lr_schedule"],
-            h["warmup_steps"],
-            total_training_steps(self.trainer),
-        )
+        return [g for g in groups if g["params"]]
