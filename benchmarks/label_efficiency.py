@@ -18,14 +18,16 @@ sees labels, so it does not depend on k), except ``supervised_lrc``.
 Reported: 3D Dice per organ on each test volume (lrc_lightning.metrics), mean over
 organs per run, then mean +- std over seeds. Ablations (``--ablations``) compare the [ours]
 choices of MoCo + LRC on the *validation* patients (never the test patients) at k =
-``--ablation-k``. Every finished run is a JSON file under ``<out>/label_efficiency_runs``;
-a rerun skips it (resumable). Outputs: ``label_efficiency.{md,json,png}`` and
+``--ablation-k``. Every finished run is a JSON file under ``<out>/label_efficiency_runs``,
+named with a hash of the options that change results; a rerun with the same options skips
+it (resumable), other options never reuse it. Outputs: ``label_efficiency.{md,json,png}`` and
 ``label_efficiency_ablations.md`` in ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -79,9 +81,23 @@ def atomic_json(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+#: The options that change results; finished runs and weights are keyed by their hash.
+RESULT_OPTIONS = (
+    "size", "width", "depth", "batch_size", "lr", "queue_size", "pretrain_steps",
+    "finetune_steps", "test_cases", "val_cases", "split_seed", "precision",
+)  # fmt: skip
+
+
+def settings_key(args: argparse.Namespace) -> str:
+    settings = {k: getattr(args, k) for k in RESULT_OPTIONS}
+    settings["data"] = Path(args.data).name
+    return hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=4).hexdigest()
+
+
 class Benchmark:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        self.key = settings_key(args)
         self.out = Path(args.out)
         self.runs = self.out / "label_efficiency_runs"
         self.work = Path(args.work_dir)
@@ -121,7 +137,7 @@ class Benchmark:
     def pretrain(self, variant: Variant, seed: int, labelled: list[str]) -> Path:
         """Pre-train (or reuse) and return the backbone weights file."""
         suffix = f"_k{len(labelled)}" if variant.arm == "supervised_lrc" else ""
-        path = self.work / f"pretrain_{variant.label}_s{seed}{suffix}.pt"
+        path = self.work / f"pretrain_{variant.label}_s{seed}{suffix}-{self.key}.pt"
         if path.is_file():
             return path
         pl.seed_everything(seed, workers=True)
@@ -170,7 +186,7 @@ class Benchmark:
 
     def run(self, variant: Variant, k: int, seed: int, stage: str = "test") -> dict[str, Any]:
         run_id = f"{stage}_{variant.label}_k{k}_s{seed}"
-        path = self.runs / f"{run_id}.json"
+        path = self.runs / f"{run_id}-{self.key}.json"
         if path.is_file():
             return json.loads(path.read_text())
         labelled = self.labelled(seed, k)

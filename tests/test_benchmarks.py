@@ -1,0 +1,53 @@
+"""The benchmark scripts run end to end at toy sizes (their figures come from full runs)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import DEMO_MR
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, timeout: int = 600) -> str:
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_label_efficiency_outputs_and_resumes(tmp_path: Path) -> None:
+    args = ["benchmarks/label_efficiency.py", "--data", str(DEMO_MR), "--out", str(tmp_path),
+            "--work-dir", str(tmp_path / "work"), "--cache-dir", str(tmp_path / "cache"),
+            "--size", "32", "--width", "4", "--depth", "2", "--batch-size", "4",
+            "--pretrain-steps", "2", "--finetune-steps", "2", "--seeds", "0", "--ks", "1",
+            "--arms", "random", "moco_lrc", "--test-cases", "1", "--val-cases", "1"]  # fmt: skip
+    run(*args)
+    result = json.loads((tmp_path / "label_efficiency.json").read_text())
+    assert {"command", "versions", "hardware", "summary"} <= set(result)
+    for arm in ("random", "moco_lrc"):
+        entry = result["summary"][f"{arm}|1"]
+        assert 0.0 <= entry["mean"] <= 1.0 and entry["n_seeds"] == 1
+        assert set(entry["per_organ"]) == {"liver", "right_kidney", "left_kidney", "spleen"}
+    assert "| moco_lrc |" in (tmp_path / "label_efficiency.md").read_text()
+    assert (tmp_path / "label_efficiency.png").stat().st_size > 1000
+    runs = sorted((tmp_path / "label_efficiency_runs").glob("*.json"))
+    assert len(runs) == 2
+    stamps = [p.stat().st_mtime_ns for p in runs]
+
+    out = run(*args)  # resumed: nothing is recomputed
+    assert "pre-trained" not in out
+    assert [p.stat().st_mtime_ns for p in runs] == stamps
+    run(*args[:-1], "1", "--finetune-steps", "3")  # other options: new runs, none reused
+    assert len(list((tmp_path / "label_efficiency_runs").glob("*.json"))) == 4
+
+
+def test_step_overhead_prints_headline_json() -> None:
+    out = run("benchmarks/step_overhead.py", "--sizes", "32", "--batches", "2", "--repeats",
+              "2", "--warmup", "1", "--width", "4", "--depth", "2", "--no-memory")  # fmt: skip
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["headline"] == "cpu_32_b2"
+    assert summary["step_time_ratio"] > 0 and summary["step_time_ratio_vs_encoder_only"] > 0
