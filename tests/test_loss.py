@@ -253,3 +253,22 @@ def test_deterministic_under_seed() -> None:
     torch.manual_seed(124)
     c = loss_fn(f1, f2, s, s)
     assert a.item() == b.item() and a.item() != c.item()
+
+
+@pytest.mark.parametrize("samples", [8, None])
+def test_projecting_only_the_sampled_pixels_equals_projecting_the_map(samples) -> None:
+    """The head runs on the N x M samples, not the (B, C, h, w) map: the same loss when its
+    BatchNorm uses fixed statistics (eval), since a 1x1 head acts on each pixel alone."""
+    from lrc_lightning import DenseProjectionHead
+
+    torch.manual_seed(0)
+    features = torch.randn(2, 2, 6, 16, 16)
+    maps = torch.randint(0, 5, (2, 2, 16, 16))
+    head = DenseProjectionHead(6, 12, 8).eval()
+    loss = LocalizedRegionContrastLoss(num_regions=4, samples_per_region=samples)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    on_samples = loss(features[0], features[1], maps[0], maps[1], g1, projector=head)
+    with torch.no_grad():
+        embedded = head(features.flatten(0, 1)).unflatten(0, (2, 2))
+    on_map = loss(embedded[0], embedded[1], maps[0], maps[1], g2)
+    torch.testing.assert_close(on_samples, on_map)
