@@ -117,17 +117,24 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * 4096
 
 
+def _peak_rss_bytes() -> int:
+    # VmHWM belongs to this process image; ru_maxrss would carry over the parent's peak
+    # (Linux keeps it across fork and exec), which made every variant look the same.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def cpu_peak_growth(variant: str, size: int, batch: int, width: int, depth: int) -> int:
     """Run in a child: RSS high-water mark growth over 3 steps (bytes)."""
-    import resource
-
     device = torch.device("cpu")
     step = step_fn(build(variant, width, depth, device), make_batch(size, batch, device), None)
     before = _rss_bytes()
     for _ in range(3):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return max(0, peak - before)
+    return max(0, _peak_rss_bytes() - before)
 
 
 def cpu_memory(size: int, batch: int, args: argparse.Namespace) -> dict[str, int]:
@@ -187,6 +194,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory-only", action="store_true", help="skip the timings")
     args = parser.parse_args()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; UNet2d(width="
@@ -196,7 +204,8 @@ def main() -> None:
     cpu = torch.device("cpu")
     for size in args.sizes:
         for batch in args.batches:
-            times = time_variants(size, batch, args, cpu)
+            times = ({v: 1.0 for v in VARIANTS} if args.memory_only
+                     else time_variants(size, batch, args, cpu))  # fmt: skip
             memory = ({v: 1 for v in VARIANTS} if args.no_memory
                       else cpu_memory(size, batch, args))  # fmt: skip
             results[f"cpu_{size}_b{batch}"] = report(f"cpu {size}x{size} b{batch}", times, memory)
