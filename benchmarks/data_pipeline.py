@@ -1,12 +1,16 @@
 """Data pipeline figures: precompute throughput, cached-slice loads, DataLoader vs training.
 
-    python benchmarks/data_pipeline.py [--data ../shared/data] [--cases 8] [--size 256]
+    python benchmarks/data_pipeline.py [--data ../shared/data] [--cases 20] [--size 256]
+        [--processes 1 2] [--sets chaos_t2 dicom_ct_512] [--loader-workers 1]
+        [--device auto|cpu|cuda]
 
-1. Precompute (read, normalise, resize, super-pixels, write) slices/s with 1 and 2
-   processes, on chaos-t2 and on the DICOM CT, each into a fresh cache.
+1. Precompute (read, normalise, resize, super-pixels, write) slices/s with 1 and 2 (or
+   ``--processes``) processes, on chaos-t2 and on the DICOM CT, each into a fresh cache.
+   Scaling = rate with the last process count / rate with the first.
 2. Load time of one cached slice and its map from the memory map (median of 2000).
-3. DataLoader batches/s (paired views, batch 8) against the batches/s that one training
-   step of MoCo v2 + LRC (UNet2d width 16, depth 4) consumes on this CPU.
+3. DataLoader batches/s (paired views, ``--batch-size``, ``--loader-workers`` workers)
+   against the batches/s that one training step of MoCo v2 + LRC (UNet2d width 16, depth
+   4) consumes on ``--device``.
 4. Cache size of a 512x512x200 CT (the real 512x512 DICOM CT slices tiled to 200 slices):
    image + super-pixels against the raw int16 volume.
 Ends with one JSON line of the headline figures.
@@ -20,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -67,40 +72,58 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=20, help="chaos-t2 cases to precompute")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--sets", nargs="+", default=["chaos_t2", "dicom_ct_512"],
+                        choices=["chaos_t2", "dicom_ct_512"])  # fmt: skip
+    parser.add_argument("--loader-workers", type=int, default=1)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--json-out", type=Path, help="also write the JSON line to this file")
     args = parser.parse_args()
+    device = torch.device(
+        "cuda"
+        if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        else "cpu"
+    )
     headline: dict[str, float] = {}
 
     chaos = args.data / "chaos-t2"
     if not chaos.exists():
         chaos = ROOT / "data" / "chaos-t2-demo"
-    sets = {"chaos_t2": (discover_cases(chaos)[: args.cases], PreprocessConfig(modality="mr"))}
+    chaos_cases = discover_cases(chaos)[: args.cases]
+    sets = {}
+    if "chaos_t2" in args.sets:
+        sets["chaos_t2"] = (chaos_cases, PreprocessConfig(modality="mr"))
     dicom = args.data / "totalseg-example" / "example_ct_dicom"
-    if dicom.exists():
-        sets["dicom_ct_512"] = (discover_cases(dicom), PreprocessConfig(modality="ct"))
-    else:
+    if not dicom.exists():
         print(f"[skip] {dicom} not found", file=sys.stderr)
+    elif "dicom_ct_512" in args.sets:
+        sets["dicom_ct_512"] = (discover_cases(dicom), PreprocessConfig(modality="ct"))
     print("precompute (read + normalise + super-pixels + write)")
+    first = args.processes[0]
     for name, (cases, config) in sets.items():
+        precompute_rate(cases[:1], config, 1)  # warm-up: numba compilation, file cache
         rates = {}
-        for processes in (1, 2):
+        for processes in args.processes:
             rate, slices = precompute_rate(cases, config, processes)
             rates[processes] = rate
             print(
                 f"  {name:13s} {len(cases):3d} cases {slices:5d} slices  {processes} proc: "
                 f"{rate:7.1f} slices/s"
             )
-        headline[f"{name}_slices_per_s_1proc"] = round(rates[1], 1)
-        headline[f"{name}_slices_per_s_2proc"] = round(rates[2], 1)
-        headline[f"{name}_scaling_2proc"] = round(rates[2] / rates[1], 2)
-        print(f"  {name:13s} scaling with 2 processes: {rates[2] / rates[1]:.2f}x")
-    if dicom.exists():
+        for processes, rate in rates.items():
+            headline[f"{name}_slices_per_s_{processes}proc"] = round(rate, 1)
+            if processes != first:
+                scaling = rate / rates[first]
+                headline[f"{name}_scaling_{processes}proc"] = round(scaling, 2)
+                print(f"  {name:13s} scaling {first} -> {processes} processes: {scaling:.2f}x")
+    if dicom.exists() and "dicom_ct_512" in args.sets:
         ratio, cached, raw = cache_size_ratio(dicom)
         print(f"cache size, 512x512x200 CT: image + super-pixels {cached / 2**20:.1f} MiB vs "
               f"raw int16 {raw / 2**20:.1f} MiB = {ratio:.2f}x")  # fmt: skip
         headline["ct_512x512x200_cache_over_raw"] = round(ratio, 3)
 
     with tempfile.TemporaryDirectory() as tmp:
-        cases, _ = sets["chaos_t2"]
+        cases = chaos_cases
         cache = VolumeCache(tmp, PreprocessConfig(modality="mr", image_size=args.size))
         cache.prepare(cases, processes=2, progress=False)
         vols = [cache.load(c) for c in cases]
@@ -124,37 +147,52 @@ def main() -> None:
             dataset,
             batch_size=args.batch_size,
             shuffle=True,
-            num_workers=1,
-            persistent_workers=True,
+            num_workers=args.loader_workers,
+            persistent_workers=args.loader_workers > 0,
         )
-        it = iter(loader)
+
+        def endless() -> Iterator[dict]:  # small data sets: go round the epochs
+            while True:
+                yield from loader
+
+        it = endless()
         next(it)
         t0 = time.perf_counter()
-        n = 20
+        n = max(20, 10 * args.loader_workers)
         for _ in range(n):
             batch = next(it)
         loader_rate = n / (time.perf_counter() - t0)
 
         from lrc_lightning.models import MoCoV2LRC, UNet2d
 
-        model = MoCoV2LRC(UNet2d(width=16, depth=4), queue_size=1024)
+        model = MoCoV2LRC(UNet2d(width=16, depth=4), queue_size=1024).to(device)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         model.train()
-        for i in range(6):
-            if i == 1:
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        steps = 5 if device.type == "cpu" else 50
+        for i in range(steps + 3):
+            if i == 3:  # after warm-up (cuDNN autotuning, allocator)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
                 t0 = time.perf_counter()
             opt.zero_grad()
             loss = model.training_step(batch, 0)
             loss.backward()
             opt.step()
-        step_rate = 5 / (time.perf_counter() - t0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        step_rate = steps / (time.perf_counter() - t0)
+        workers = args.loader_workers
         print(
-            f"DataLoader (1 worker): {loader_rate:.2f} batches/s; training step consumes "
-            f"{step_rate:.2f} batches/s; ratio {loader_rate / step_rate:.1f}"
+            f"DataLoader ({workers} workers, batch {args.batch_size}): {loader_rate:.2f} "
+            f"batches/s; a training step on {device.type} consumes {step_rate:.2f} batches/s; "
+            f"ratio {loader_rate / step_rate:.1f}"
         )
-        headline["loader_batches_per_s_1worker"] = round(loader_rate, 2)
+        headline[f"loader_batches_per_s_{workers}worker"] = round(loader_rate, 2)
         headline["train_steps_per_s"] = round(step_rate, 2)
         headline["loader_over_step"] = round(loader_rate / step_rate, 2)
+    if args.json_out:
+        args.json_out.write_text(json.dumps(headline, indent=1))
     print(json.dumps(headline))
 
 

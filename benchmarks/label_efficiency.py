@@ -66,6 +66,7 @@ class Variant:
     arm: str
     lrc: LRCConfig = field(default_factory=LRCConfig)
     superpixel_scale: float = 100.0
+    superpixel_min_size: int = 50
     name: str = ""
 
     @property
@@ -120,7 +121,9 @@ class Benchmark:
             a.data, cache_dir=a.cache_dir, image_size=a.size, batch_size=a.batch_size,
             modality="mr", test_cases=self.test, val_cases=self.val, labelled_cases=labelled,
             superpixel_scale=variant.superpixel_scale if variant else 100.0,
-            num_workers=a.num_workers, persistent_workers=a.num_workers > 0, **kw,
+            superpixel_min_size=variant.superpixel_min_size if variant else 50,
+            num_workers=a.num_workers, persistent_workers=a.num_workers > 0,
+            precompute_workers=a.precompute_workers, **kw,
         )  # fmt: skip
 
     def backbone(self) -> UNet2d:
@@ -184,11 +187,17 @@ class Benchmark:
             raise RuntimeError(f"no {stage} volume was evaluated")
         return dict(model.last_dice_table)
 
-    def run(self, variant: Variant, k: int, seed: int, stage: str = "test") -> dict[str, Any]:
+    def run(
+        self, variant: Variant, k: int, seed: int, stage: str = "test"
+    ) -> dict[str, Any] | None:
+        """One finished run (computed now unless saved); None if missing in report-only mode."""
         run_id = f"{stage}_{variant.label}_k{k}_s{seed}"
         path = self.runs / f"{run_id}-{self.key}.json"
         if path.is_file():
             return json.loads(path.read_text())
+        if self.args.report_only:
+            print(f"[missing] {run_id}", file=sys.stderr)
+            return None
         labelled = self.labelled(seed, k)
         start = time.perf_counter()
         weights = None if variant.arm == "random" else self.pretrain(variant, seed, labelled)
@@ -201,7 +210,8 @@ class Benchmark:
             "per_organ": dict(zip(ORGANS, per_organ.tolist(), strict=True)),
             "mean_dice": float(np.nanmean(per_organ)),
             "variant": {"arm": variant.arm, "lrc": asdict(variant.lrc),
-                        "superpixel_scale": variant.superpixel_scale},
+                        "superpixel_scale": variant.superpixel_scale,
+                        "superpixel_min_size": variant.superpixel_min_size},
             "seconds": round(time.perf_counter() - start, 1),
         }  # fmt: skip
         atomic_json(path, result)
@@ -210,9 +220,9 @@ class Benchmark:
         return result
 
 
-def summarise(results: list[dict[str, Any]], by: str = "arm") -> dict[str, Any]:
+def summarise(results: list[dict[str, Any] | None], by: str = "arm") -> dict[str, Any]:
     table: dict[str, Any] = {}
-    for r in results:
+    for r in filter(None, results):
         table.setdefault(f"{r[by]}|{r['k']}", []).append(r)
     summary = {}
     for key, runs in table.items():
@@ -254,8 +264,13 @@ def markdown(summary: dict[str, Any], head: dict[str, Any], title: str, arms: li
             s = summary.get(f"{arm}|{k}")
             cells.append(f"{s['mean']:.3f} ± {s['std']:.3f} ({s['n_seeds']})" if s else "-")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    lines += ["", "Per organ (mean over seeds):", "",
-              "| arm | k | " + " | ".join(ORGANS) + " |", "|---|---|" + "---|" * len(ORGANS)]
+    lines += [
+        "",
+        "Per organ (mean over seeds):",
+        "",
+        "| arm | k | " + " | ".join(ORGANS) + " |",
+        "|---|---|" + "---|" * len(ORGANS),
+    ]
     for arm in arms:
         for k in ks:
             s = summary.get(f"{arm}|{k}")
@@ -291,6 +306,9 @@ def plot(summary: dict[str, Any], arms: list[str], path: Path) -> None:
 
 def ablation_variants(base: LRCConfig) -> list[Variant]:
     return [
+        # References: the same validation protocol without LRC.
+        Variant("random", base),
+        Variant("moco", base),
         Variant("moco_lrc", base, name="default"),
         Variant("moco_lrc", replace(base, samples_per_region=None), name="pooled(M=None)"),
         Variant("moco_lrc", replace(base, downsample="majority", feature_level=-2),
@@ -300,6 +318,9 @@ def ablation_variants(base: LRCConfig) -> list[Variant]:
         Variant("moco_lrc", replace(base, weight=3.0), name="lambda=3"),
         Variant("moco_lrc", base, superpixel_scale=50.0, name="scale=50"),
         Variant("moco_lrc", base, superpixel_scale=200.0, name="scale=200"),
+        # min_size is in pixels: 50 suits 256x256; scaled by area it is ~12 at 128, ~3 at 64.
+        Variant("moco_lrc", base, superpixel_min_size=12, name="min_size=12"),
+        Variant("moco_lrc", base, superpixel_min_size=3, name="min_size=3"),
     ]  # fmt: skip
 
 
@@ -327,9 +348,14 @@ def main() -> None:
     parser.add_argument("--ablation-k", type=int, default=1)
     parser.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--skip-main", action="store_true", help="run only the ablations")
+    parser.add_argument(
+        "--report-only", action="store_true", help="tables from the finished runs only; run nothing"
+    )
+    parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--precision", default="32-true")
-    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--precompute-workers", type=int, default=1, help="super-pixel cache")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
     if args.threads:
@@ -347,10 +373,11 @@ def main() -> None:
         results = [bench.run(variants[arm], k, seed)
                    for seed in args.seeds for k in args.ks for arm in args.arms]  # fmt: skip
         summary = summarise(results)
-        atomic_json(out / "label_efficiency.json", {**head, "summary": summary})
+        name = f"label_efficiency{args.tag}"
+        atomic_json(out / f"{name}.json", {**head, "summary": summary})
         title = "Label efficiency on CHAOS T2 (test patients)"
-        (out / "label_efficiency.md").write_text(markdown(summary, head, title, args.arms))
-        plot(summary, args.arms, out / "label_efficiency.png")
+        (out / f"{name}.md").write_text(markdown(summary, head, title, args.arms))
+        plot(summary, args.arms, out / f"{name}.png")
         print(markdown(summary, head, title, args.arms))
 
     if args.ablations:
@@ -362,8 +389,10 @@ def main() -> None:
                  f"k={args.ablation_k}")  # fmt: skip
         names = [v.label for v in variants_ab]
         text = markdown(summary, head, title, names)
-        (out / "label_efficiency_ablations.md").write_text(text)
-        atomic_json(out / "label_efficiency_ablations.json", {**head, "summary": summary})
+        (out / f"label_efficiency_ablations{args.tag}.md").write_text(text)
+        atomic_json(
+            out / f"label_efficiency_ablations{args.tag}.json", {**head, "summary": summary}
+        )
         print(text)
 
 

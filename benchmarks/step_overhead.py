@@ -74,13 +74,16 @@ def step_fn(model: torch.nn.Module, batch: dict[str, Any], dtype: torch.dtype | 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     device_type = batch["image_v1"].device.type
+    # fp16 trains with loss scaling (as Lightning's "16-mixed" does); bf16 needs none.
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = model.training_step(batch, 0)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
     return step
 
@@ -195,31 +198,44 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-only", action="store_true", help="skip the timings")
+    parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
+                        help="all: CPU, then CUDA when present")  # fmt: skip
+    parser.add_argument("--json-out", help="also write the JSON summary to this file")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.exit(2, "--device cuda: no CUDA device is available\n")
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; UNet2d(width="
         f"{args.width}, depth={args.depth}); median of {args.repeats} alternating steps"
     )
     results: dict[str, Any] = {}
     cpu = torch.device("cpu")
-    for size in args.sizes:
+    for size in args.sizes if args.device != "cuda" else ():
         for batch in args.batches:
             times = ({v: 1.0 for v in VARIANTS} if args.memory_only
                      else time_variants(size, batch, args, cpu))  # fmt: skip
             memory = ({v: 1 for v in VARIANTS} if args.no_memory
                       else cpu_memory(size, batch, args))  # fmt: skip
             results[f"cpu_{size}_b{batch}"] = report(f"cpu {size}x{size} b{batch}", times, memory)
-    if torch.cuda.is_available():
+    if args.device != "cpu" and torch.cuda.is_available():
         gpu = torch.device("cuda")
         print(f"CUDA: {torch.cuda.get_device_name()}")
         for label, dtype in (("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
             for size in args.sizes:
                 for batch in args.batches:
-                    times = time_variants(size, batch, args, gpu, dtype)
-                    memory = cuda_memory(size, batch, args, dtype)
                     key = f"cuda_{label}_{size}_b{batch}"
+                    try:
+                        times = time_variants(size, batch, args, gpu, dtype)
+                        memory = cuda_memory(size, batch, args, dtype)
+                    except RuntimeError as err:  # report it, go on with the other settings
+                        print(f"cuda {label} {size}x{size} b{batch} FAILED: {err}", flush=True)
+                        results[key] = {"error": str(err)[:500]}
+                        continue
                     results[key] = report(f"cuda {label} {size}x{size} b{batch}", times, memory)
-    headline_key = "cpu_256_b16" if "cpu_256_b16" in results else next(iter(results))
+    preferred = ("cpu_256_b16", "cuda_fp32_256_b16")
+    headline_key = next(
+        k for k in (*preferred, *results) if k in results and "error" not in results[k]
+    )
     summary = {
         "step_time_ratio": results[headline_key]["time_ratio"],
         "step_time_ratio_vs_encoder_only": results[headline_key]["time_ratio_vs_encoder_only"],
@@ -227,6 +243,9 @@ def main() -> None:
         "headline": headline_key,
         "results": results,
     }
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(summary, f, indent=1)
     print(json.dumps(summary))
 
 

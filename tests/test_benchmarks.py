@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import DEMO_MR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +45,31 @@ def test_label_efficiency_outputs_and_resumes(tmp_path: Path) -> None:
     assert [p.stat().st_mtime_ns for p in runs] == stamps
     run(*args[:-1], "1", "--finetune-steps", "3")  # other options: new runs, none reused
     assert len(list((tmp_path / "label_efficiency_runs").glob("*.json"))) == 4
+
+    # Report only: tables from the finished runs; a missing seed is named, not run.
+    seeds = args.index("--seeds") + 1
+    report = [*args[:seeds], "0", "1", *args[seeds + 1 :], "--report-only", "--tag", "_partial"]
+    done = subprocess.run([sys.executable, *report], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[missing] test_random_k1_s1" in done.stderr
+    assert len(list((tmp_path / "label_efficiency_runs").glob("*.json"))) == 4
+    partial = json.loads((tmp_path / "label_efficiency_partial.json").read_text())
+    assert partial["summary"]["moco_lrc|1"]["n_seeds"] == 1
+
+
+def test_data_pipeline_prints_headline_json(tmp_path: Path) -> None:
+    out = run("benchmarks/data_pipeline.py", "--data", str(tmp_path), "--cases", "2", "--size",
+              "32", "--sets", "chaos_t2", "--processes", "1", "2", "--batch-size", "2",
+              "--json-out", str(tmp_path / "h.json"))  # fmt: skip
+    headline = json.loads(out.strip().splitlines()[-1])
+    assert headline == json.loads((tmp_path / "h.json").read_text())
+    assert headline["chaos_t2_slices_per_s_1proc"] > 0
+    assert headline["chaos_t2_scaling_2proc"] == pytest.approx(
+        headline["chaos_t2_slices_per_s_2proc"] / headline["chaos_t2_slices_per_s_1proc"],
+        abs=0.02,
+    )
+    assert headline["loader_batches_per_s_1worker"] > 0 and headline["cached_slice_load_us"] > 0
 
 
 def test_step_overhead_prints_headline_json() -> None:

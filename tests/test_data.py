@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -71,6 +72,96 @@ def test_reads_dicom_series_and_its_label() -> None:
     entry = build_entry(Case("dicom", folder), PreprocessConfig(modality="ct", image_size=128))
     assert entry["image"].shape == (20, 128, 128)
     assert discover_cases(folder)[0].case_id == "example_ct_dicom"
+
+
+def _write_dicom_series(volume: sitk.Image, folder: Path) -> list[Path]:
+    """Write a real volume as an uncompressed DICOM CT series, one file per slice."""
+    folder.mkdir(parents=True)
+    volume = sitk.Cast(volume, sitk.sitkInt16)
+    d = volume.GetDirection()
+    tags = {
+        "0008|0060": "CT",
+        "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
+        "0020|000e": "1.2.826.0.1.3680043.2.1125.1.1",
+        "0020|0037": "\\".join(str(v) for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
+        "0018|0050": str(volume.GetSpacing()[2]),
+    }
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    files = []
+    for i in range(volume.GetDepth()):
+        slice_ = volume[:, :, i]
+        for key, value in tags.items():
+            slice_.SetMetaData(key, value)
+        position = volume.TransformIndexToPhysicalPoint((0, 0, i))
+        slice_.SetMetaData("0020|0032", "\\".join(str(v) for v in position))
+        slice_.SetMetaData("0020|0013", str(i))
+        files.append(folder / f"slice{i:03d}.dcm")
+        writer.SetFileName(str(files[-1]))
+        writer.Execute(slice_)
+    return files
+
+
+def test_dicom_series_decoded_in_blocks_equals_whole_read(tmp_path) -> None:
+    from lrc_lightning.data import io
+
+    folder = tmp_path / "series"
+    _write_dicom_series(sitk.ReadImage(str(CT)), folder)
+    whole = read_volume(folder)
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(whole), sitk.GetArrayFromImage(read_volume(CT))
+    )
+    names = io.dicom_series_files(folder)
+    assert [len(b) for b in io.dicom_blocks(names, 4)] == [8, 7, 7, 8]
+    assert len(io.dicom_blocks(names[:7], 4)) == 1  # too few files to split
+    blocks = [io.read_dicom_block(str(folder), b) for b in io.dicom_blocks(names, 4)]
+    joined = io.checked_volume(io.assemble_dicom_blocks(blocks), folder)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(joined), sitk.GetArrayFromImage(whole))
+    np.testing.assert_allclose(joined.GetOrigin(), whole.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(joined.GetSpacing(), whole.GetSpacing(), rtol=1e-6)
+    assert joined.GetDirection() == whole.GetDirection()
+    # Blocks that do not follow each other (a gap) or disagree on pixel type: not joined.
+    assert io.assemble_dicom_blocks([blocks[0], blocks[2]]) is None
+    cast = dataclasses.replace(blocks[1], array=blocks[1].array.astype(np.float32))
+    assert io.assemble_dicom_blocks([blocks[0], cast]) is None
+
+
+def test_parallel_precompute_of_one_dicom_series_matches_serial(tmp_path) -> None:
+    folder = tmp_path / "series"
+    _write_dicom_series(sitk.ReadImage(str(CT)), folder)
+    case = discover_cases(folder)[0]
+    serial = VolumeCache(tmp_path / "a", PreprocessConfig(modality="ct", image_size=64))
+    parallel = VolumeCache(tmp_path / "b", PreprocessConfig(modality="ct", image_size=64))
+    serial.prepare([case], processes=1, progress=False)
+    parallel.prepare([case], processes=2, progress=False)
+    a, b = serial.load(case), parallel.load(case)
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.superpixels, b.superpixels)
+    assert a.meta["spacing_zyx"] == pytest.approx(b.meta["spacing_zyx"])
+
+
+def test_dicom_series_with_an_unreadable_file_is_an_error(tmp_path) -> None:
+    folder = tmp_path / "series"
+    files = _write_dicom_series(sitk.ReadImage(str(CT)), folder)
+    files[12].write_bytes(files[12].read_bytes()[:1000])  # truncated: GDCM leaves it out
+    with pytest.raises(DataError, match=r"series.*missing or unevenly spaced.*slice011"):
+        read_volume(folder)
+    cache = VolumeCache(tmp_path / "cache", PreprocessConfig(modality="ct", image_size=64))
+    with pytest.raises(DataError, match=r"series.*missing or unevenly spaced"):
+        cache.prepare(discover_cases(folder), processes=2, progress=False)
+    assert not any((tmp_path / "cache").glob("*/meta.json"))  # nothing half-written
+
+
+def test_shared_jpeg2000_dicom_series_in_parallel_matches_serial(tmp_path) -> None:
+    folder = shared_path("totalseg-example", "example_ct_dicom")
+    case = discover_cases(folder)[0]
+    caches = [VolumeCache(tmp_path / n, PreprocessConfig(modality="ct")) for n in "ab"]
+    caches[0].prepare([case], processes=1, progress=False)
+    caches[1].prepare([case], processes=2, progress=False)
+    np.testing.assert_array_equal(caches[0].load(case).image, caches[1].load(case).image)
+    np.testing.assert_array_equal(
+        caches[0].load(case).superpixels, caches[1].load(case).superpixels
+    )
 
 
 def test_discover_msd_csv_folder_and_list(tmp_path) -> None:

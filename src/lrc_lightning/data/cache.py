@@ -28,7 +28,7 @@ import time
 import uuid
 import warnings
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,7 +41,17 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lrc_lightning.data.intensity import Modality, normalise
-from lrc_lightning.data.io import Case, DataError, check_same_geometry, read_volume
+from lrc_lightning.data.io import (
+    Case,
+    DataError,
+    assemble_dicom_blocks,
+    check_same_geometry,
+    checked_volume,
+    dicom_blocks,
+    dicom_series_files,
+    read_dicom_block,
+    read_volume,
+)
 from lrc_lightning.superpixels import felzenszwalb
 
 __all__ = ["CACHE_VERSION", "CachedVolume", "PreprocessConfig", "VolumeCache", "parse_shard"]
@@ -167,9 +177,11 @@ def _felzenszwalb_slices(images: np.ndarray, config: PreprocessConfig) -> np.nda
     return np.stack([_felzenszwalb(s, config) for s in images])
 
 
-def _read_case(case: Case, config: PreprocessConfig) -> _ReadCase:
+def _read_case(
+    case: Case, config: PreprocessConfig, read_image: Callable[[Path], sitk.Image] = read_volume
+) -> _ReadCase:
     """Read, check, normalise and resize one case."""
-    image = read_volume(case.image)
+    image = read_image(case.image)
     arr = sitk.GetArrayFromImage(image)  # (z, y, x)
     label_arr = None
     if case.label is not None:
@@ -373,7 +385,8 @@ class VolumeCache:
             return stats
         bar = tqdm(total=len(todo), desc="LRC super-pixel cache", unit="case", disable=not progress)
         try:
-            if processes <= 1 or len(todo) == 1:
+            # One case goes through the pool too: its slices (and DICOM files) are split.
+            if processes <= 1:
                 for case in todo:
                     self._write(case, build_entry(case, self.config))
                     bar.update(1)
@@ -386,10 +399,12 @@ class VolumeCache:
     def _prepare_pipelined(self, todo: list[Case], processes: int, bar: Any) -> None:
         """This process reads, normalises and writes; ``processes`` workers compute
         super-pixels by blocks of slices, for up to two cases in flight. Parallel by slice,
-        so one large volume (a CT) scales too, not just many small ones.
+        so one large volume (a CT) scales too, not just many small ones. DICOM series are
+        also decoded by the workers, in blocks of files (decoding is serial inside ITK).
 
-        Workers run numba code only, never torch, ITK or OpenMP: forking them from a
-        process that has used those is safe and costs no interpreter start-up.
+        Workers run numba code or ITK's single-threaded DICOM decoding only, never torch
+        or OpenMP: forking them from a process that has used those is safe and costs no
+        interpreter start-up.
         """
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
@@ -403,8 +418,19 @@ class VolumeCache:
             bar.update(1)
 
         with ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
+
+            def read_image(path: Path) -> sitk.Image:
+                if not path.is_dir():
+                    return read_volume(path)
+                blocks = dicom_blocks(dicom_series_files(path), 2 * processes)
+                if len(blocks) == 1:
+                    return read_volume(path)
+                futures = [pool.submit(read_dicom_block, str(path), b) for b in blocks]
+                image = assemble_dicom_blocks([f.result() for f in futures])
+                return read_volume(path) if image is None else checked_volume(image, path)
+
             for case in todo:
-                read = _read_case(case, self.config)
+                read = _read_case(case, self.config, read_image)
                 block = max(1, -(-len(read.image) // (4 * processes)))  # ~4 blocks per worker
                 futures = [
                     pool.submit(_felzenszwalb_slices, read.image[i : i + block], self.config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import itertools
 import json
 import zlib
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ __all__ = [
     "DataError",
     "VOLUME_SUFFIXES",
     "check_same_geometry",
+    "checked_volume",
     "discover_cases",
     "read_volume",
 ]
@@ -163,19 +165,23 @@ def read_volume(path: str | Path) -> sitk.Image:
         raise DataError(f"{path}: file not found")
     try:
         if path.is_dir():
-            reader = sitk.ImageSeriesReader()
-            names = reader.GetGDCMSeriesFileNames(str(path))
-            if not names:
-                raise DataError(f"{path}: folder holds no DICOM series")
-            reader.SetFileNames(names)
-            image = reader.Execute()
+            image = _read_series(dicom_series_files(path), path)
         else:
             if path.name.lower().endswith(".gz"):
                 _check_gzip_complete(path)
             image = sitk.ReadImage(str(path))
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown error"
-        raise DataError(f"{path}: unreadable or truncated volume ({first})") from err
+        raise _unreadable(path, err) from err
+    return checked_volume(image, path)
+
+
+def _unreadable(path: Path, err: Exception) -> DataError:
+    first = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown error"
+    return DataError(f"{path}: unreadable or truncated volume ({first})")
+
+
+def checked_volume(image: sitk.Image, path: Path) -> sitk.Image:
+    """Check a freshly read volume and reorient it to LPS (``read_volume``'s last step)."""
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise DataError(
             f"{path}: expected a 3D single-channel volume, got {image.GetDimension()}D with "
@@ -190,6 +196,112 @@ def read_volume(path: str | Path) -> sitk.Image:
             raise DataError(
                 f"{path}: contains NaN or inf voxels ({int((~np.isfinite(arr)).sum())})"
             )
+    return image
+
+
+# ---------------------------------------------------------------- DICOM in parallel
+# Decoding a compressed DICOM series (JPEG 2000 CT, say) is serial inside ITK and can
+# dominate pre-computation. A series is therefore decoded in contiguous blocks of its
+# sorted files by pool workers, then put back together here: only when the blocks agree on
+# pixel type, in-plane geometry and a uniform slice spacing, else the caller reads the
+# series in one piece, so the result is always what ``read_volume`` gives.
+
+
+def dicom_series_files(path: Path) -> list[str]:
+    """The files of the DICOM series in folder ``path``, sorted along the slice normal."""
+    names = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path)))
+    if not names:
+        raise DataError(f"{path}: folder holds no DICOM series")
+    return names
+
+
+@dataclass(frozen=True)
+class DicomBlock:
+    """Slices ``names`` of a series, decoded: (k, y, x) array and the block's geometry."""
+
+    array: np.ndarray
+    origin: tuple[float, ...]
+    spacing: tuple[float, ...]
+    direction: tuple[float, ...]
+
+
+def _read_series(names: list[str], folder: Path) -> sitk.Image:
+    """Decode DICOM files (sorted along the slice normal); raise on missing slices.
+
+    GDCM leaves out a file it cannot parse and ITK then only warns about the gap, which
+    would give a volume with silently missing slices: the positions are checked here.
+    """
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(names)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    image = reader.Execute()
+    try:
+        positions = [
+            [float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")]
+            for i in range(len(names))
+        ]
+    except (RuntimeError, ValueError):  # no or malformed Image Position: nothing to check
+        return image
+    if len(positions) >= 3:
+        normal = np.array(image.GetDirection()).reshape(3, 3)[:, 2]
+        steps = np.diff(np.array(positions) @ normal)
+        step = float(np.median(steps))
+        bad = np.flatnonzero(np.abs(steps - step) > 0.1 * abs(step) + 1e-3)
+        if len(bad):
+            i = int(bad[0])
+            raise DataError(
+                f"{folder}: DICOM series has missing or unevenly spaced slices: "
+                f"{steps[i]:.3g} mm between {Path(names[i]).name} and "
+                f"{Path(names[i + 1]).name}, {step:.3g} mm elsewhere (an unreadable file "
+                "is left out of the series: check the folder's files)"
+            )
+    return image
+
+
+def read_dicom_block(folder: str, names: list[str]) -> DicomBlock:
+    """Decode consecutive files of one series (a pool worker's task; at least 2 files,
+    so ITK measures the slice spacing from positions rather than trusting a tag)."""
+    try:
+        image = _read_series(names, Path(folder))
+    except RuntimeError as err:
+        raise _unreadable(Path(folder), err) from err
+    return DicomBlock(
+        sitk.GetArrayFromImage(image), image.GetOrigin(), image.GetSpacing(), image.GetDirection()
+    )
+
+
+def dicom_blocks(names: list[str], count: int, min_slices: int = 4) -> list[list[str]]:
+    """Split sorted series files into at most ``count`` contiguous blocks of at least
+    ``min_slices`` (>= 2) files; a single block means: read it whole."""
+    count = max(1, min(count, len(names) // max(2, min_slices)))
+    bounds = [round(i * len(names) / count) for i in range(count + 1)]
+    return [names[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def assemble_dicom_blocks(blocks: list[DicomBlock], tolerance: float = 1e-3) -> sitk.Image | None:
+    """One image from consecutive blocks, or None when they do not fit together as a
+    uniformly spaced series (then read the series whole, as ``read_volume`` does)."""
+    first = blocks[0]
+    if any(
+        b.array.dtype != first.array.dtype
+        or b.array.shape[1:] != first.array.shape[1:]
+        or not np.allclose(b.direction, first.direction, atol=tolerance)
+        or not np.allclose(b.spacing, first.spacing, rtol=tolerance, atol=0)
+        for b in blocks[1:]
+    ):
+        return None
+    direction = np.array(first.direction).reshape(3, 3)
+    step = first.spacing[2] * direction[:, 2]  # one slice along the normal, in mm
+    offset = 0
+    for b in blocks:
+        expected = np.array(first.origin) + offset * step
+        if not np.allclose(b.origin, expected, atol=tolerance * 10 * max(first.spacing)):
+            return None
+        offset += b.array.shape[0]
+    image = sitk.GetImageFromArray(np.concatenate([b.array for b in blocks]))
+    image.SetOrigin(first.origin)
+    image.SetSpacing(first.spacing)
+    image.SetDirection(first.direction)
     return image
 
 
