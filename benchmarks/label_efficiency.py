@@ -3,6 +3,7 @@
     python benchmarks/label_efficiency.py --data ../shared/data/chaos-t2 [--size 64]
         [--width 8] [--pretrain-steps 250] [--finetune-steps 150] [--seeds 0 1 2]
         [--ks 1 2 4] [--arms random moco moco_lrc lrc_only supervised_lrc] [--ablations]
+        [--lrc-weight 0.3] [--precision bf16-mixed] [--report-only] [--tag _gpu]
 
 Protocol (LRC_SPEC.md §2): a fixed split by patient (``--split-seed``): 5 test patients,
 2 validation patients, the rest the pre-training pool (images only). Per seed, the k
@@ -19,9 +20,11 @@ Reported: 3D Dice per organ on each test volume (lrc_lightning.metrics), mean ov
 organs per run, then mean +- std over seeds. Ablations (``--ablations``) compare the [ours]
 choices of MoCo + LRC on the *validation* patients (never the test patients) at k =
 ``--ablation-k``. Every finished run is a JSON file under ``<out>/label_efficiency_runs``,
-named with a hash of the options that change results; a rerun with the same options skips
-it (resumable), other options never reuse it. Outputs: ``label_efficiency.{md,json,png}`` and
-``label_efficiency_ablations.md`` in ``--out``.
+named with a hash of the options that change results (and, for arms with LRC, of the LRC
+and super-pixel recipe); a rerun with the same options skips it (resumable), other options
+never reuse it. ``--report-only`` writes the tables from the finished runs and names the
+missing ones. Outputs: ``label_efficiency{tag}.{md,json,png}`` and
+``label_efficiency_ablations{tag}.{md,json}`` in ``--out``.
 """
 
 from __future__ import annotations
@@ -72,6 +75,17 @@ class Variant:
     @property
     def label(self) -> str:
         return self.name or self.arm
+
+    @property
+    def key(self) -> str:
+        """Hash of the recipe's LRC and super-pixel options ("" for arms without LRC), so
+        that a changed default never reuses runs made with the old one."""
+        if self.arm in ("random", "moco"):
+            return ""
+        recipe = {"lrc": asdict(self.lrc), "superpixel_scale": self.superpixel_scale,
+                  "superpixel_min_size": self.superpixel_min_size}  # fmt: skip
+        blob = json.dumps(recipe, sort_keys=True).encode()
+        return "-" + hashlib.blake2b(blob, digest_size=3).hexdigest()
 
 
 def atomic_json(path: Path, payload: dict[str, Any]) -> None:
@@ -140,7 +154,7 @@ class Benchmark:
     def pretrain(self, variant: Variant, seed: int, labelled: list[str]) -> Path:
         """Pre-train (or reuse) and return the backbone weights file."""
         suffix = f"_k{len(labelled)}" if variant.arm == "supervised_lrc" else ""
-        path = self.work / f"pretrain_{variant.label}_s{seed}{suffix}-{self.key}.pt"
+        path = self.work / f"pretrain_{variant.label}_s{seed}{suffix}-{self.key}{variant.key}.pt"
         if path.is_file():
             return path
         pl.seed_everything(seed, workers=True)
@@ -192,7 +206,7 @@ class Benchmark:
     ) -> dict[str, Any] | None:
         """One finished run (computed now unless saved); None if missing in report-only mode."""
         run_id = f"{stage}_{variant.label}_k{k}_s{seed}"
-        path = self.runs / f"{run_id}-{self.key}.json"
+        path = self.runs / f"{run_id}-{self.key}{variant.key}.json"
         if path.is_file():
             return json.loads(path.read_text())
         if self.args.report_only:
@@ -305,22 +319,25 @@ def plot(summary: dict[str, Any], arms: list[str], path: Path) -> None:
 
 
 def ablation_variants(base: LRCConfig) -> list[Variant]:
+    """One change at a time around the reference recipe (lambda = 1: the default when the
+    ablation was run; its winner, lambda = 0.3, is the default now)."""
+    ref = replace(base, weight=1.0)
     return [
         # References: the same validation protocol without LRC.
         Variant("random", base),
         Variant("moco", base),
-        Variant("moco_lrc", base, name="default"),
-        Variant("moco_lrc", replace(base, samples_per_region=None), name="pooled(M=None)"),
-        Variant("moco_lrc", replace(base, downsample="majority", feature_level=-2),
+        Variant("moco_lrc", ref, name="reference_lambda=1"),
+        Variant("moco_lrc", replace(ref, samples_per_region=None), name="pooled(M=None)"),
+        Variant("moco_lrc", replace(ref, downsample="majority", feature_level=-2),
                 name="majority@level-2"),
-        Variant("moco_lrc", replace(base, feature_level=-2), name="nearest@level-2"),
-        Variant("moco_lrc", replace(base, weight=0.3), name="lambda=0.3"),
-        Variant("moco_lrc", replace(base, weight=3.0), name="lambda=3"),
-        Variant("moco_lrc", base, superpixel_scale=50.0, name="scale=50"),
-        Variant("moco_lrc", base, superpixel_scale=200.0, name="scale=200"),
+        Variant("moco_lrc", replace(ref, feature_level=-2), name="nearest@level-2"),
+        Variant("moco_lrc", replace(ref, weight=0.3), name="lambda=0.3"),
+        Variant("moco_lrc", replace(ref, weight=3.0), name="lambda=3"),
+        Variant("moco_lrc", ref, superpixel_scale=50.0, name="scale=50"),
+        Variant("moco_lrc", ref, superpixel_scale=200.0, name="scale=200"),
         # min_size is in pixels: 50 suits 256x256; scaled by area it is ~12 at 128, ~3 at 64.
-        Variant("moco_lrc", base, superpixel_min_size=12, name="min_size=12"),
-        Variant("moco_lrc", base, superpixel_min_size=3, name="min_size=3"),
+        Variant("moco_lrc", ref, superpixel_min_size=12, name="min_size=12"),
+        Variant("moco_lrc", ref, superpixel_min_size=3, name="min_size=3"),
     ]  # fmt: skip
 
 
@@ -344,6 +361,8 @@ def main() -> None:
     parser.add_argument("--test-cases", type=int, default=5)
     parser.add_argument("--val-cases", type=int, default=2)
     parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--lrc-weight", type=float, default=LRCConfig.weight,
+                        help="lambda of the LRC arms (default: the library's)")  # fmt: skip
     parser.add_argument("--ablations", action="store_true")
     parser.add_argument("--ablation-k", type=int, default=1)
     parser.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1])
@@ -366,7 +385,9 @@ def main() -> None:
     head = header(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = LRCConfig(schedule="linear", warmup_steps=args.pretrain_steps // 5)
+    base = LRCConfig(
+        weight=args.lrc_weight, schedule="linear", warmup_steps=args.pretrain_steps // 5
+    )
 
     if not args.skip_main:
         variants = {arm: Variant(arm, base) for arm in args.arms}

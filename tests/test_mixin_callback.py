@@ -33,7 +33,7 @@ def test_mixin_module_trains_and_lrc_decreases(loader) -> None:
     lrc = history.history["train/lrc_loss_step"]
     assert len(lrc) == 30
     assert _decreases(lrc), lrc
-    assert history.history["train/lrc_weight"] == [1.0] * 30
+    assert history.history["train/lrc_weight"] == [pytest.approx(0.3)] * 30  # the default
 
 
 def test_callback_on_unmodified_module_trains_and_lrc_decreases(loader) -> None:
@@ -117,7 +117,9 @@ def test_mixin_and_callback_give_the_same_lrc_term(loader, module_cls) -> None:
     from_callback = lrc_term(
         other.lrc_head, cb.criterion, g1, g2, batch["superpixels_v1"], batch["superpixels_v2"]
     )
-    assert from_mixin.item() == pytest.approx(from_callback.item(), rel=1e-6)
+    # lrc_loss returns lambda * L_LRC; lrc_term the unweighted term.
+    assert mixin.lrc_current_weight == pytest.approx(0.3)
+    assert from_mixin.item() == pytest.approx(0.3 * from_callback.item(), rel=1e-6)
 
 
 def test_weight_schedules_and_callback_drives_mixin_weight(loader) -> None:

@@ -22,7 +22,7 @@ from lrc_lightning.mixin import (
     lrc_term,
 )
 from lrc_lightning.regions import DownsampleMode
-from lrc_lightning.schedules import WeightSchedule, lrc_weight
+from lrc_lightning.schedules import DEFAULT_LRC_WEIGHT, WeightSchedule, lrc_weight
 
 __all__ = ["LRCCallback"]
 
@@ -64,7 +64,7 @@ class LRCCallback(pl.Callback):
 
     def __init__(
         self,
-        weight: float = 1.0,
+        weight: float = DEFAULT_LRC_WEIGHT,
         schedule: WeightSchedule = "constant",
         warmup_steps: int = 0,
         feature_layer: str | None = None,

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from lrc_lightning.heads import DenseProjectionHead
 from lrc_lightning.loss import LocalizedRegionContrastLoss
 from lrc_lightning.regions import DownsampleMode
-from lrc_lightning.schedules import WeightSchedule, lrc_weight
+from lrc_lightning.schedules import DEFAULT_LRC_WEIGHT, WeightSchedule, lrc_weight
 
 if TYPE_CHECKING:
     from pytorch_lightning import Callback
@@ -62,7 +62,7 @@ class LRCConfig:
     ``model.init_args.lrc``). ``feature_level`` picks the decoder level of the reference
     models' backbone (-1: the finest)."""
 
-    weight: float = 1.0
+    weight: float = DEFAULT_LRC_WEIGHT
     schedule: WeightSchedule = "constant"
     warmup_steps: int = 0
     temperature: float = 0.1
@@ -121,7 +121,7 @@ class LRCMixin:
         feature_channels: int,
         embedding_dim: int = 128,
         hidden_dim: int | None = None,
-        weight: float = 1.0,
+        weight: float = DEFAULT_LRC_WEIGHT,
         schedule: WeightSchedule = "constant",
         warmup_steps: int = 0,
         temperature: float = 0.1,

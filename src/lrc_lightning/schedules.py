@@ -5,9 +5,13 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-__all__ = ["WeightSchedule", "lrc_weight"]
+__all__ = ["DEFAULT_LRC_WEIGHT", "WeightSchedule", "lrc_weight"]
 
 WeightSchedule = Literal["constant", "linear", "cosine"]
+
+#: lambda's default [ours]: the best of 0.3 / 1 / 3 in the validation ablation of
+#: benchmarks/label_efficiency.py (MoCo v2 + LRC, CHAOS T2, k=1; see benchmarks/results).
+DEFAULT_LRC_WEIGHT = 0.3
 
 
 def lrc_weight(
