@@ -15,8 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str, timeout: int = 600) -> str:
-    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=timeout,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -49,8 +55,14 @@ def test_label_efficiency_outputs_and_resumes(tmp_path: Path) -> None:
     # Report only: tables from the finished runs; a missing seed is named, not run.
     seeds = args.index("--seeds") + 1
     report = [*args[:seeds], "0", "1", *args[seeds + 1 :], "--report-only", "--tag", "_partial"]
-    done = subprocess.run([sys.executable, *report], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, *report],
+        cwd=ROOT,
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[missing] test_random_k1_s1" in done.stderr
     assert len(list((tmp_path / "label_efficiency_runs").glob("*.json"))) == 4

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import locale
 import os
 import shutil
 from pathlib import Path
@@ -75,7 +76,19 @@ def test_reads_dicom_series_and_its_label() -> None:
 
 
 def _write_dicom_series(volume: sitk.Image, folder: Path) -> list[Path]:
-    """Write a real volume as an uncompressed DICOM CT series, one file per slice."""
+    """Write a real volume as an uncompressed DICOM CT series, one file per slice.
+
+    GDCM's writer sets the process locale to "C" (reading does not): it is restored, else
+    later tests decode their subprocesses' UTF-8 output as ASCII.
+    """
+    saved_locale = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_dicom_files(volume, folder)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved_locale)
+
+
+def _write_dicom_files(volume: sitk.Image, folder: Path) -> list[Path]:
     folder.mkdir(parents=True)
     volume = sitk.Cast(volume, sitk.sitkInt16)
     d = volume.GetDirection()

@@ -24,7 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_ddp(scenario: str, out: Path, *extra: str, timeout: int = 240) -> None:
     cmd = [sys.executable, str(ROOT / "tests" / "ddp_worker.py"), scenario, "--devices", "2",
            "--out", str(out), *extra]  # fmt: skip
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout
+    )
     assert done.returncode == 0, done.stderr[-4000:]
 
 

@@ -26,7 +26,9 @@ def test_demo_pretrains_exports_finetunes_and_prints_dice(tmp_path: Path) -> Non
            "--width", "4", "--batch-size", "4", "--pretrain-epochs", "1",
            "--finetune-epochs", "1", "--cache-dir", str(tmp_path / "cache"),
            "--out", str(tmp_path / "out")]  # fmt: skip
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace", timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     table = dict(re.findall(r"^\s+(\w+)\s+([0-9.na]+)$", done.stdout, flags=re.M))
     assert set(table) == {"liver", "right_kidney", "left_kidney", "spleen", "mean"}

@@ -26,14 +26,21 @@ def _sum(state: dict[str, torch.Tensor], prefix: str) -> float:
 
 def test_sigkill_mid_epoch_resumes_queue_momentum_schedule_and_optimizer(tmp_path: Path) -> None:
     worker = [sys.executable, str(ROOT / "tests" / "resume_worker.py"), "--out", str(tmp_path)]
-    killed = subprocess.run([*worker, "--kill-at", "5"], capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
+    killed = subprocess.run(
+        [*worker, "--kill-at", "5"],
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=300,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 4  # checkpoints every 2 steps; killed after step 5
     state = ckpt["state_dict"]
 
-    resumed = subprocess.run([*worker, "--resume"], capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [*worker, "--resume"], capture_output=True, encoding="utf-8", errors="replace", timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     start = json.loads((tmp_path / "start_state.json").read_text())
     assert start["global_step"] == 4
@@ -99,8 +106,16 @@ def test_sigkill_during_precompute_leaves_no_corrupt_entry(tmp_path: Path) -> No
 
 def test_two_processes_filling_one_cache_concurrently(tmp_path: Path) -> None:
     shared = tmp_path / "shared"
-    nodes = [subprocess.Popen(_precompute(shared, size=64), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    nodes = [
+        subprocess.Popen(
+            _precompute(shared, size=64),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            encoding="utf-8",
+            errors="replace",
+        )
+        for _ in range(2)
+    ]
     for node in nodes:
         _, err = node.communicate(timeout=300)
         assert node.returncode == 0, err[-3000:]
