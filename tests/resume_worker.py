@@ -74,7 +74,7 @@ def main() -> None:
     pl.seed_everything(0)
     data = LRCDataModule(str(ROOT / "data" / "chaos-t2-demo"), cache_dir=str(args.out / "cache"),
                          image_size=32, batch_size=4)  # fmt: skip
-    lrc = LRCConfig(schedule="linear", warmup_steps=10)
+    lrc = LRCConfig(weight=1.0, schedule="linear", warmup_steps=10)
     model = MoCoV2LRC(UNet2d(width=4, depth=2), lrc=lrc, queue_size=64, lr=1e-2)
     checkpoints = ModelCheckpoint(dirpath=args.out / "ckpt", every_n_train_steps=2,
                                   save_last=True, save_top_k=-1)  # fmt: skip
