@@ -15,6 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str, timeout: int = 600) -> str:
+    """stdout of a benchmark script that must succeed."""
+    return run_process(*args, timeout=timeout).stdout
+
+
+def run_process(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     done = subprocess.run(
         [sys.executable, *args],
         cwd=ROOT,
@@ -24,7 +29,7 @@ def run(*args: str, timeout: int = 600) -> str:
         timeout=timeout,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    return done
 
 
 def test_label_efficiency_outputs_and_resumes(tmp_path: Path) -> None:
@@ -55,15 +60,7 @@ def test_label_efficiency_outputs_and_resumes(tmp_path: Path) -> None:
     # Report only: tables from the finished runs; a missing seed is named, not run.
     seeds = args.index("--seeds") + 1
     report = [*args[:seeds], "0", "1", *args[seeds + 1 :], "--report-only", "--tag", "_partial"]
-    done = subprocess.run(
-        [sys.executable, *report],
-        cwd=ROOT,
-        capture_output=True,
-        encoding="utf-8",
-        errors="replace",
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_process(*report, timeout=300)
     assert "[missing] test_random_k1_s1" in done.stderr
     assert len(list((tmp_path / "label_efficiency_runs").glob("*.json"))) == 4
     partial = json.loads((tmp_path / "label_efficiency_partial.json").read_text())
