@@ -46,6 +46,20 @@ def precompute_rate(cases, config, processes: int) -> tuple[float, int]:
     return slices / elapsed, slices
 
 
+def dicom_read_times(dicom: Path, repeats: int = 3) -> tuple[float, float]:
+    """Median wall and CPU seconds (all threads of this process) of one whole series read."""
+    from lrc_lightning.data.io import read_volume
+
+    read_volume(dicom)  # file cache warm
+    walls, cpus = [], []
+    for _ in range(repeats):
+        w0, c0 = time.perf_counter(), time.process_time()
+        read_volume(dicom)
+        walls.append(time.perf_counter() - w0)
+        cpus.append(time.process_time() - c0)
+    return statistics.median(walls), statistics.median(cpus)
+
+
 def cache_size_ratio(dicom: Path) -> tuple[float, int, int]:
     """(cache / raw) for image + super-pixels of a 512x512x200 CT built from real slices."""
     import SimpleITK as sitk
@@ -117,6 +131,10 @@ def main() -> None:
                 headline[f"{name}_scaling_{processes}proc"] = round(scaling, 2)
                 print(f"  {name:13s} scaling {first} -> {processes} processes: {scaling:.2f}x")
     if dicom.exists() and "dicom_ct_512" in args.sets:
+        wall, cpu = dicom_read_times(dicom)
+        print(f"DICOM series, one whole read: {wall:.3f} s wall, {cpu:.3f} s CPU "
+              f"(the decoder's own threads: {cpu / wall:.2f} cores busy)")  # fmt: skip
+        headline["dicom_read_cores_busy"] = round(cpu / wall, 2)
         ratio, cached, raw = cache_size_ratio(dicom)
         print(f"cache size, 512x512x200 CT: image + super-pixels {cached / 2**20:.1f} MiB vs "
               f"raw int16 {raw / 2**20:.1f} MiB = {ratio:.2f}x")  # fmt: skip

@@ -291,7 +291,54 @@ def markdown(summary: dict[str, Any], head: dict[str, Any], title: str, arms: li
             if s:
                 organs = " | ".join(f"{s['per_organ'][o]:.3f}" for o in ORGANS)
                 lines.append(f"| {arm} | {k} | {organs} |")
+    lines += paired_section(summary, arms)
     return "\n".join(lines) + "\n"
+
+
+def paired_differences(
+    summary_a: dict[str, Any], arm_a: str, summary_b: dict[str, Any], arm_b: str
+) -> dict[str, Any] | None:
+    """Mean Dice of ``arm_a`` minus ``arm_b`` over the (k, seed) pairs both have: mean, per
+    k, pairs won, sd and standard error of the mean (None without a common pair)."""
+
+    def runs(summary: dict[str, Any], arm: str) -> dict[tuple[int, int], float]:
+        return {(v["k"], r["seed"]): r["mean_dice"]
+                for v in summary.values() if v["arm"] == arm for r in v["runs"]}  # fmt: skip
+
+    a, b = runs(summary_a, arm_a), runs(summary_b, arm_b)
+    pairs = sorted(set(a) & set(b))
+    if not pairs:
+        return None
+    diffs = [a[p] - b[p] for p in pairs]
+    sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    ks = sorted({k for k, _ in pairs})
+    return {
+        "mean": statistics.fmean(diffs),
+        "per_k": {k: statistics.fmean([a[p] - b[p] for p in pairs if p[0] == k]) for k in ks},
+        "won": sum(d > 0 for d in diffs), "n": len(diffs), "sd": sd,
+        "se": sd / len(diffs) ** 0.5,
+    }  # fmt: skip
+
+
+def paired_table(rows: list[tuple[str, dict[str, Any] | None]]) -> list[str]:
+    lines = ["| comparison | mean difference | per k | pairs won | sd | s.e. |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for label, d in rows:
+        if d:
+            per_k = ", ".join(f"k={k}: {v:+.3f}" for k, v in d["per_k"].items())
+            lines.append(f"| {label} | {d['mean']:+.3f} | {per_k} | {d['won']}/{d['n']} | "
+                         f"{d['sd']:.3f} | {d['se']:.3f} |")  # fmt: skip
+    return lines
+
+
+def paired_section(summary: dict[str, Any], arms: list[str]) -> list[str]:
+    """Each arm against random init and against MoCo, paired by (k, seed)."""
+    pairs = [(arm, ref) for ref in ("random", "moco") for arm in arms if arm not in (ref, "random")]
+    rows = [(f"{a} - {r}", paired_differences(summary, a, summary, r)) for a, r in pairs]
+    if not any(d for _, d in rows):
+        return []
+    return ["", "Paired differences of mean Dice (same k, seed and labelled patients):", "",
+            *paired_table(rows)]  # fmt: skip
 
 
 def plot(summary: dict[str, Any], arms: list[str], path: Path) -> None:
@@ -389,17 +436,26 @@ def main() -> None:
         weight=args.lrc_weight, schedule="linear", warmup_steps=args.pretrain_steps // 5
     )
 
+    def header_of(name: str) -> dict[str, Any]:
+        # A report rebuilt from finished runs keeps the command and hardware of the runs.
+        saved = out / f"{name}.json"
+        if args.report_only and saved.is_file():
+            return {k: v for k, v in json.loads(saved.read_text()).items() if k != "summary"}
+        return head
+
     if not args.skip_main:
         variants = {arm: Variant(arm, base) for arm in args.arms}
         results = [bench.run(variants[arm], k, seed)
                    for seed in args.seeds for k in args.ks for arm in args.arms]  # fmt: skip
         summary = summarise(results)
         name = f"label_efficiency{args.tag}"
-        atomic_json(out / f"{name}.json", {**head, "summary": summary})
+        main_head = header_of(name)
+        atomic_json(out / f"{name}.json", {**main_head, "summary": summary})
         title = "Label efficiency on CHAOS T2 (test patients)"
-        (out / f"{name}.md").write_text(markdown(summary, head, title, args.arms))
+        text = markdown(summary, main_head, title, args.arms)
+        (out / f"{name}.md").write_text(text)
         plot(summary, args.arms, out / f"{name}.png")
-        print(markdown(summary, head, title, args.arms))
+        print(text)
 
     if args.ablations:
         variants_ab = ablation_variants(base)
@@ -409,11 +465,11 @@ def main() -> None:
         title = (f"Ablations of MoCo + LRC [ours] choices: validation patients, "
                  f"k={args.ablation_k}")  # fmt: skip
         names = [v.label for v in variants_ab]
-        text = markdown(summary, head, title, names)
-        (out / f"label_efficiency_ablations{args.tag}.md").write_text(text)
-        atomic_json(
-            out / f"label_efficiency_ablations{args.tag}.json", {**head, "summary": summary}
-        )
+        name = f"label_efficiency_ablations{args.tag}"
+        ablation_head = header_of(name)
+        text = markdown(summary, ablation_head, title, names)
+        (out / f"{name}.md").write_text(text)
+        atomic_json(out / f"{name}.json", {**ablation_head, "summary": summary})
         print(text)
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import DEMO_MR
 
@@ -45,7 +46,13 @@ def test_label_efficiency_outputs_and_resumes(tmp_path: Path) -> None:
         entry = result["summary"][f"{arm}|1"]
         assert 0.0 <= entry["mean"] <= 1.0 and entry["n_seeds"] == 1
         assert set(entry["per_organ"]) == {"liver", "right_kidney", "left_kidney", "spleen"}
-    assert "| moco_lrc |" in (tmp_path / "label_efficiency.md").read_text()
+    text = (tmp_path / "label_efficiency.md").read_text()
+    assert "| moco_lrc |" in text
+    expected = result["summary"]["moco_lrc|1"]["mean"] - result["summary"]["random|1"]["mean"]
+    assert f"| moco_lrc - random | {expected:+.3f} |" in text
+    table = str(tmp_path / "label_efficiency.json")
+    compared = run("benchmarks/compare_runs.py", table, "moco_lrc", table, "random")
+    assert f"| {expected:+.3f} | k=1: {expected:+.3f} | {int(expected > 0)}/1 |" in compared
     assert (tmp_path / "label_efficiency.png").stat().st_size > 1000
     runs = sorted((tmp_path / "label_efficiency_runs").glob("*.json"))
     assert len(runs) == 2
@@ -57,14 +64,30 @@ def test_label_efficiency_outputs_and_resumes(tmp_path: Path) -> None:
     run(*args[:-1], "1", "--finetune-steps", "3")  # other options: new runs, none reused
     assert len(list((tmp_path / "label_efficiency_runs").glob("*.json"))) == 4
 
+    # Another LRC recipe (lambda): the LRC arm runs again, random init is reused.
+    run(*args, "--lrc-weight", "0.5")
+    names = sorted(p.name for p in (tmp_path / "label_efficiency_runs").glob("*.json"))
+    assert len(names) == 5
+    # (each arm also has the run with --finetune-steps 3 from above)
+    assert sum(n.startswith("test_moco_lrc_k1_s0-") for n in names) == 3
+    assert sum(n.startswith("test_random_k1_s0-") for n in names) == 2
+
     # Report only: tables from the finished runs; a missing seed is named, not run.
     seeds = args.index("--seeds") + 1
     report = [*args[:seeds], "0", "1", *args[seeds + 1 :], "--report-only", "--tag", "_partial"]
     done = run_process(*report, timeout=300)
     assert "[missing] test_random_k1_s1" in done.stderr
-    assert len(list((tmp_path / "label_efficiency_runs").glob("*.json"))) == 4
+    assert len(list((tmp_path / "label_efficiency_runs").glob("*.json"))) == 5
     partial = json.loads((tmp_path / "label_efficiency_partial.json").read_text())
     assert partial["summary"]["moco_lrc|1"]["n_seeds"] == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_step_overhead_on_cuda_without_a_gpu_is_a_clear_error() -> None:
+    done = subprocess.run([sys.executable, "benchmarks/step_overhead.py", "--device", "cuda"],
+                          cwd=ROOT, capture_output=True, encoding="utf-8", timeout=120)  # fmt: skip
+    assert done.returncode == 2
+    assert "--device cuda: no CUDA device is available" in done.stderr
 
 
 def test_data_pipeline_prints_headline_json(tmp_path: Path) -> None:

@@ -139,14 +139,25 @@ def test_dicom_series_decoded_in_blocks_equals_whole_read(tmp_path) -> None:
     assert io.assemble_dicom_blocks([blocks[0], cast]) is None
 
 
-def test_parallel_precompute_of_one_dicom_series_matches_serial(tmp_path) -> None:
+def test_parallel_precompute_of_one_dicom_series_matches_serial(tmp_path, monkeypatch) -> None:
+    from lrc_lightning.data import cache as cache_module
+
     folder = tmp_path / "series"
     _write_dicom_series(sitk.ReadImage(str(CT)), folder)
     case = discover_cases(folder)[0]
     serial = VolumeCache(tmp_path / "a", PreprocessConfig(modality="ct", image_size=64))
     parallel = VolumeCache(tmp_path / "b", PreprocessConfig(modality="ct", image_size=64))
     serial.prepare([case], processes=1, progress=False)
+    joined = []  # a single case goes through the pool, its series decoded by blocks
+    assemble = cache_module.assemble_dicom_blocks
+
+    def spy(blocks):
+        joined.append(len(blocks))
+        return assemble(blocks)
+
+    monkeypatch.setattr(cache_module, "assemble_dicom_blocks", spy)
     parallel.prepare([case], processes=2, progress=False)
+    assert joined == [4]  # 30 files, 2 workers: 4 blocks
     a, b = serial.load(case), parallel.load(case)
     np.testing.assert_array_equal(a.image, b.image)
     np.testing.assert_array_equal(a.superpixels, b.superpixels)
