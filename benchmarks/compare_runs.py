@@ -3,8 +3,9 @@
     python benchmarks/compare_runs.py A.json ARM_A B.json ARM_B
 
 Pairs the runs of ``ARM_A`` in table ``A.json`` with those of ``ARM_B`` in ``B.json`` by
-(k, seed) (the same labelled patients) and prints mean, per-k, pairs won, sd and standard
-error of ``A - B``. Example, the run-to-run noise: LRC alone with lambda 0.3 against LRC
+(k, seed) (the same labelled patients) and prints mean, per-k, pairs won, sd, standard
+error and bootstrap interval of ``A - B`` (``--readout probe``: the linear-probe readout).
+Example, the run-to-run noise: LRC alone with lambda 0.3 against LRC
 alone with lambda 1, the same recipe up to rounding under Adam:
 
     python benchmarks/compare_runs.py benchmarks/results/label_efficiency.json lrc_only \\
@@ -15,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from label_efficiency import paired_differences, paired_table
+from lrc_lightning.evaluation.statistics import paired_differences, paired_table
 
 
 def main() -> None:
@@ -28,9 +27,11 @@ def main() -> None:
     parser.add_argument("arm_a")
     parser.add_argument("table_b", type=Path)
     parser.add_argument("arm_b")
+    parser.add_argument("--readout", default="finetune", choices=("finetune", "probe"))
     args = parser.parse_args()
-    a = json.loads(args.table_a.read_text())["summary"]
-    b = json.loads(args.table_b.read_text())["summary"]
+    key = "summary" if args.readout == "finetune" else "probe_summary"
+    a = json.loads(args.table_a.read_text()).get(key) or {}
+    b = json.loads(args.table_b.read_text()).get(key) or {}
     diff = paired_differences(a, args.arm_a, b, args.arm_b)
     if diff is None:
         parser.exit(2, f"no (k, seed) pair in common between {args.arm_a} in {args.table_a} "

@@ -69,8 +69,9 @@ class SaveGradients(pl.Callback):
         grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters()
                  if p.grad is not None}  # fmt: skip
         torch.save(grads, self.out / f"grads_rank{trainer.global_rank}.pt")
-        types = sorted({type(m).__name__ for m in pl_module.modules()
-                        if "Norm" in type(m).__name__})  # fmt: skip
+        types = sorted({type(m).__name__ + ("(synchronized)" if getattr(m, "synchronize", False)
+                                            else "")
+                        for m in pl_module.modules() if "Norm" in type(m).__name__})  # fmt: skip
         (self.out / f"norms_rank{trainer.global_rank}.json").write_text(json.dumps(types))
 
 
@@ -174,6 +175,9 @@ def main(argv: list[str] | None = None) -> None:
         model: pl.LightningModule = MoCoV2LRC(
             UNet2d(width=4, depth=2), lrc=LRCConfig(**LRC_EXACT), queue_size=32,
             optimizer="sgd", lr=0.1,
+            # One key sub-batch per rank: with synchronised BatchNorm its statistics are
+            # those of the global batch, as on one process (the permutation is exercised).
+            key_bn_groups=1,
         )  # fmt: skip
     else:
         model = Reconstruction()

@@ -83,7 +83,7 @@ def main() -> None:
         enable_model_summary=False, log_every_n_steps=1,
         callbacks=[checkpoints, Record(args.out / "steps.jsonl", args.kill_at)],
     )  # fmt: skip
-    trainer.fit(model, data, ckpt_path="last" if args.resume else None)
+    trainer.fit(model, data, ckpt_path="last" if args.resume else None, weights_only=True)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def metrics(out: Path) -> list[dict[str, str]]:
 @pytest.mark.parametrize("config", ["moco", "lrc_only", "supervised_lrc"])
 def test_pretraining_configs_train_on_real_data(config: str, tmp_path: Path, cache: Path) -> None:
     assert main(["fit", *small_run(config, tmp_path, cache)]) == 0
-    ckpt = torch.load(last_checkpoint(tmp_path), weights_only=False)
+    ckpt = torch.load(last_checkpoint(tmp_path), weights_only=True)
     assert ckpt["global_step"] == 2
     logged = {k for row in metrics(tmp_path) for k, v in row.items() if v}
     expected = {"moco": "train/moco_loss", "lrc_only": "train/lrc_loss_step",
@@ -77,7 +77,7 @@ def test_pretrain_export_finetune_test(tmp_path: Path, cache: Path, capsys) -> N
     pre, fine = tmp_path / "pre", tmp_path / "fine"
     assert main(["fit", *small_run("moco_lrc", pre, cache)]) == 0
     ckpt_path = last_checkpoint(pre)
-    ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt = torch.load(ckpt_path, weights_only=True)
     assert int(ckpt["state_dict"]["queue_ptr"]) == 2 * 2 * 4  # 2 steps x 2 views x batch 4
 
     exported = tmp_path / "backbone.pt"

@@ -46,7 +46,7 @@ def test_two_ranks_match_one_rank_with_twice_the_batch(scenario: str, tmp_path: 
     # Every BatchNorm, the head the callback registers in setup included, was converted.
     for rank in (0, 1):
         norms = json.loads((tmp_path / "ddp" / f"norms_rank{rank}.json").read_text())
-        assert norms == ["GlobalBatchNorm"]
+        assert norms == ["GlobalBatchNorm", "MaskedBatchNorm(synchronized)"]
 
 
 def test_without_synchronised_batch_norm_the_gradients_differ(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ def test_sigkill_mid_epoch_resumes_queue_momentum_schedule_and_optimizer(tmp_pat
         timeout=300,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4  # checkpoints every 2 steps; killed after step 5
     state = ckpt["state_dict"]
 

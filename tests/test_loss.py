@@ -272,3 +272,48 @@ def test_projecting_only_the_sampled_pixels_equals_projecting_the_map(samples) -
         embedded = head(features.flatten(0, 1)).unflatten(0, (2, 2))
     on_map = loss(embedded[0], embedded[1], maps[0], maps[1], g2)
     torch.testing.assert_close(on_samples, on_map)
+
+
+def test_head_statistics_ignore_masked_samples() -> None:
+    """Values at masked positions change neither the head's outputs at valid positions nor
+    its running statistics."""
+    from lrc_lightning import DenseProjectionHead
+
+    torch.manual_seed(0)
+    head = DenseProjectionHead(6, out_channels=5).train()
+    x = torch.randn(4, 6, 10, 1)
+    mask = torch.zeros(4, 10, 1, dtype=torch.bool)
+    mask[:, :4] = True
+    other = x.clone()
+    other[:, :, 4:] = torch.randn(4, 6, 6, 1) * 10 + 5  # garbage where the mask is False
+    out = head(x, mask)
+    stats = head.layers[1].running_mean.clone()
+    head.layers[1].reset_running_stats()
+    out_other = head(other, mask)
+    torch.testing.assert_close(out[:, :, :4], out_other[:, :, :4])
+    torch.testing.assert_close(head.layers[1].running_mean, stats)
+    # The statistics are those of the valid positions: equal to a head run on them alone.
+    alone = DenseProjectionHead(6, out_channels=5).train()
+    alone.load_state_dict(head.state_dict())
+    torch.testing.assert_close(alone(x[:, :, :4]), out[:, :, :4])
+
+
+def test_ignored_pixels_get_no_gradient_through_the_head() -> None:
+    """Pixels with id -1 (and pixels of no drawn region) receive exactly zero gradient: empty
+    slots' samples no longer reach the head's BatchNorm statistics."""
+    from lrc_lightning import DenseProjectionHead
+
+    torch.manual_seed(0)
+    maps = torch.full((2, 16, 16), -1, dtype=torch.long)
+    maps[:, :8, :8] = 0  # one real region per image: most of the N slots stay empty
+    maps[:, 8:, :8] = 1
+    f1 = torch.randn(2, 6, 16, 16, requires_grad=True)
+    f2 = torch.randn(2, 6, 16, 16, requires_grad=True)
+    loss_fn = LocalizedRegionContrastLoss(num_regions=8, samples_per_region=4, min_pixels=1)
+    head = DenseProjectionHead(6, out_channels=8).train()
+    loss = loss_fn(f1, f2, maps, maps, projector=head)
+    loss.backward()
+    for f in (f1, f2):
+        ignored = (maps < 0).unsqueeze(1).expand_as(f)
+        assert f.grad[ignored].abs().max() == 0
+        assert f.grad[~ignored].abs().sum() > 0

@@ -143,7 +143,7 @@ def test_callback_state_in_checkpoint(tmp_path, loader) -> None:
     t.fit(model, loader)
     path = tmp_path / "last.ckpt"
     t.save_checkpoint(path)
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = torch.load(path, weights_only=True)
     (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("LRCCallback")]
     assert state["schedule"] == "linear" and state["current_weight"] == pytest.approx(0.125)
     assert any(k.startswith("lrc_head.") for k in ckpt["state_dict"])

@@ -52,6 +52,52 @@ def test_moco_queue_wraps_around() -> None:
     torch.testing.assert_close(model.queue[3:5], -keys[:2])
 
 
+def _moco_for_keys(groups: int) -> MoCoV2:
+    torch.manual_seed(0)
+    model = MoCoV2(UNet2d(width=4, depth=2), queue_size=8, key_bn_groups=groups)
+    return model.train()
+
+
+def test_shuffle_bn_key_depends_on_no_other_sample_of_its_batch() -> None:
+    """The MoCo BatchNorm leak: with the batch's own statistics, a key changes when *other*
+    images of the batch change, so a query can find its positive through batch statistics.
+    With one image per key sub-batch, a key depends on its own image only."""
+    images = torch.rand(4, 1, 16, 16)
+    others = images.clone()
+    others[1:] = torch.rand(3, 1, 16, 16) * 3.0
+    leaky = _moco_for_keys(groups=1)
+    assert not torch.allclose(leaky.key(images)[0], leaky.key(others)[0], atol=1e-4)
+    model = _moco_for_keys(groups=4)
+    torch.testing.assert_close(model.key(images)[0], model.key(others)[0])
+    # ...while the key is still that image's key (not a constant), in input order.
+    expected = torch.cat([model.encode_keys(images[i : i + 1]) for i in range(4)])
+    torch.testing.assert_close(model.key(images), expected)
+
+
+def test_shuffle_bn_keys_come_from_random_sub_batches_in_input_order() -> None:
+    """Two sub-batches of two: every call's keys equal the keys of one of the three pairings
+    of the four images (each pair with its own statistics), returned in input order, and
+    the pairing changes from call to call."""
+    images = torch.rand(4, 1, 16, 16)
+    model = _moco_for_keys(groups=2)
+    pairings = {((0, 1), (2, 3)), ((0, 2), (1, 3)), ((0, 3), (1, 2))}
+    references = {}
+    for pairing in pairings:
+        keys = torch.empty(4, 128)
+        for pair in pairing:
+            keys[list(pair)] = model.encode_keys(images[list(pair)])
+        references[pairing] = keys
+    seen = set()
+    for _ in range(12):
+        keys = model.key(images)
+        match = [p for p, ref in references.items() if torch.allclose(keys, ref, atol=1e-5)]
+        assert len(match) == 1
+        seen.add(match[0])
+    assert len(seen) >= 2
+    with pytest.raises(ValueError, match="key_bn_groups=3 must divide"):
+        MoCoV2(UNet2d(width=4, depth=1), key_bn_groups=3).key(images)
+
+
 def test_moco_contrast_known_value() -> None:
     model = MoCoV2(UNet2d(width=4, depth=1), queue_size=2, projection_dim=2, temperature=1.0)
     model.queue.copy_(torch.tensor([[0.0, 1.0], [0.0, -1.0]]))
@@ -157,7 +203,7 @@ def test_probe_head_recovers_separable_features() -> None:
     features = torch.nn.functional.one_hot(labels, 3).float() * 5 + 0.3 * torch.randn(
         600, 3, generator=generator
     )
-    head = fit_pixel_classifier(features, labels, 3, steps=100)
+    head = fit_pixel_classifier(features, labels, 3)
     image = features.T.reshape(1, 3, 20, 30)
     prediction = head(image).argmax(1)
     dice = dice_per_organ(prediction, labels.reshape(1, 20, 30), 3)

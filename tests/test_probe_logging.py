@@ -32,7 +32,7 @@ def demo_datamodule(tmp_path: Path, **kwargs) -> LRCDataModule:
 
 
 def test_probe_logs_dice_per_organ_during_pretraining(tmp_path: Path) -> None:
-    probe = SegmentationProbe(class_names=ORGANS, steps=100, max_slices=64)
+    probe = SegmentationProbe(class_names=ORGANS, max_slices=64)
     views = SuperpixelViewLogger(every_n_steps=1, max_images=2)
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=1, limit_train_batches=2, callbacks=[probe, views],

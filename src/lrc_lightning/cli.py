@@ -5,6 +5,7 @@
     lrc-lightning export --ckpt runs/moco_lrc/.../last.ckpt --out moco_lrc_backbone.pt
     lrc-lightning fit --config examples/configs/finetune.yaml \\
         --model.init_args.pretrained moco_lrc_backbone.pt
+    lrc-lightning benchmark --data path/to/Task/dataset.json --size 128 --out results
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from pickle import UnpicklingError
 from typing import Any
 
 import pytorch_lightning as pl
@@ -23,10 +25,18 @@ from lrc_lightning.data import LRCDataModule
 
 __all__ = ["LRCLightningCLI", "main"]
 
+_TRUST_HELP = (
+    "load the checkpoint with the unrestricted unpickler, which runs any code the file asks "
+    "for; by default files are read with torch.load(weights_only=True). Only for files you "
+    "made yourself."
+)
+
 _DESCRIPTION = (
     "LRC pre-training and fine-tuning (LightningCLI). Subcommands: fit, validate, test, "
     "predict; and `lrc-lightning precompute --config CFG` (fill the super-pixel cache), "
-    "`lrc-lightning export --ckpt CKPT --out FILE` (backbone weights as a plain state_dict)."
+    "`lrc-lightning export --ckpt CKPT --out FILE` (backbone weights as a plain state_dict), "
+    "`lrc-lightning benchmark --data DATASET` (does LRC help on this data? see --help). "
+    "Checkpoints (--ckpt_path) are read with the safe loader; --trust-checkpoint: " + _TRUST_HELP
 )
 
 
@@ -44,7 +54,8 @@ class LRCLightningCLI(LightningCLI):
     """LightningCLI with any LightningModule (subclass mode: ``model.class_path``) and
     :class:`LRCDataModule` as ``data``. Configs: ``examples/configs``."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, trust_checkpoint: bool = False, **kwargs: Any) -> None:
+        self.trust_checkpoint = trust_checkpoint
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"description": _DESCRIPTION})
@@ -53,6 +64,14 @@ class LRCLightningCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         _wandb_offline_without_key()
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        # `--ckpt_path` files are data: Lightning gets weights_only=True unless the user
+        # said --trust-checkpoint (or gave --weights_only explicitly).
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if kwargs.get("ckpt_path") is not None and kwargs.get("weights_only") is None:
+            kwargs["weights_only"] = not self.trust_checkpoint
+        return kwargs
 
 
 def _ignored_sections(parser: Any) -> None:
@@ -100,10 +119,11 @@ def export(argv: list[str]) -> int:
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt)")
     parser.add_argument("--out", required=True, help="output file, e.g. backbone.pt")
     parser.add_argument("--prefix", default=BACKBONE_PREFIX, help="state_dict key prefix")
+    parser.add_argument("--trust-checkpoint", action="store_true", help=_TRUST_HELP)
     args = parser.parse_args(argv)
     try:
-        path = export_backbone(args.ckpt, args.out, args.prefix)
-    except (FileNotFoundError, ValueError) as err:
+        path = export_backbone(args.ckpt, args.out, args.prefix, args.trust_checkpoint)
+    except (FileNotFoundError, ValueError, UnpicklingError) as err:
         parser.exit(2, f"lrc-lightning export: error: {err}\n")
     print(f"wrote {path} and {path.name}.json")
     return 0
@@ -115,14 +135,17 @@ def main(argv: list[str] | None = None) -> int:
         return precompute(args[1:])
     if args and args[0] == "export":
         return export(args[1:])
-    if argv is None:
-        LRCLightningCLI()  # reads sys.argv itself
-        return 0
-    # Called from Python (a script with its own options, a test): hide the caller's argv,
-    # which LightningCLI would otherwise compare with `args` and warn about.
+    if args and args[0] == "benchmark":
+        from lrc_lightning.evaluation.label_efficiency import main as benchmark
+
+        return benchmark(args[1:])
+    trust = "--trust-checkpoint" in args
+    args = [a for a in args if a != "--trust-checkpoint"]
+    # Hide the caller's argv (a script with its own options, a test, or the flag removed
+    # above), which LightningCLI would otherwise compare with `args` and warn about.
     saved, sys.argv = sys.argv, sys.argv[:1]
     try:
-        LRCLightningCLI(args=args)
+        LRCLightningCLI(args=args, trust_checkpoint=trust)
     finally:
         sys.argv = saved
     return 0

@@ -58,7 +58,9 @@ class LocalizedRegionContrastLoss(nn.Module):
     only, not on the (B, C, h, w) maps: at 256x256 that is about 64x fewer pixels, and the
     same result per pixel since the head is 1x1 (only its BatchNorm statistics are taken
     over the sampled pixels instead of all pixels). With ``samples_per_region=None`` it
-    runs on the full maps.
+    runs on the full maps. A projector with ``supports_sample_mask = True`` (the library's
+    head) is also given the validity mask, so that only samples of existing regions (or,
+    on full maps, pixels with an id) set its BatchNorm statistics.
 
     Under ``gather_distributed`` each rank returns ``sum of its anchors' losses * world_size
     / number of valid anchors in the global batch``, so that DDP's gradient averaging yields
@@ -129,7 +131,9 @@ class LocalizedRegionContrastLoss(nn.Module):
         m = self.samples_per_region
         if m is None:
             if projector is not None:
-                features_v1, features_v2 = _project(projector, features_v1, features_v2)
+                features_v1, features_v2 = _project(
+                    projector, features_v1, features_v2, maps_v1 >= 0, maps_v2 >= 0
+                )
             z1 = pool_regions(F.normalize(features_v1.float(), dim=1), maps_v1, ids, valid)
             z2 = pool_regions(F.normalize(features_v2.float(), dim=1), maps_v2, ids, valid)
             return z1, z2, valid
@@ -141,7 +145,11 @@ class LocalizedRegionContrastLoss(nn.Module):
         )
         if projector is not None:
             # (B, C, N*M) -> (B, C, N*M, 1): a 1x1-conv head sees the samples as an image.
-            projected = _project(projector, samples_v1.unsqueeze(-1), samples_v2.unsqueeze(-1))
+            # Samples of empty slots are not real region pixels: masked out of its statistics.
+            sampled = valid.repeat_interleave(m, dim=1).unsqueeze(-1)
+            projected = _project(
+                projector, samples_v1.unsqueeze(-1), samples_v2.unsqueeze(-1), sampled, sampled
+            )
             samples_v1, samples_v2 = (p.squeeze(-1) for p in projected)
         return (
             average_samples(samples_v1.float(), valid),
@@ -217,7 +225,14 @@ class LocalizedRegionContrastLoss(nn.Module):
         return (per_anchor * valid.to(per_anchor.dtype)).sum()
 
 
-def _project(projector: nn.Module, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
-    """Both views through the projector in one call, so that its BatchNorm sees both."""
-    out = projector(torch.cat([x1.float(), x2.float()]))
+def _project(
+    projector: nn.Module, x1: Tensor, x2: Tensor, mask1: Tensor, mask2: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Both views through the projector in one call, so that its BatchNorm sees both; a
+    projector with ``supports_sample_mask`` also gets the (B, h, w) validity masks."""
+    x = torch.cat([x1.float(), x2.float()])
+    if getattr(projector, "supports_sample_mask", False):
+        out = projector(x, torch.cat([mask1, mask2]))
+    else:
+        out = projector(x)
     return out[: x1.shape[0]], out[x1.shape[0] :]

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lrc_lightning import distributed
 from lrc_lightning.mixin import VIEW_KEYS, LRCConfig, LRCMixin
 from lrc_lightning.models.backbone import (
     backbone_features,
@@ -48,6 +49,16 @@ class MoCoV2(ReferenceModel):
     The queue takes the keys of all ranks. Queue, key encoder and step counters live in
     buffers and submodules, so a checkpoint restores them.
 
+    Shuffle-BN (MoCo, He et al. 2020, §3.3): with the batch's own BatchNorm statistics in
+    the key encoder, a query and its positive key share the statistics of one batch, and the
+    contrastive task can be solved through them (the queue's negatives came from other
+    batches). Keys are therefore computed on a random permutation of the batch, in
+    ``key_bn_groups`` sub-batches that each have their own statistics, and put back in
+    order; under DDP the permutation spans the images of all ranks (as in MoCo), and each
+    rank encodes one share. With ``key_bn_groups=1`` on one process there is no shuffle. With
+    synchronised BatchNorm (``sync_batchnorm`` / ``GlobalBatchNormSync``) a sub-batch's
+    statistics span that sub-batch on every rank.
+
     Batches: ``image_v1``, ``image_v2`` (B, C, H, W), as LRCDataModule's pre-training mode.
 
     Args:
@@ -59,6 +70,8 @@ class MoCoV2(ReferenceModel):
         temperature: InfoNCE temperature (MoCo v2: 0.2).
         momentum, final_momentum: key encoder momentum, and its cosine target (None: fixed).
         global_weight: weight of the MoCo loss (0 leaves the global branch out: "LRC alone").
+        key_bn_groups: sub-batches with their own BatchNorm statistics for the keys of each
+            rank's share (shuffle-BN; must divide the per-rank batch size).
         optimizer, lr, weight_decay, lr_schedule, warmup_steps: optimisation.
     """
 
@@ -78,6 +91,7 @@ class MoCoV2(ReferenceModel):
         momentum: float = 0.99,
         final_momentum: float | None = None,
         global_weight: float = 1.0,
+        key_bn_groups: int = 2,
         optimizer: OptimizerName = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
@@ -94,6 +108,8 @@ class MoCoV2(ReferenceModel):
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
         if global_weight < 0:
             raise ValueError(f"global_weight must be >= 0, got {global_weight}")
+        if key_bn_groups < 1:
+            raise ValueError(f"key_bn_groups must be >= 1, got {key_bn_groups}")
         if global_weight == 0 and not self.uses_dense_features:
             raise ValueError("global_weight=0 leaves MoCoV2 with no loss; use MoCoV2LRC for LRC")
         self.save_hyperparameters(ignore=["backbone"])
@@ -102,6 +118,7 @@ class MoCoV2(ReferenceModel):
         self.momentum = momentum
         self.final_momentum = final_momentum
         self.global_weight = global_weight
+        self.key_bn_groups = key_bn_groups
         if global_weight > 0:
             in_dim = read_global_channels(self.backbone, global_channels)
             self.projector = _projector(in_dim, projection_hidden_dim, projection_dim)
@@ -124,10 +141,38 @@ class MoCoV2(ReferenceModel):
         return F.normalize(self.projector(pooled), dim=1), dense
 
     @torch.no_grad()
-    def key(self, images: Tensor) -> Tensor:
-        """(N, D) normalised key embeddings from the momentum encoder."""
+    def encode_keys(self, images: Tensor) -> Tensor:
+        """(N, D) normalised key embeddings of ``images`` as one BatchNorm batch."""
         pooled, _ = backbone_features(self.key_backbone, images, None)
         return F.normalize(self.key_projector(pooled), dim=1)
+
+    @torch.no_grad()
+    def key(self, images: Tensor) -> Tensor:
+        """(B, D) normalised key embeddings from the momentum encoder, with shuffle-BN.
+
+        The images of all ranks are permuted, each rank encodes its share in
+        ``key_bn_groups`` sub-batches, and the keys are returned in input order.
+        """
+        b = images.shape[0]
+        groups = self.key_bn_groups
+        if b % groups:
+            raise ValueError(
+                f"key_bn_groups={groups} must divide the per-rank batch size, got {b} "
+                "(set MoCoV2(key_bn_groups=...) or the batch size)"
+            )
+        if groups == 1 and not distributed.is_distributed():
+            return self.encode_keys(images)
+        everyone = distributed.gather(images)  # (world * B, ...) in rank order
+        order = torch.randperm(everyone.shape[0], device=images.device)
+        if distributed.is_distributed():
+            torch.distributed.broadcast(order, src=0)  # one permutation on every rank
+        share = order[distributed.rank() * b : (distributed.rank() + 1) * b]
+        shuffled = torch.cat([self.encode_keys(chunk) for chunk in everyone[share].chunk(groups)])
+        keys = torch.empty(
+            everyone.shape[0], shuffled.shape[1], dtype=shuffled.dtype, device=shuffled.device
+        )
+        keys[order] = distributed.gather(shuffled)  # back to input order
+        return keys[distributed.rank() * b : (distributed.rank() + 1) * b]
 
     def contrast(self, query: Tensor, key: Tensor) -> Tensor:
         """InfoNCE of (B, D) queries against their (B, D) keys and the queue's negatives
@@ -145,9 +190,10 @@ class MoCoV2(ReferenceModel):
         if self._trainer is not None and self._trainer.world_size > 1:
             keys = self.all_gather(keys).reshape(-1, keys.shape[-1])
         keys = keys[-size:]
-        index = (int(self.queue_ptr) + torch.arange(len(keys), device=keys.device)) % size
-        self.queue[index] = keys.to(self.queue.dtype)
-        self.queue_ptr.fill_((int(self.queue_ptr) + len(keys)) % size)
+        # Pointer arithmetic on the device: no host sync.
+        index = (self.queue_ptr + torch.arange(len(keys), device=keys.device)) % size
+        self.queue.index_copy_(0, index, keys.to(self.queue.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + len(keys)) % size)
 
     def moco_step(self, batch: dict[str, Any]) -> MoCoStepOutput:
         """Global loss of a batch of two views, and the views' dense features if needed."""

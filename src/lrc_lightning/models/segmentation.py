@@ -224,6 +224,9 @@ class FineTuneSegmentation(SupervisedSegmentation):
         pretrained, pretrained_prefix: where the backbone weights come from.
         freeze_backbone: train the head only (a linear probe).
         backbone_lr_scale: learning-rate factor of the pre-trained backbone.
+        trust_checkpoint: load ``pretrained`` with the unrestricted unpickler, which runs
+            whatever code the file asks for (default: the safe loader,
+            :mod:`lrc_lightning.serialization`). Only for files you made yourself.
         Others: see :class:`SupervisedSegmentation`.
     """
 
@@ -234,13 +237,16 @@ class FineTuneSegmentation(SupervisedSegmentation):
         pretrained_prefix: str = BACKBONE_PREFIX,
         freeze_backbone: bool = False,
         backbone_lr_scale: float = 1.0,
+        trust_checkpoint: bool = False,
         **segmentation_kwargs: Any,
     ) -> None:
         super().__init__(backbone=backbone, **segmentation_kwargs)
         if backbone_lr_scale <= 0:
             raise ValueError(f"backbone_lr_scale must be > 0, got {backbone_lr_scale}")
         if pretrained is not None:
-            load_backbone_weights(self.backbone, Path(pretrained), pretrained_prefix)
+            load_backbone_weights(
+                self.backbone, Path(pretrained), pretrained_prefix, trust_checkpoint
+            )
         if freeze_backbone:
             self.backbone.requires_grad_(False)
 

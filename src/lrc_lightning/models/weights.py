@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lrc_lightning.serialization import load_checkpoint
+
 __all__ = ["BACKBONE_PREFIX", "export_backbone", "load_backbone_weights", "read_backbone_state"]
 
 #: Where the reference models keep the trained (query) backbone in their state dict.
@@ -23,17 +25,24 @@ def _list(keys: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def read_backbone_state(path: str | Path, prefix: str = BACKBONE_PREFIX) -> dict[str, Tensor]:
+def read_backbone_state(
+    path: str | Path, prefix: str = BACKBONE_PREFIX, trust_checkpoint: bool = False
+) -> dict[str, Tensor]:
     """Backbone weights from a Lightning checkpoint (keys under ``prefix``) or from a file
-    written by :func:`export_backbone` / ``torch.save(backbone.state_dict())``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pre-trained weights not found: {path}")
-    try:
-        # Lightning checkpoints also hold hyper-parameters and callback states.
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise ValueError(f"{path}: not a readable PyTorch file ({err})") from err
+    written by :func:`export_backbone` / ``torch.save(backbone.state_dict())``.
+
+    Loaded with the safe loader (:func:`lrc_lightning.serialization.load_checkpoint`): no
+    code from the file runs unless ``trust_checkpoint=True``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        UnsafeCheckpointError: the file needs a global that the safe loader refuses.
+        ValueError: unreadable, or neither a checkpoint nor a state_dict, naming the file.
+    """
+    return _backbone_state(load_checkpoint(path, trust_checkpoint=trust_checkpoint), path, prefix)
+
+
+def _backbone_state(obj: Any, path: str | Path, prefix: str) -> dict[str, Tensor]:
     if isinstance(obj, Mapping) and "state_dict" in obj and "pytorch-lightning_version" in obj:
         full = obj["state_dict"]
         state = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
@@ -53,14 +62,18 @@ def read_backbone_state(path: str | Path, prefix: str = BACKBONE_PREFIX) -> dict
 
 
 def load_backbone_weights(
-    backbone: nn.Module, path: str | Path, prefix: str = BACKBONE_PREFIX
+    backbone: nn.Module,
+    path: str | Path,
+    prefix: str = BACKBONE_PREFIX,
+    trust_checkpoint: bool = False,
 ) -> None:
     """Load weights into ``backbone`` with a strict check of names and shapes.
 
     Raises:
         ValueError: naming the file and listing missing, unexpected and mis-shaped keys.
+        UnsafeCheckpointError: the file needs code to load (see :func:`read_backbone_state`).
     """
-    state = read_backbone_state(path, prefix)
+    state = read_backbone_state(path, prefix, trust_checkpoint)
     own = backbone.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -95,7 +108,10 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 
 def export_backbone(
-    checkpoint: str | Path, output: str | Path, prefix: str = BACKBONE_PREFIX
+    checkpoint: str | Path,
+    output: str | Path,
+    prefix: str = BACKBONE_PREFIX,
+    trust_checkpoint: bool = False,
 ) -> Path:
     """Write the backbone of a pre-training checkpoint as a plain ``state_dict`` file.
 
@@ -106,8 +122,8 @@ def export_backbone(
         backbone.load_state_dict(torch.load("backbone.pt"))
     """
     output = Path(output)
-    state = read_backbone_state(checkpoint, prefix)
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    saved = load_checkpoint(checkpoint, trust_checkpoint=trust_checkpoint)
+    state = _backbone_state(saved, checkpoint, prefix)
     meta = {
         "checkpoint": str(Path(checkpoint).resolve()),
         "prefix": prefix,

@@ -1,0 +1,734 @@
+"""Label efficiency: does LRC improve segmentation from few labelled patients, on your data?
+
+    lrc-lightning benchmark --data path/to/Task/dataset.json --out results \\
+        [--size 128] [--arms random moco moco_lrc] [--seeds 0 1 2] [--ks 1 2 4]
+
+Protocol (LRC_SPEC.md §2): a fixed split by patient (``--split-seed``): ``--test-cases``
+test patients, ``--val-cases`` validation patients, the rest the pre-training pool (images
+only). Per seed, the k labelled patients are the first k of a seeded permutation of the
+pool (nested: k=1 inside k=2 inside k=4), so seeds vary initialisation, sampling *and*
+which patients are labelled.
+
+Arms (same U-Net): ``random`` (no pre-training), ``moco`` (MoCo v2 with shuffle-BN),
+``moco_lrc`` (MoCo v2 + LRC), ``lrc_only`` (LRC, no global branch), ``supervised_lrc``
+(CE + Dice + LRC pre-training on the k labelled patients only). Pre-training runs once per
+arm and seed (it never sees labels, so it does not depend on k), except ``supervised_lrc``.
+
+Two readouts of every pre-trained network, both scored as 3D Dice per organ on each test
+volume (:mod:`lrc_lightning.metrics`):
+
+* ``finetune``: the whole network fine-tuned on the k labelled patients
+  (``--finetune-steps``), the paper's protocol. Chaotic: one run carries noise of its own.
+* ``probe``: a frozen-feature dense linear probe (:func:`lrc_lightning.probe.linear_probe_dice`):
+  a fixed class-balanced pixel sample of the k labelled patients, a logistic regression
+  solved to convergence. Deterministic given the pre-trained weights.
+
+``--noise-floor`` measures each readout's own noise: the readouts of one arm are repeated
+from the same pre-trained weights with another readout seed (fine-tuning seed; pixel
+sample), and the paired differences of the repeat are reported.
+
+Classes come from ``dataset.json``'s ``labels`` (or ``--classes``); a label value outside
+them is an error naming the file. Every finished run is a JSON file under
+``<out>/label_efficiency_runs``, named with a hash of the options that change results (and,
+for arms with LRC, of the LRC and super-pixel recipe): a rerun skips it (resumable), other
+options never reuse it. ``--report-only`` writes the tables from the finished runs and names
+the missing ones. Outputs: ``label_efficiency{tag}.{md,json,png}`` (and
+``label_efficiency_ablations{tag}.*`` with ``--ablations``, scored on the *validation*
+patients, never the test patients).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from lrc_lightning import __version__
+from lrc_lightning.data import LRCDataModule, discover_cases
+from lrc_lightning.data.io import DataError
+from lrc_lightning.data.splits import split_cases
+from lrc_lightning.evaluation.statistics import paired_differences, paired_table
+from lrc_lightning.mixin import LRCConfig
+from lrc_lightning.models import (
+    FineTuneSegmentation,
+    MoCoV2,
+    MoCoV2LRC,
+    SupervisedSegmentationLRC,
+    UNet2d,
+)
+from lrc_lightning.models.weights import load_backbone_weights
+from lrc_lightning.probe import linear_probe_dice
+
+__all__ = ["ARMS", "READOUTS", "Benchmark", "Variant", "class_names", "main"]
+
+ARMS = ("random", "moco", "moco_lrc", "lrc_only", "supervised_lrc")
+READOUTS = ("finetune", "probe")
+#: Offset of the readout seed in the noise-floor repeat.
+NOISE_SEED_OFFSET = 1000
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One pre-training recipe (arm + LRC options + super-pixel scale)."""
+
+    arm: str
+    lrc: LRCConfig = field(default_factory=LRCConfig)
+    superpixel_scale: float = 100.0
+    superpixel_min_size: int = 50
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.name or self.arm
+
+    @property
+    def key(self) -> str:
+        """Hash of the recipe's LRC and super-pixel options ("" for arms without LRC), so
+        that a changed default never reuses runs made with the old one."""
+        if self.arm in ("random", "moco"):
+            return ""
+        recipe = {"lrc": asdict(self.lrc), "superpixel_scale": self.superpixel_scale,
+                  "superpixel_min_size": self.superpixel_min_size}  # fmt: skip
+        blob = json.dumps(recipe, sort_keys=True).encode()
+        return "-" + hashlib.blake2b(blob, digest_size=3).hexdigest()
+
+
+def class_names(data: str, classes: Sequence[str] | None) -> list[str]:
+    """Organ names (background excluded), label value i + 1 = ``names[i]``.
+
+    From ``classes`` when given, else from the MSD ``dataset.json`` ``labels``
+    (``{"0": "background", "1": "liver", ...}``), which must number 0..C-1.
+
+    Raises:
+        DataError: no names can be found, the json is unreadable, or its label values are not
+            0..C-1, naming the file.
+    """
+    path = Path(data)
+    path = path / "dataset.json" if path.is_dir() else path
+    declared: dict[int, str] | None = None
+    if path.suffix == ".json" and path.is_file():
+        try:
+            labels = json.loads(path.read_text()).get("labels")
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: not valid JSON ({err})") from err
+        if isinstance(labels, dict):
+            try:
+                declared = {int(k): str(v) for k, v in labels.items()}
+            except ValueError as err:
+                raise DataError(f"{path}: 'labels' keys must be integers ({err})") from err
+            if sorted(declared) != list(range(len(declared))) or len(declared) < 2:
+                raise DataError(
+                    f"{path}: 'labels' must number 0..C-1 with C >= 2 (0 = background), got "
+                    f"{sorted(declared)}"
+                )
+    if classes:
+        if declared is not None and len(declared) - 1 != len(classes):
+            raise DataError(
+                f"{path} declares {len(declared) - 1} classes "
+                f"({[declared[i] for i in range(1, len(declared))]}), --classes gives "
+                f"{len(classes)} ({list(classes)})"
+            )
+        return list(classes)
+    if declared is None:
+        raise DataError(
+            f"{data}: no dataset.json with 'labels' to name the classes: give --classes "
+            "NAME [NAME ...] (label 1, 2, ...; background 0 is implied)"
+        )
+    return [declared[i] for i in range(1, len(declared))]
+
+
+def atomic_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+
+
+#: The options that change results; finished runs and weights are keyed by their hash.
+RESULT_OPTIONS = (
+    "size", "width", "depth", "batch_size", "lr", "queue_size", "pretrain_steps",
+    "finetune_steps", "test_cases", "val_cases", "split_seed", "precision", "key_bn_groups",
+    "probe_pixels", "probe_l2", "modality", "ct_window", "slice_axis", "classes",
+)  # fmt: skip
+
+
+def settings_key(args: argparse.Namespace) -> str:
+    settings = {k: getattr(args, k) for k in RESULT_OPTIONS}
+    settings["data"] = Path(args.data).name
+    return hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=4).hexdigest()
+
+
+class StepTimer(pl.Callback):
+    """Wall time spent inside training steps (forward, backward, optimizer)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._start = 0.0
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.seconds += time.perf_counter() - self._start
+
+
+def _volume_means(per_volume: dict[str, list[float]]) -> dict[str, float]:
+    return {case: float(np.nanmean(row)) if not np.all(np.isnan(row)) else float("nan")
+            for case, row in per_volume.items()}  # fmt: skip
+
+
+def _readout_record(per_volume: dict[str, list[float]], organs: list[str]) -> dict[str, Any]:
+    rows = np.array(list(per_volume.values()), dtype=float)
+    per_organ = np.nanmean(rows, axis=0)
+    return {
+        "per_volume": per_volume,
+        "per_volume_mean": _volume_means(per_volume),
+        "per_organ": dict(zip(organs, per_organ.tolist(), strict=True)),
+        "mean_dice": float(np.nanmean(per_organ)),
+    }
+
+
+class Benchmark:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.organs = class_names(args.data, args.classes)
+        self.key = settings_key(args)
+        self.out = Path(args.out)
+        self.runs = self.out / "label_efficiency_runs"
+        self.work = Path(args.work_dir)
+        self.train_seconds = 0.0
+        self.run_seconds = 0.0
+        cases = discover_cases(args.data)
+        split = split_cases(cases, args.test_cases, args.val_cases, None, args.split_seed)
+        self.test = [c.case_id for c in split.test]
+        self.val = [c.case_id for c in split.val]
+        self.pool = sorted(c.case_id for c in split.pool)
+        if max(args.ks) > len(self.pool):
+            raise DataError(
+                f"{args.data}: k={max(args.ks)} labelled patients asked for, but the pool "
+                f"holds {len(self.pool)} after {len(self.test)} test and {len(self.val)} "
+                "validation patients"
+            )
+        print(f"classes {self.organs}\ntest patients {self.test}\nvalidation patients "
+              f"{self.val}\npool ({len(self.pool)}) {self.pool}", flush=True)  # fmt: skip
+
+    # ------------------------------------------------------------------ building blocks
+    @property
+    def num_classes(self) -> int:
+        return len(self.organs) + 1
+
+    def labelled(self, seed: int, k: int) -> list[str]:
+        order = np.random.default_rng(1000 + seed).permutation(len(self.pool))
+        return [self.pool[i] for i in order[:k]]
+
+    def datamodule(self, variant: Variant | None, labelled: list[str], **kw: Any) -> LRCDataModule:
+        a = self.args
+        window: Any = a.ct_window
+        if isinstance(window, list):
+            window = tuple(window)
+        return LRCDataModule(
+            a.data, cache_dir=a.cache_dir, image_size=a.size, batch_size=a.batch_size,
+            modality=a.modality, ct_window=window, slice_axis=a.slice_axis,
+            labels=list(range(self.num_classes)),  # a value outside the classes is an error
+            test_cases=self.test, val_cases=self.val, labelled_cases=labelled,
+            superpixel_scale=variant.superpixel_scale if variant else 100.0,
+            superpixel_min_size=variant.superpixel_min_size if variant else 50,
+            num_workers=a.num_workers, persistent_workers=a.num_workers > 0,
+            precompute_workers=a.precompute_workers, **kw,
+        )  # fmt: skip
+
+    def backbone(self) -> UNet2d:
+        return UNet2d(width=self.args.width, depth=self.args.depth)
+
+    def trainer(self, steps: int, timer: StepTimer | None = None) -> pl.Trainer:
+        return pl.Trainer(
+            accelerator=self.args.accelerator, devices=1, max_steps=steps, max_epochs=-1,
+            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+            precision=self.args.precision, callbacks=[timer] if timer else None,
+        )  # fmt: skip
+
+    def _fit(self, steps: int, model: pl.LightningModule, datamodule: LRCDataModule) -> None:
+        timer = StepTimer()
+        self.trainer(steps, timer).fit(model, datamodule)
+        self.train_seconds += timer.seconds
+
+    def pretrain(self, variant: Variant, seed: int, labelled: list[str]) -> Path:
+        """Pre-train (or reuse) and return the backbone weights file."""
+        suffix = f"_k{len(labelled)}" if variant.arm == "supervised_lrc" else ""
+        path = self.work / f"pretrain_{variant.label}_s{seed}{suffix}-{self.key}{variant.key}.pt"
+        if path.is_file():
+            return path
+        pl.seed_everything(seed, workers=True)
+        a = self.args
+        common = dict(lr=a.lr, warmup_steps=a.pretrain_steps // 10)
+        if variant.arm == "moco":
+            model: pl.LightningModule = MoCoV2(self.backbone(), queue_size=a.queue_size,
+                                               key_bn_groups=a.key_bn_groups, **common)  # fmt: skip
+        elif variant.arm in ("moco_lrc", "lrc_only"):
+            model = MoCoV2LRC(self.backbone(), lrc=variant.lrc, queue_size=a.queue_size,
+                              global_weight=0.0 if variant.arm == "lrc_only" else 1.0,
+                              key_bn_groups=a.key_bn_groups, **common)  # fmt: skip
+        elif variant.arm == "supervised_lrc":
+            model = SupervisedSegmentationLRC(self.backbone(), lrc=variant.lrc,
+                                              num_classes=self.num_classes, **common)  # fmt: skip
+        else:
+            raise ValueError(variant.arm)
+        extra = ({"pretrain_with_labels": True, "pretrain_on": "labelled"}
+                 if variant.arm == "supervised_lrc" else {})  # fmt: skip
+        start = time.perf_counter()
+        self._fit(a.pretrain_steps, model, self.datamodule(variant, labelled, **extra))
+        self.work.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(model.backbone.state_dict(), tmp)  # type: ignore[union-attr]
+        os.replace(tmp, path)
+        print(f"  pre-trained {path.name} in {time.perf_counter() - start:.0f} s", flush=True)
+        return path
+
+    def finetune(
+        self, weights: Path | None, seed: int, labelled: list[str], stage: str
+    ) -> dict[str, list[float]]:
+        pl.seed_everything(seed, workers=True)
+        a = self.args
+        model = FineTuneSegmentation(
+            self.backbone(), pretrained=str(weights) if weights else None,
+            num_classes=self.num_classes, class_names=self.organs, lr=a.lr,
+            warmup_steps=a.finetune_steps // 10,
+        )  # fmt: skip
+        datamodule = self.datamodule(None, labelled, mode="finetune")
+        self._fit(a.finetune_steps, model, datamodule)
+        evaluator = pl.Trainer(accelerator=a.accelerator, devices=1, logger=False,
+                               enable_progress_bar=False, enable_model_summary=False,
+                               precision=a.precision)  # fmt: skip
+        evaluate = evaluator.test if stage == "test" else evaluator.validate
+        evaluate(model, datamodule, verbose=False)
+        if not model.last_dice_table:
+            raise RuntimeError(f"no {stage} volume was evaluated")
+        return dict(model.last_dice_table)
+
+    def probe(
+        self, weights: Path | None, seed: int, labelled: list[str], stage: str
+    ) -> dict[str, list[float]]:
+        """Linear-probe Dice of the frozen backbone; random init is seeded by ``seed``."""
+        torch.manual_seed(seed)
+        backbone = self.backbone()
+        if weights is not None:
+            load_backbone_weights(backbone, weights)
+        datamodule = self.datamodule(None, labelled, mode="finetune")
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        split = datamodule.split
+        assert split is not None
+        scored = split.test if stage == "test" else split.val
+        train = [(v.image, v.label) for v in datamodule.volumes(split.labelled)]
+        test = {v.case_id: (v.image, v.label) for v in datamodule.volumes(scored)}
+        if self.args.accelerator == "gpu" or (
+            self.args.accelerator == "auto" and torch.cuda.is_available()
+        ):
+            backbone = backbone.cuda()
+        return linear_probe_dice(
+            backbone, train, test, self.num_classes,  # type: ignore[arg-type]
+            pixels_per_class=self.args.probe_pixels, seed=seed, l2=self.args.probe_l2,
+        )  # fmt: skip
+
+    def run(
+        self, variant: Variant, k: int, seed: int, stage: str = "test", readout_offset: int = 0
+    ) -> dict[str, Any] | None:
+        """One finished run (computed now unless saved); None if missing in report-only mode.
+
+        ``readout_offset`` shifts the readouts' seeds (fine-tuning, pixel sample) while the
+        pre-trained weights and labelled patients stay: the noise-floor repeat.
+        """
+        repeat = f"_r{readout_offset}" if readout_offset else ""
+        run_id = f"{stage}_{variant.label}_k{k}_s{seed}{repeat}"
+        path = self.runs / f"{run_id}-{self.key}{variant.key}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        if self.args.report_only:
+            print(f"[missing] {run_id}", file=sys.stderr)
+            return None
+        labelled = self.labelled(seed, k)
+        start = time.perf_counter()
+        weights = None if variant.arm == "random" else self.pretrain(variant, seed, labelled)
+        readout_seed = seed + readout_offset
+        finetuned = _readout_record(
+            self.finetune(weights, readout_seed, labelled, stage), self.organs
+        )
+        probed = _readout_record(self.probe(weights, readout_seed, labelled, stage), self.organs)
+        seconds = time.perf_counter() - start
+        self.run_seconds += seconds
+        result = {
+            "run": run_id, "arm": variant.label, "k": k, "seed": seed, "stage": stage,
+            "readout_offset": readout_offset, "labelled": labelled, "classes": self.organs,
+            **finetuned, "probe": probed,
+            "variant": {"arm": variant.arm, "lrc": asdict(variant.lrc),
+                        "superpixel_scale": variant.superpixel_scale,
+                        "superpixel_min_size": variant.superpixel_min_size},
+            "seconds": round(seconds, 1),
+        }  # fmt: skip
+        atomic_json(path, result)
+        print(f"{run_id}: mean Dice fine-tuned {result['mean_dice']:.3f}, probe "
+              f"{probed['mean_dice']:.3f} ({result['seconds']:.0f} s)", flush=True)  # fmt: skip
+        return result
+
+
+def summarise(
+    results: Sequence[dict[str, Any] | None], organs: list[str], readout: str = "finetune"
+) -> dict[str, Any]:
+    """Per (arm, k): mean ± std over seeds of one readout, and the runs behind it."""
+    table: dict[str, Any] = {}
+    for r in filter(None, results):
+        record = r if readout == "finetune" else r.get(readout)
+        if record is not None:
+            table.setdefault(f"{r['arm']}|{r['k']}", []).append((r, record))
+    summary = {}
+    for key, runs in table.items():
+        arm, k = key.split("|")
+        means = [rec["mean_dice"] for _, rec in runs]
+        summary[key] = {
+            "arm": arm, "k": int(k), "n_seeds": len(runs),
+            "mean": statistics.fmean(means),
+            "std": statistics.stdev(means) if len(means) > 1 else 0.0,
+            "per_organ": {o: float(np.nanmean([rec["per_organ"][o] for _, rec in runs]))
+                          for o in organs},
+            "runs": [{"seed": r["seed"], "mean_dice": rec["mean_dice"], "labelled": r["labelled"],
+                      "per_organ": rec["per_organ"],
+                      "per_volume_mean": rec.get("per_volume_mean")} for r, rec in runs],
+        }  # fmt: skip
+    return summary
+
+
+def _source_commit() -> str | None:
+    """The git commit of this package's checkout (``+dirty`` with local changes), if any."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[3]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")  # fmt: skip
+
+
+def header(
+    args: argparse.Namespace, command: str, seconds: dict[str, float] | None = None
+) -> dict[str, Any]:
+    return {
+        "command": command,
+        "commit": _source_commit(),
+        "versions": {"lrc_lightning": __version__, "torch": torch.__version__,
+                     "pytorch_lightning": pl.__version__, "python": platform.python_version()},
+        "hardware": {"machine": platform.machine(), "cpus": os.cpu_count(),
+                     "torch_threads": torch.get_num_threads(),
+                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
+        "seconds": seconds or {},
+    }  # fmt: skip
+
+
+def markdown(
+    summaries: dict[str, dict[str, Any]],
+    head: dict[str, Any],
+    title: str,
+    arms: list[str],
+    organs: list[str],
+    noise: dict[str, dict[str, Any] | None] | None = None,
+) -> str:
+    lines = [f"# {title}", "", f"`{head['command']}`", "",
+             f"versions: {head['versions']}  ", f"hardware: {head['hardware']}", ""]  # fmt: skip
+    for readout, summary in summaries.items():
+        ks = sorted({v["k"] for v in summary.values()})
+        if not ks:
+            continue
+        what = {"finetune": "fine-tuned", "probe": "frozen features, linear probe"}[readout]
+        lines += [f"## Readout: {readout} ({what})", "",
+                  "Mean 3D Dice over organs, mean ± std over seeds (n seeds in brackets).", "",
+                  "| arm | " + " | ".join(f"k={k}" for k in ks) + " |",
+                  "|---|" + "---|" * len(ks)]  # fmt: skip
+        for arm in arms:
+            cells = []
+            for k in ks:
+                s = summary.get(f"{arm}|{k}")
+                cells.append(f"{s['mean']:.3f} ± {s['std']:.3f} ({s['n_seeds']})" if s else "-")
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        lines += ["", "Per organ (mean over seeds):", "",
+                  "| arm | k | " + " | ".join(organs) + " |",
+                  "|---|---|" + "---|" * len(organs)]  # fmt: skip
+        for arm in arms:
+            for k in ks:
+                s = summary.get(f"{arm}|{k}")
+                if s:
+                    cells_o = " | ".join(f"{s['per_organ'][o]:.3f}" for o in organs)
+                    lines.append(f"| {arm} | {k} | {cells_o} |")
+        lines += paired_section(summary, arms)
+        lines.append("")
+    if noise:
+        lines += ["## Noise floor of each readout", "",
+                  "The same pre-trained weights and labelled patients read out twice with "
+                  "another readout seed (fine-tuning seed; probe pixel sample):", "",
+                  *paired_table([(f"{readout}: repeat - original", d)
+                                 for readout, d in noise.items()]), ""]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def paired_section(summary: dict[str, Any], arms: list[str]) -> list[str]:
+    """Each arm against random init and against MoCo, paired by (k, seed)."""
+    pairs = [(arm, ref) for ref in ("random", "moco") for arm in arms if arm not in (ref, "random")]
+    rows = [(f"{a} - {r}", paired_differences(summary, a, summary, r)) for a, r in pairs]
+    if not any(d for _, d in rows):
+        return []
+    return ["", "Paired differences of mean Dice (same k, seed and labelled patients; the "
+            "interval resamples seeds and test volumes):", "", *paired_table(rows)]  # fmt: skip
+
+
+def plot(summaries: dict[str, dict[str, Any]], arms: list[str], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[skip] matplotlib not installed: no plot", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, len(summaries), figsize=(6 * len(summaries), 4), squeeze=False)
+    for ax, (readout, summary) in zip(axes[0], summaries.items(), strict=True):
+        for arm in arms:
+            points = sorted((v["k"], v["mean"], v["std"])
+                            for v in summary.values() if v["arm"] == arm)  # fmt: skip
+            if points:
+                k, mean, std = zip(*points, strict=True)
+                ax.errorbar(k, mean, yerr=std, marker="o", capsize=3, label=arm)
+        ax.set_title(readout)
+        ax.set_xlabel("labelled patients (k)")
+        ax.set_ylabel("mean 3D Dice (test)")
+        ax.set_xticks(sorted({v["k"] for v in summary.values()}))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def ablation_variants(base: LRCConfig) -> list[Variant]:
+    """One change at a time around the reference recipe (lambda = 1: the default when the
+    first ablation was run; its winner, lambda = 0.3, is the default now)."""
+    ref = replace(base, weight=1.0)
+    return [
+        # References: the same validation protocol without LRC.
+        Variant("random", base),
+        Variant("moco", base),
+        Variant("moco_lrc", ref, name="reference_lambda=1"),
+        Variant("moco_lrc", replace(ref, samples_per_region=None), name="pooled(M=None)"),
+        Variant("moco_lrc", replace(ref, downsample="majority", feature_level=-2),
+                name="majority@level-2"),
+        Variant("moco_lrc", replace(ref, feature_level=-2), name="nearest@level-2"),
+        Variant("moco_lrc", replace(ref, weight=0.3), name="lambda=0.3"),
+        Variant("moco_lrc", replace(ref, weight=3.0), name="lambda=3"),
+        Variant("moco_lrc", ref, superpixel_scale=50.0, name="scale=50"),
+        Variant("moco_lrc", ref, superpixel_scale=200.0, name="scale=200"),
+        # min_size is in pixels: 50 suits 256x256; scaled by area it is ~12 at 128, ~3 at 64.
+        Variant("moco_lrc", ref, superpixel_min_size=12, name="min_size=12"),
+        Variant("moco_lrc", ref, superpixel_min_size=3, name="min_size=3"),
+    ]  # fmt: skip
+
+
+def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """The benchmark's options (``defaults`` overrides some, e.g. the repository's paths)."""
+    parser = argparse.ArgumentParser(
+        prog="lrc-lightning benchmark",
+        description="Label efficiency: does LRC improve segmentation from few labelled "
+        "patients on this data set? Pre-trains each arm, reads it out by fine-tuning and by "
+        "a frozen linear probe, and reports paired differences with standard errors and "
+        "bootstrap intervals.",
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="MSD dataset.json (or its folder), a CSV or a folder of volumes",
+    )
+    parser.add_argument("--out", default="lrc_benchmark", help="tables and run files")
+    parser.add_argument("--work-dir", default=".lrc_bench", help="pre-trained weights")
+    parser.add_argument("--cache-dir", default=".lrc_cache")
+    parser.add_argument(
+        "--classes",
+        nargs="+",
+        default=None,
+        help="organ names for label values 1, 2, ... (default: dataset.json)",
+    )
+    parser.add_argument("--modality", default="mr", choices=("mr", "ct"))
+    parser.add_argument(
+        "--ct-window", nargs="+", default="abdomen", help="CT window preset or 'a_min a_max'"
+    )
+    parser.add_argument(
+        "--slice-axis",
+        type=int,
+        default=0,
+        help="the data module's slice axis (0: axial after reorientation)",
+    )
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--width", type=int, default=8)
+    parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--queue-size", type=int, default=1024)
+    parser.add_argument("--key-bn-groups", type=int, default=2, help="MoCo shuffle-BN groups")
+    parser.add_argument("--pretrain-steps", type=int, default=250)
+    parser.add_argument("--finetune-steps", type=int, default=150)
+    parser.add_argument(
+        "--probe-pixels",
+        type=int,
+        default=4096,
+        help="linear probe: pixels per class from the labelled patients",
+    )
+    parser.add_argument("--probe-l2", type=float, default=1e-4)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--test-cases", type=int, default=5)
+    parser.add_argument("--val-cases", type=int, default=2)
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument(
+        "--lrc-weight",
+        type=float,
+        default=LRCConfig.weight,
+        help="lambda of the LRC arms (default: the library's)",
+    )
+    parser.add_argument(
+        "--noise-floor",
+        action="store_true",
+        help="repeat the readouts of --noise-arm with another readout seed",
+    )
+    parser.add_argument("--noise-arm", default="moco", choices=ARMS)
+    parser.add_argument("--ablations", action="store_true")
+    parser.add_argument("--ablation-k", type=int, default=1)
+    parser.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--skip-main", action="store_true", help="run only the ablations")
+    parser.add_argument(
+        "--report-only", action="store_true", help="tables from the finished runs only; run nothing"
+    )
+    parser.add_argument("--tag", default="", help="suffix of the output file names")
+    parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--precompute-workers", type=int, default=1, help="super-pixel cache")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.set_defaults(**(defaults or {}))
+    return parser  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None, defaults: dict[str, Any] | None = None) -> int:
+    """Run the protocol; bad data exits with status 2 and a message naming the file."""
+    parser = build_parser(defaults)
+    try:
+        return _run(parser, argv)
+    except DataError as err:
+        parser.exit(2, f"lrc-lightning benchmark: error: {err}\n")
+
+
+def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    args = parser.parse_args(argv)
+    command = ("python " + " ".join(sys.argv) if argv is None
+               else "lrc-lightning benchmark " + " ".join(argv))  # fmt: skip
+    if isinstance(args.ct_window, list):
+        args.ct_window = (
+            args.ct_window[0] if len(args.ct_window) == 1 else [float(v) for v in args.ct_window]
+        )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not Path(args.data).exists():
+        parser.exit(2, f"data not found: {args.data}\n")
+    wall = time.perf_counter()
+    bench = Benchmark(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = LRCConfig(
+        weight=args.lrc_weight, schedule="linear", warmup_steps=args.pretrain_steps // 5
+    )
+
+    def header_of(name: str) -> dict[str, Any]:
+        # A report rebuilt from finished runs keeps the command and hardware of the runs.
+        saved = out / f"{name}.json"
+        if args.report_only and saved.is_file():
+            return {k: v for k, v in json.loads(saved.read_text()).items()
+                    if k not in ("summary", "probe_summary", "noise_floor")}  # fmt: skip
+        seconds = {"wall": round(time.perf_counter() - wall, 1),
+                   "training_steps": round(bench.train_seconds, 1)}  # fmt: skip
+        return header(args, command, seconds)
+
+    if not args.skip_main:
+        variants = {arm: Variant(arm, base) for arm in ARMS}
+        results = [bench.run(variants[arm], k, seed)
+                   for seed in args.seeds for k in args.ks for arm in args.arms]  # fmt: skip
+        summaries = {r: summarise(results, bench.organs, r) for r in READOUTS}
+        noise = None
+        if args.noise_floor:
+            repeats = [bench.run(variants[args.noise_arm], k, seed,
+                                 readout_offset=NOISE_SEED_OFFSET)
+                       for seed in args.seeds for k in args.ks]  # fmt: skip
+            noise = {}
+            for readout in READOUTS:
+                rep = summarise([dict(r, arm="repeat") for r in repeats if r], bench.organs,
+                                readout)  # fmt: skip
+                noise[readout] = paired_differences(rep, "repeat", summaries[readout],
+                                                    args.noise_arm)  # fmt: skip
+        name = f"label_efficiency{args.tag}"
+        main_head = header_of(name)
+        payload = {**main_head, "classes": bench.organs, "summary": summaries["finetune"],
+                   "probe_summary": summaries["probe"], "noise_floor": noise}  # fmt: skip
+        atomic_json(out / f"{name}.json", payload)
+        title = f"Label efficiency on {Path(args.data).name} (test patients)"
+        text = markdown(summaries, main_head, title, args.arms, bench.organs, noise)
+        (out / f"{name}.md").write_text(text)
+        plot(summaries, args.arms, out / f"{name}.png")
+        print(text)
+
+    if args.ablations:
+        variants_ab = ablation_variants(base)
+        results = [bench.run(v, args.ablation_k, seed, stage="val")
+                   for seed in args.ablation_seeds for v in variants_ab]  # fmt: skip
+        summaries = {r: summarise(results, bench.organs, r) for r in READOUTS}
+        title = (f"Ablations of MoCo + LRC [ours] choices: validation patients, "
+                 f"k={args.ablation_k}")  # fmt: skip
+        names = [v.label for v in variants_ab]
+        name = f"label_efficiency_ablations{args.tag}"
+        ablation_head = header_of(name)
+        text = markdown(summaries, ablation_head, title, names, bench.organs)
+        (out / f"{name}.md").write_text(text)
+        atomic_json(out / f"{name}.json", {**ablation_head, "classes": bench.organs,
+                                           "summary": summaries["finetune"],
+                                           "probe_summary": summaries["probe"]})  # fmt: skip
+        print(text)
+    if bench.run_seconds > 0:
+        share = bench.train_seconds / bench.run_seconds
+        print(f"time in training steps: {bench.train_seconds:.0f} s of {bench.run_seconds:.0f} s "
+              f"spent on runs ({100 * share:.0f}%)", flush=True)  # fmt: skip
+    return 0

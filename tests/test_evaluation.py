@@ -1,0 +1,171 @@
+"""`lrc-lightning benchmark`: any data set, both readouts, paired statistics."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from lrc_lightning.cli import main as cli
+from lrc_lightning.data.io import DataError
+from lrc_lightning.evaluation.label_efficiency import class_names
+from lrc_lightning.evaluation.statistics import bootstrap_interval, paired_differences
+from lrc_lightning.models import UNet2d
+from lrc_lightning.probe import fit_pixel_classifier, linear_probe_dice
+from tests.conftest import DEMO_MR
+
+#: CHAOS labels 1 liver, 2/3 kidneys, 4 spleen -> a two-organ task with other names.
+REMAP = np.array([0, 1, 2, 2, 0], dtype=np.uint8)
+
+
+def two_organ_dataset(root: Path, labels: dict[str, str] | None = None) -> Path:
+    """A 5-patient MSD folder made of the real demo volumes: kidneys merged, spleen dropped,
+    and a fifth patient that is patient 001 mirrored left-right."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    sources = sorted((DEMO_MR / "imagesTr").glob("*.nii.gz"))
+    training = []
+    for i, source in enumerate([*sources, sources[0]]):
+        image = sitk.ReadImage(str(source))
+        label = sitk.ReadImage(str(DEMO_MR / "labelsTr" / source.name))
+        remapped = sitk.GetImageFromArray(REMAP[sitk.GetArrayFromImage(label)])
+        remapped.CopyInformation(label)
+        if i == len(sources):
+            image, remapped = (
+                sitk.Flip(image, [True, False, False]),
+                sitk.Flip(remapped, [True, False, False]),
+            )
+        name = f"case_{i:03d}.nii.gz"
+        sitk.WriteImage(image, str(root / "imagesTr" / name))
+        sitk.WriteImage(remapped, str(root / "labelsTr" / name))
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    labels = labels or {"0": "background", "1": "hepar", "2": "ren"}
+    (root / "dataset.json").write_text(json.dumps({"labels": labels, "training": training}))
+    return root
+
+
+def tiny(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["benchmark", "--data", str(data), "--out", str(out), "--work-dir", str(out / "w"),
+            "--cache-dir", str(out / "cache"), "--size", "32", "--width", "4", "--depth", "2",
+            "--batch-size", "4", "--pretrain-steps", "3", "--finetune-steps", "3",
+            "--probe-pixels", "256", "--seeds", "0", "--ks", "1", "--arms", "random",
+            "moco_lrc", "--test-cases", "3", "--val-cases", "1", *extra]  # fmt: skip
+
+
+def test_benchmark_runs_on_another_dataset_and_reports_its_classes(tmp_path: Path) -> None:
+    data = two_organ_dataset(tmp_path / "Task_two")
+    assert cli(tiny(data, tmp_path / "out")) == 0
+    result = json.loads((tmp_path / "out" / "label_efficiency.json").read_text())
+    assert result["classes"] == ["hepar", "ren"]
+    assert result["command"].startswith("lrc-lightning benchmark --data")
+    for key in ("summary", "probe_summary"):
+        entry = result[key]["moco_lrc|1"]
+        assert set(entry["per_organ"]) == {"hepar", "ren"}
+        assert len(entry["runs"][0]["per_volume_mean"]) == 3  # the 3 test patients
+    text = (tmp_path / "out" / "label_efficiency.md").read_text()
+    assert "| arm | k | hepar | ren |" in text and "liver" not in text
+    assert "## Readout: probe" in text and "95% bootstrap CI" in text
+    run = json.loads(
+        next((tmp_path / "out" / "label_efficiency_runs").glob("test_moco*")).read_text()
+    )
+    assert run["classes"] == ["hepar", "ren"] and set(run["probe"]["per_organ"]) == {"hepar", "ren"}
+
+
+def test_benchmark_refuses_label_values_outside_its_classes(tmp_path: Path, capsys) -> None:
+    # dataset.json declares one organ, the label files hold two.
+    data = two_organ_dataset(tmp_path / "Task_bad", {"0": "background", "1": "hepar"})
+    with pytest.raises(SystemExit) as exit_info:
+        cli(tiny(data, tmp_path / "out"))
+    assert exit_info.value.code == 2
+    assert re.search(r"labelsTr/case_00\d\.nii\.gz.*2", capsys.readouterr().err)
+    assert not list((tmp_path / "out").glob("label_efficiency_runs/*.json"))
+
+
+def test_class_names_from_json_or_option(tmp_path: Path) -> None:
+    assert class_names(str(DEMO_MR), None) == ["liver", "right_kidney", "left_kidney", "spleen"]
+    assert class_names(str(DEMO_MR), ["a", "b", "c", "d"]) == ["a", "b", "c", "d"]
+    with pytest.raises(DataError, match=r"dataset\.json declares 4 classes.*--classes gives 2"):
+        class_names(str(DEMO_MR), ["a", "b"])
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    with pytest.raises(DataError, match="give --classes"):
+        class_names(str(folder), None)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "dataset.json").write_text('{"labels": {"0": "bg", "1": }')
+    with pytest.raises(DataError, match=r"broken/dataset\.json: not valid JSON"):
+        class_names(str(broken), None)
+
+
+def test_linear_probe_is_deterministic_and_uses_the_features() -> None:
+    import SimpleITK as sitk
+
+    def volume(name: str) -> tuple[np.ndarray, np.ndarray]:
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(DEMO_MR / "imagesTr" / name)))
+        label = sitk.GetArrayFromImage(sitk.ReadImage(str(DEMO_MR / "labelsTr" / name)))
+        image = image[12:20, ::8, ::8].astype(np.float32)
+        return image / image.max(), label[12:20, ::8, ::8]
+
+    train, test = [volume("chaos_t2_001.nii.gz")], {"c2": volume("chaos_t2_002.nii.gz")}
+    torch.manual_seed(0)
+    backbone = UNet2d(width=4, depth=2)
+    first = linear_probe_dice(backbone, train, test, 5, pixels_per_class=64, seed=0)
+    again = linear_probe_dice(backbone, train, test, 5, pixels_per_class=64, seed=0)
+    assert first == again  # same weights, same sample: bit-identical
+    assert backbone.training  # the mode is restored
+    torch.manual_seed(1)
+    other = linear_probe_dice(UNet2d(width=4, depth=2), train, test, 5, pixels_per_class=64)
+    assert other != first  # other weights, other result
+
+
+def test_probe_solver_reaches_the_optimum() -> None:
+    """The convex objective's gradient vanishes at the returned classifier, whatever the
+    feature scale (no learning rate to tune)."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (300,), generator=generator)
+    features = torch.randn(300, 4, generator=generator) * 100 + labels[:, None] * 40.0
+    head = fit_pixel_classifier(features, labels, 3, l2=1e-2)
+    w = head.weight[:, :, 0, 0].detach().double().requires_grad_(True)
+    b = head.bias.detach().double().requires_grad_(True)
+    x = features.double()
+    std = x.std(0)
+    counts = torch.bincount(labels, minlength=3).double()
+    weight = counts.sum() / (3 * counts)
+    loss = torch.nn.functional.cross_entropy(x @ w.T + b, labels, weight=weight)
+    # The penalty is on the weights of standardised features: w_std = w * std.
+    loss = loss + 0.5 * 1e-2 * ((w * std) ** 2).sum()
+    loss.backward()
+    assert float((w.grad / std).abs().max()) < 1e-4  # the gradient w.r.t. w * std
+    assert float(b.grad.abs().max()) < 1e-4
+
+
+def _summary(arm: str, values: dict[tuple[int, int], dict[str, float]]) -> dict:
+    runs: dict[int, list] = {}
+    for (k, seed), volumes in values.items():
+        runs.setdefault(k, []).append({"seed": seed, "mean_dice": float(np.mean(list(
+            volumes.values()))), "per_volume_mean": volumes})  # fmt: skip
+    return {f"{arm}|{k}": {"arm": arm, "k": k, "runs": r} for k, r in runs.items()}
+
+
+def test_paired_differences_known_values_and_bootstrap_interval() -> None:
+    base = {(1, s): {"a": 0.5 + 0.1 * s, "b": 0.3} for s in range(3)}
+    shifted = {p: {c: v + 0.02 for c, v in vols.items()} for p, vols in base.items()}
+    summary = {**_summary("lrc", shifted), **_summary("moco", base)}
+    d = paired_differences(summary, "lrc", summary, "moco")
+    assert d is not None
+    assert d["mean"] == pytest.approx(0.02) and d["won"] == 3 and d["sd"] == pytest.approx(0)
+    assert d["ci95"] == pytest.approx((0.02, 0.02))  # every cell differs by exactly 0.02
+    rng = np.random.default_rng(0)
+    noisy = {p: {c: v + 0.02 + rng.normal(0, 0.05) for c, v in vols.items()}
+             for p, vols in base.items()}  # fmt: skip
+    low, high = bootstrap_interval(
+        {p: {"per_volume_mean": v} for p, v in noisy.items()},
+        {p: {"per_volume_mean": v} for p, v in base.items()},
+    )  # type: ignore[misc]
+    diffs = [noisy[p][c] - base[p][c] for p in base for c in base[p]]
+    assert low < float(np.mean(diffs)) < high and high - low > 0.01
