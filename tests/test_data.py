@@ -233,6 +233,43 @@ def test_bad_inputs_name_the_file(tmp_path) -> None:
         discover_cases(empty)
 
 
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_nan_and_inf_in_nifti_are_found_in_the_raw_data(tmp_path, suffix) -> None:
+    """SimpleITK reads a NIfTI's NaN and inf as 0 without a word: the file's own bytes are
+    checked. Real CT, float32, 400 NaN and 1 inf voxels."""
+    image = sitk.Cast(sitk.ReadImage(str(CT)), sitk.sitkFloat32)
+    arr = sitk.GetArrayFromImage(image)
+    arr.reshape(-1)[1000:1400] = np.nan
+    arr.reshape(-1)[5000] = np.inf
+    bad = sitk.GetImageFromArray(arr)
+    bad.CopyInformation(image)
+    path = tmp_path / f"nan_ct{suffix}"
+    sitk.WriteImage(bad, str(path))
+    assert np.isfinite(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))).all()  # ITK: zeros
+    with pytest.raises(DataError, match=r"nan_ct\.nii(\.gz)?: contains 401 NaN or inf voxels"):
+        read_volume(path)
+    clean = tmp_path / f"clean{suffix}"
+    sitk.WriteImage(image, str(clean))
+    read_volume(clean)  # finite float data passes
+    cache = VolumeCache(tmp_path / "cache", PreprocessConfig(modality="ct", image_size=32))
+    with pytest.raises(DataError, match="nan_ct"):
+        cache.prepare([Case("bad", path)])
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # nothing partial
+
+
+def test_unparseable_case_lists_name_the_file_and_position(tmp_path) -> None:
+    broken = tmp_path / "dataset.json"
+    broken.write_text('{"labels": {"0": "background"},\n "training": [ ,]}')
+    with pytest.raises(DataError, match=r"dataset\.json: not valid JSON at line 2, column"):
+        discover_cases(broken)
+    with pytest.raises(DataError, match=r"dataset\.json: not valid JSON at line 2"):
+        LRCDataModule(str(tmp_path))
+    bad_csv = tmp_path / "cases.csv"
+    bad_csv.write_text('image,label\n"a.nii.gz,b.nii.gz\n')
+    with pytest.raises(DataError, match=r"cases\.csv: not valid CSV at line \d"):
+        discover_cases(bad_csv)
+
+
 def test_mismatched_geometry_names_both_files(tmp_path) -> None:
     seg = sitk.ReadImage(str(CT_SEG))
     seg.SetSpacing((3.0, 3.0, 5.0))

@@ -98,7 +98,7 @@ def test_class_names_from_json_or_option(tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "dataset.json").write_text('{"labels": {"0": "bg", "1": }')
-    with pytest.raises(DataError, match=r"broken/dataset\.json: not valid JSON"):
+    with pytest.raises(DataError, match=r"broken/dataset\.json: not valid JSON at line 1, col"):
         class_names(str(broken), None)
 
 

@@ -1,8 +1,11 @@
 """Super-pixel maps at feature resolution, region selection and region embeddings.
 
-All functions are batched tensor code (no Python loop over images or regions) and never
-build a one-hot (B, K, H, W) tensor: pixels are routed to regions with gathers, scatters
-and one sort over (B, h*w).
+All functions are batched tensor code (no Python loop over images or regions), never
+build a one-hot (B, K, H, W) tensor, never wait for the device (no ``.item()``, no
+data-dependent shape) and keep every shape fixed: pixels are routed to regions with sorts,
+binary searches, gathers and 1-D scatters. Accumulations are 1-D ``scatter_add_`` /
+``index_add_``, which have deterministic CUDA kernels under
+``torch.use_deterministic_algorithms(True)`` (``Trainer(deterministic=True)``).
 
 Shapes: B images, D channels, (H, W) map resolution, (h, w) feature resolution, N region
 slots per image, M samples per region.
@@ -37,6 +40,21 @@ def _check_maps(maps: Tensor, name: str) -> None:
         raise TypeError(f"{name} must be an integer tensor of region ids, got {maps.dtype}")
 
 
+def _run_bounds(sorted_values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For values sorted along the last dim: whether each position starts a run of equal
+    values, and each position's run start and end (inclusive) indices. Fixed shapes."""
+    length = sorted_values.shape[-1]
+    position = torch.arange(length, device=sorted_values.device).expand_as(sorted_values)
+    starts = torch.ones_like(sorted_values, dtype=torch.bool)
+    starts[..., 1:] = sorted_values[..., 1:] != sorted_values[..., :-1]
+    run_start = torch.where(starts, position, 0).cummax(-1).values
+    ends = torch.ones_like(starts)
+    ends[..., :-1] = starts[..., 1:]
+    # Reverse cumulative minimum: the nearest run end at or after each position.
+    ends_at = torch.where(ends, position, length).flip(-1).cummin(-1).values.flip(-1)
+    return starts, run_start, ends_at
+
+
 def downsample_superpixels(
     maps: Tensor, size: tuple[int, int], mode: DownsampleMode = "nearest"
 ) -> Tensor:
@@ -45,6 +63,7 @@ def downsample_superpixels(
     * ``"nearest"``: the id at each feature pixel's centre (any H/h ratio).
     * ``"majority"``: the most frequent id in each (H/h x W/w) block, ignoring -1 unless the
       whole block is -1; needs integer factors. Ties go to the first id in raster order.
+      One sort per block: memory linear in the map size.
 
     Returns:
         (B, h, w) int64 map.
@@ -62,7 +81,7 @@ def downsample_superpixels(
         cols = (
             ((torch.arange(w, device=maps.device) + 0.5) * (big_w / w)).long().clamp_(max=big_w - 1)
         )
-        return maps[:, rows][:, :, cols]
+        return maps.index_select(1, rows).index_select(2, cols)
     if mode != "majority":
         raise ValueError(f"mode must be 'nearest' or 'majority', got {mode!r}")
     if big_h % h or big_w % w:
@@ -70,20 +89,16 @@ def downsample_superpixels(
             f"majority down-sampling needs integer factors, got {big_h}x{big_w} -> {h}x{w}"
         )
     fh, fw = big_h // h, big_w // w
-    blocks = maps.view(b, h, fh, w, fw).permute(0, 1, 3, 2, 4).reshape(b, h, w, fh * fw)
-    # votes[..., i] = how many pixels of the block share pixel i's id (-1 gets no votes).
-    votes = (blocks.unsqueeze(-1) == blocks.unsqueeze(-2)).sum(-1)
-    votes = votes.masked_fill(blocks < 0, 0)
-    winner = votes.argmax(-1, keepdim=True)
-    return blocks.gather(-1, winner).squeeze(-1)
-
-
-def _region_counts(maps: Tensor, num_ids: int) -> Tensor:
-    """(B, h, w) ids -> (B, num_ids) pixel counts; -1 is not counted."""
-    flat = maps.flatten(1)
-    valid = flat >= 0
-    counts = torch.zeros(flat.shape[0], num_ids, dtype=torch.long, device=maps.device)
-    return counts.scatter_add_(1, flat.clamp(min=0), valid.long())
+    area = fh * fw
+    blocks = maps.view(b, h, fh, w, fw).permute(0, 1, 3, 2, 4).reshape(b, h, w, area)
+    # Stable sort: equal ids keep raster order, so a run's first element is its first pixel.
+    values, raster = blocks.sort(dim=-1, stable=True)
+    _, run_start, run_end = _run_bounds(values)
+    votes = run_end - run_start + 1
+    first_pixel = raster.gather(-1, run_start)
+    # Most votes first; among equal votes the id seen first in raster order; -1 last.
+    score = torch.where(values >= 0, votes * (area + 1) + (area - first_pixel), -1)
+    return values.gather(-1, score.argmax(-1, keepdim=True)).squeeze(-1)
 
 
 def select_regions(
@@ -96,7 +111,9 @@ def select_regions(
     """Draw up to ``num_regions`` ids per image present in both views.
 
     A region qualifies when it covers at least ``min_pixels`` pixels in each view's map.
-    Qualifying ids are drawn uniformly without replacement.
+    Qualifying ids are drawn uniformly without replacement. No host sync and fixed shapes:
+    the ids of both views are sorted together (ids need no upper bound) and each run of
+    equal ids is counted per view with prefix sums.
 
     Args:
         maps_v1, maps_v2: (B, h, w) integer maps at feature resolution (-1 = ignore).
@@ -111,15 +128,23 @@ def select_regions(
         raise ValueError(
             f"the two views have different batch sizes: {maps_v1.shape[0]} and {maps_v2.shape[0]}"
         )
-    num_ids = int(torch.maximum(maps_v1.max(), maps_v2.max()).clamp(min=0).item()) + 1
-    counts_v1 = _region_counts(maps_v1, num_ids)
-    counts_v2 = _region_counts(maps_v2, num_ids)
-    eligible = (counts_v1 >= min_pixels) & (counts_v2 >= min_pixels)
+    b, p1 = maps_v1.shape[0], maps_v1[0].numel()
+    both = torch.cat([maps_v1.reshape(b, -1), maps_v2.reshape(b, -1)], dim=1).long()
+    values, origin = both.sort(dim=1, stable=True)
+    starts, _, run_end = _run_bounds(values)
+    in_v1 = (origin < p1).long().cumsum(1)  # pixels of view 1 up to each position
+    position = torch.arange(values.shape[1], device=values.device)
+    before = position - 1
+    v1_before = torch.where(before >= 0, in_v1.gather(1, before.clamp(min=0).expand(b, -1)), 0)
+    count_v1 = in_v1.gather(1, run_end) - v1_before
+    count_v2 = (run_end - position + 1) - count_v1
+    # One candidate per distinct id: the first position of its run.
+    eligible = starts & (values >= 0) & (count_v1 >= min_pixels) & (count_v2 >= min_pixels)
     scores = torch.rand(eligible.shape, device=eligible.device, generator=generator)
     scores = scores + eligible.to(scores.dtype) * 2.0  # eligible ids always rank first
-    k = min(num_regions, num_ids)
-    ids = scores.topk(k, dim=1).indices
-    valid = eligible.gather(1, ids)
+    k = min(num_regions, values.shape[1])
+    picked = scores.topk(k, dim=1).indices
+    ids, valid = values.gather(1, picked), eligible.gather(1, picked)
     if k < num_regions:
         pad = num_regions - k
         ids = torch.cat([ids, ids.new_zeros(ids.shape[0], pad)], dim=1)
@@ -128,19 +153,26 @@ def select_regions(
 
 
 def region_slots(maps: Tensor, ids: Tensor, valid: Tensor) -> Tensor:
-    """(B, h, w) ids -> (B, h*w) slot index in 0..N-1, or N for pixels of no drawn region."""
-    b, n = ids.shape
-    num_ids = int(max(int(maps.max().item()), int(ids.max().item()), 0)) + 1
-    lut = torch.full((b, num_ids), n, dtype=torch.long, device=maps.device)
-    slot_index = torch.arange(n, device=maps.device).expand(b, n)
-    # Invalid slots keep pointing to "no slot": scatter them to a throw-away column.
-    target = torch.where(valid, ids, torch.full_like(ids, num_ids))
-    lut = torch.cat([lut, lut.new_full((b, 1), n)], dim=1).scatter_(1, target, slot_index)[
-        :, :num_ids
-    ]
-    flat = maps.flatten(1)
-    slots = lut.gather(1, flat.clamp(min=0))
-    return slots.masked_fill(flat < 0, n)
+    """(B, h, w) ids -> (B, h*w) slot index in 0..N-1, or N for pixels of no drawn region.
+
+    A binary search of each pixel's id among the image's valid drawn ids (no host sync).
+    """
+    n = ids.shape[1]
+    sentinel = torch.iinfo(torch.long).max
+    keyed, order = torch.where(valid, ids, sentinel).sort(dim=1)
+    flat = maps.flatten(1).long().contiguous()
+    pos = torch.searchsorted(keyed, flat).clamp_(max=n - 1)
+    found = (keyed.gather(1, pos) == flat) & (flat >= 0)
+    return torch.where(found, order.gather(1, pos), n)
+
+
+def _slot_counts(slots: Tensor, n: int) -> Tensor:
+    """(B, P) slot indices in 0..n -> (B, n + 1) counts (a 1-D scatter: deterministic)."""
+    b = slots.shape[0]
+    offsets = torch.arange(b, device=slots.device).unsqueeze(1) * (n + 1)
+    counts = torch.zeros(b * (n + 1), dtype=torch.long, device=slots.device)
+    counts.scatter_add_(0, (slots + offsets).flatten(), torch.ones_like(slots).flatten())
+    return counts.view(b, n + 1)
 
 
 def sample_region_pixels(
@@ -164,8 +196,7 @@ def sample_region_pixels(
     b, h, w = maps.shape
     n, m, hw = ids.shape[1], samples_per_region, h * w
     slots = region_slots(maps, ids, valid)  # (B, hw), N = unassigned
-    counts = torch.zeros(b, n + 1, dtype=torch.long, device=maps.device)
-    counts.scatter_add_(1, slots, torch.ones_like(slots))
+    counts = _slot_counts(slots, n)
     # Group pixels by slot, in random order inside each group: sort by slot + U[0, 1).
     jitter = torch.rand(b, hw, device=maps.device, generator=generator)
     order = (slots.to(jitter.dtype) + jitter).argsort(dim=1)
@@ -176,9 +207,17 @@ def sample_region_pixels(
 
 
 def gather_pixels(features: Tensor, pixels: Tensor) -> Tensor:
-    """(B, C, h, w) features at (B, P) flat pixel indices -> (B, C, P)."""
+    """(B, C, h, w) features at (B, P) flat pixel indices -> (B, C, P).
+
+    An ``index_select`` over (B * h * w, C) rows: its backward is an ``index_add``, which
+    has a deterministic CUDA kernel under ``torch.use_deterministic_algorithms``.
+    """
     b, c = features.shape[:2]
-    return features.flatten(2).gather(2, pixels.unsqueeze(1).expand(b, c, pixels.shape[1]))
+    rows = features.flatten(2).transpose(1, 2).reshape(-1, c)  # (B * hw, C)
+    hw = features[0, 0].numel()
+    offsets = torch.arange(b, device=pixels.device).unsqueeze(1) * hw
+    picked = rows.index_select(0, (pixels + offsets).flatten())
+    return picked.view(b, pixels.shape[1], c).transpose(1, 2)
 
 
 def average_samples(samples: Tensor, valid: Tensor) -> Tensor:
@@ -196,15 +235,16 @@ def average_samples(samples: Tensor, valid: Tensor) -> Tensor:
 
 def pool_regions(embeddings: Tensor, maps: Tensor, ids: Tensor, valid: Tensor) -> Tensor:
     """Masked average pooling of (B, D, h, w) unit embeddings over each drawn region ->
-    (B, N, D), normalised; invalid slots become zeros."""
-    b, d, h, w = embeddings.shape
-    n, hw = ids.shape[1], h * w
+    (B, N, D), normalised; invalid slots become zeros. Sums by ``index_add`` over rows
+    (deterministic on CUDA under ``torch.use_deterministic_algorithms``)."""
+    b, d = embeddings.shape[:2]
+    n = ids.shape[1]
     slots = region_slots(maps, ids, valid)
-    counts = torch.zeros(b, n + 1, dtype=torch.long, device=maps.device)
-    counts.scatter_add_(1, slots, torch.ones_like(slots))
-    sums = embeddings.new_zeros(b, n + 1, d)
-    flat = embeddings.flatten(2)
-    sums.scatter_add_(1, slots.unsqueeze(-1).expand(b, hw, d), flat.transpose(1, 2))
+    counts = _slot_counts(slots, n)
+    offsets = torch.arange(b, device=maps.device).unsqueeze(1) * (n + 1)
+    rows = embeddings.flatten(2).transpose(1, 2).reshape(-1, d)  # (B * hw, D)
+    sums = embeddings.new_zeros(b * (n + 1), d).index_add_(0, (slots + offsets).flatten(), rows)
+    sums = sums.view(b, n + 1, d)
     pooled = sums[:, :n] / counts[:, :n].clamp(min=1).unsqueeze(-1).to(sums.dtype)
     pooled = torch.nn.functional.normalize(pooled, dim=-1)
     return pooled * valid.unsqueeze(-1).to(pooled.dtype)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -13,7 +12,7 @@ from torch.utils.data import DataLoader
 from lrc_lightning.data.cache import CachedVolume, PreprocessConfig, VolumeCache
 from lrc_lightning.data.datasets import LabelledSlices, PairedViewSlices, Volumes
 from lrc_lightning.data.intensity import Modality
-from lrc_lightning.data.io import Case, discover_cases
+from lrc_lightning.data.io import Case, DataError, discover_cases, read_json
 from lrc_lightning.data.splits import Split, split_cases
 from lrc_lightning.data.transforms import GeometryAugment, IntensityAugment
 
@@ -27,9 +26,12 @@ def _declared_labels(data: Any) -> tuple[int, ...] | None:
     if path.is_dir():
         path = path / "dataset.json"
     if path.suffix == ".json" and path.is_file():
-        labels = json.loads(path.read_text()).get("labels")
+        labels = read_json(path).get("labels")
         if isinstance(labels, dict):
-            return tuple(sorted(int(k) for k in labels))
+            try:
+                return tuple(sorted(int(k) for k in labels))
+            except ValueError as err:
+                raise DataError(f"{path}: 'labels' keys must be integers ({err})") from err
     return None
 
 

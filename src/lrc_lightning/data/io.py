@@ -6,6 +6,7 @@ import csv
 import gzip
 import itertools
 import json
+import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,10 +112,7 @@ def _check_unique(cases: list[Case], where: str) -> None:
 
 
 def _cases_from_msd(path: Path) -> list[Case]:
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: unreadable dataset.json ({err})") from err
+    meta = read_json(path)
     entries = meta.get("training")
     if not isinstance(entries, list) or not entries:
         raise DataError(f"{path}: no 'training' list in dataset.json")
@@ -129,9 +127,35 @@ def _cases_from_msd(path: Path) -> list[Case]:
     return cases
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from ``path``.
+
+    Raises:
+        DataError: unreadable, not JSON (naming the line and column), or not an object.
+    """
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"{path}: not valid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
+        ) from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: unreadable ({err})") from err
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
 def _cases_from_csv(path: Path) -> list[Case]:
-    with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    try:
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh, strict=True)
+            try:
+                rows = list(reader)
+            except csv.Error as err:
+                raise DataError(f"{path}: not valid CSV at line {reader.line_num}: {err}") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: unreadable ({err})") from err
     if not rows or "image" not in rows[0]:
         raise DataError(f"{path}: a CSV of cases needs a header with an 'image' column")
     cases = []
@@ -143,13 +167,65 @@ def _cases_from_csv(path: Path) -> list[Case]:
     return cases
 
 
-def _check_gzip_complete(path: Path) -> None:
-    # ITK's NIfTI reader fills a truncated .nii.gz with zeros without an error: check the
-    # gzip stream ourselves (a full decompression pass, ~30 ms per MB of file).
+#: NIfTI float datatypes (header code -> numpy dtype) whose NaN/inf ITK replaces by 0.
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _nifti_layout(header: bytes) -> tuple[str, str, int] | None:
+    """(byte order, float dtype, data offset) of a NIfTI-1/2 float volume, else None."""
+    for order in "<>":
+        if len(header) >= 4 and struct.unpack(order + "i", header[:4])[0] == 348:
+            if len(header) < 112:
+                return None
+            datatype = struct.unpack(order + "h", header[70:72])[0]
+            offset = int(struct.unpack(order + "f", header[108:112])[0])
+        elif len(header) >= 4 and struct.unpack(order + "i", header[:4])[0] == 540:
+            if len(header) < 176:
+                return None
+            datatype = struct.unpack(order + "h", header[12:14])[0]
+            offset = int(struct.unpack(order + "q", header[168:176])[0])
+        else:
+            continue
+        kind = _NIFTI_FLOATS.get(datatype)
+        return (order, kind, offset) if kind else None
+    return None
+
+
+def _scan_nifti(path: Path) -> int:
+    """Read a ``.nii``/``.nii.gz`` file once, raw: check that its gzip stream is complete and
+    count its NaN/inf voxels (float data only).
+
+    ITK's NIfTI reader zero-fills a truncated ``.nii.gz`` and replaces NaN and inf by 0
+    without a word, so both must be seen in the bytes themselves.
+
+    Raises:
+        DataError: a truncated or corrupt gzip stream.
+    """
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    nonfinite = 0
     try:
-        with gzip.open(path, "rb") as fh:
-            while fh.read(1 << 24):
-                pass
+        with opener(path, "rb") as fh:
+            head = fh.read(544)
+            layout = _nifti_layout(head)
+            if layout is None:
+                while fh.read(1 << 24):  # integer data: only the stream is checked
+                    pass
+                return 0
+            order, kind, offset = layout
+            dtype = np.dtype(order + kind)
+            pending = head[offset:] if offset < len(head) else b""
+            if offset > len(head):
+                fh.read(offset - len(head))
+            while True:
+                chunk = fh.read(1 << 24)
+                data = pending + chunk
+                usable = len(data) - len(data) % dtype.itemsize
+                if usable:
+                    values = np.frombuffer(data[:usable], dtype=dtype)
+                    nonfinite += int(values.size - np.count_nonzero(np.isfinite(values)))
+                pending = data[usable:]
+                if not chunk:
+                    return nonfinite
     except (EOFError, OSError, zlib.error) as err:
         raise DataError(f"{path}: unreadable or truncated volume (gzip stream: {err})") from err
 
@@ -167,8 +243,16 @@ def read_volume(path: str | Path) -> sitk.Image:
         if path.is_dir():
             image = _read_series(dicom_series_files(path), path)
         else:
-            if path.name.lower().endswith(".gz"):
-                _check_gzip_complete(path)
+            name = path.name.lower()
+            if name.endswith((".nii", ".nii.gz")):
+                nonfinite = _scan_nifti(path)
+                if nonfinite:
+                    raise DataError(
+                        f"{path}: contains {nonfinite} NaN or inf voxels (SimpleITK's NIfTI "
+                        "reader would silently read them as 0); fix or mask them in the file"
+                    )
+            elif name.endswith(".gz"):
+                _scan_nifti(path)  # the gzip stream only
             image = sitk.ReadImage(str(path))
     except RuntimeError as err:
         raise _unreadable(path, err) from err

@@ -59,7 +59,7 @@ import torch
 
 from lrc_lightning import __version__
 from lrc_lightning.data import LRCDataModule, discover_cases
-from lrc_lightning.data.io import DataError
+from lrc_lightning.data.io import DataError, read_json
 from lrc_lightning.data.splits import split_cases
 from lrc_lightning.evaluation.statistics import paired_differences, paired_table
 from lrc_lightning.mixin import LRCConfig
@@ -121,10 +121,7 @@ def class_names(data: str, classes: Sequence[str] | None) -> list[str]:
     path = path / "dataset.json" if path.is_dir() else path
     declared: dict[int, str] | None = None
     if path.suffix == ".json" and path.is_file():
-        try:
-            labels = json.loads(path.read_text()).get("labels")
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: not valid JSON ({err})") from err
+        labels = read_json(path).get("labels")
         if isinstance(labels, dict):
             try:
                 declared = {int(k): str(v) for k, v in labels.items()}
@@ -413,38 +410,36 @@ def summarise(
     return summary
 
 
-def _source_commit() -> str | None:
-    """The git commit of this package's checkout (``+dirty`` with local changes), if any."""
+def _git(*args: str) -> str | None:
     import subprocess
 
     root = Path(__file__).resolve().parents[3]
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                              timeout=10, check=True)  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return None
-    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")  # fmt: skip
+    return done.stdout.strip()
+
+
+def source_commit() -> str | None:
+    """The git commit of this package's checkout (``+dirty`` with local changes), if any.
+    Taken when the benchmark starts: the code the runs are made with."""
+    commit = _git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return None
+    return commit + ("+dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def header(
-    args: argparse.Namespace, command: str, seconds: dict[str, float] | None = None
+    args: argparse.Namespace,
+    command: str,
+    commit: str | None = None,
+    seconds: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     return {
         "command": command,
-        "commit": _source_commit(),
+        "commit": commit,
         "versions": {"lrc_lightning": __version__, "torch": torch.__version__,
                      "pytorch_lightning": pl.__version__, "python": platform.python_version()},
         "hardware": {"machine": platform.machine(), "cpus": os.cpu_count(),
@@ -667,6 +662,7 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     if not Path(args.data).exists():
         parser.exit(2, f"data not found: {args.data}\n")
     wall = time.perf_counter()
+    commit = source_commit()
     bench = Benchmark(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -682,7 +678,7 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
                     if k not in ("summary", "probe_summary", "noise_floor")}  # fmt: skip
         seconds = {"wall": round(time.perf_counter() - wall, 1),
                    "training_steps": round(bench.train_seconds, 1)}  # fmt: skip
-        return header(args, command, seconds)
+        return header(args, command, commit, seconds)
 
     if not args.skip_main:
         variants = {arm: Variant(arm, base) for arm in ARMS}
