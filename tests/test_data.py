@@ -16,8 +16,9 @@ import torch
 
 from lrc_lightning import LRCDataModule
 from lrc_lightning.data import DataError, PreprocessConfig, VolumeCache, discover_cases, read_volume
-from lrc_lightning.data.cache import build_entry, parse_shard
-from lrc_lightning.data.io import Case
+from lrc_lightning.data.cache import parse_shard
+from lrc_lightning.data.cases import Case
+from lrc_lightning.data.preprocess import build_entry
 from lrc_lightning.data.splits import split_cases
 from lrc_lightning.data.transforms import GeometryAugment, apply_affine
 
@@ -140,7 +141,7 @@ def test_dicom_series_decoded_in_blocks_equals_whole_read(tmp_path) -> None:
 
 
 def test_parallel_precompute_of_one_dicom_series_matches_serial(tmp_path, monkeypatch) -> None:
-    from lrc_lightning.data import cache as cache_module
+    from lrc_lightning.data import precompute as precompute_module
 
     folder = tmp_path / "series"
     _write_dicom_series(sitk.ReadImage(str(CT)), folder)
@@ -149,19 +150,19 @@ def test_parallel_precompute_of_one_dicom_series_matches_serial(tmp_path, monkey
     parallel = VolumeCache(tmp_path / "b", PreprocessConfig(modality="ct", image_size=64))
     serial.prepare([case], processes=1, progress=False)
     joined = []  # a single case goes through the pool, its series decoded by blocks
-    assemble = cache_module.assemble_dicom_blocks
+    assemble = precompute_module.assemble_dicom_blocks
 
     def spy(blocks):
         joined.append(len(blocks))
         return assemble(blocks)
 
-    monkeypatch.setattr(cache_module, "assemble_dicom_blocks", spy)
+    monkeypatch.setattr(precompute_module, "assemble_dicom_blocks", spy)
     parallel.prepare([case], processes=2, progress=False)
     assert joined == [4]  # 30 files, 2 workers: 4 blocks
     a, b = serial.load(case), parallel.load(case)
     np.testing.assert_array_equal(a.image, b.image)
     np.testing.assert_array_equal(a.superpixels, b.superpixels)
-    assert a.meta["spacing_zyx"] == pytest.approx(b.meta["spacing_zyx"])
+    assert a.meta["spacing"] == pytest.approx(b.meta["spacing"])
 
 
 def test_dicom_series_with_an_unreadable_file_is_an_error(tmp_path) -> None:

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from lrc_lightning.cli import main as cli
-from lrc_lightning.data.io import DataError
+from lrc_lightning.data.cases import DataError
 from lrc_lightning.evaluation.label_efficiency import class_names
 from lrc_lightning.evaluation.statistics import bootstrap_interval, paired_differences
 from lrc_lightning.models import UNet2d

@@ -6,6 +6,7 @@
     lrc-lightning fit --config examples/configs/finetune.yaml \\
         --model.init_args.pretrained moco_lrc_backbone.pt
     lrc-lightning benchmark --data path/to/Task/dataset.json --size 128 --out results
+    lrc-lightning preview --data path/to/Task/dataset.json --scales 50 100 200
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ _DESCRIPTION = (
     "LRC pre-training and fine-tuning (LightningCLI). Subcommands: fit, validate, test, "
     "predict; and `lrc-lightning precompute --config CFG` (fill the super-pixel cache), "
     "`lrc-lightning export --ckpt CKPT --out FILE` (backbone weights as a plain state_dict), "
-    "`lrc-lightning benchmark --data DATASET` (does LRC help on this data? see --help). "
+    "`lrc-lightning benchmark --data DATASET` (does LRC help on this data? see --help), "
+    "`lrc-lightning preview --data DATASET` (a PNG of slices and super-pixels). "
     "Checkpoints (--ckpt_path) are read with the safe loader; --trust-checkpoint: " + _TRUST_HELP
 )
 
@@ -107,6 +109,42 @@ def precompute(argv: list[str]) -> int:
     return 0
 
 
+def preview(argv: list[str]) -> int:
+    """Write a PNG of a few slices per case with their super-pixels (before pre-training)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from lrc_lightning.preview import write_preview
+
+    parser = ArgumentParser(
+        prog="lrc-lightning preview",
+        description="Fill the cache of the config's data section (or of --data PATH) and "
+        "write a PNG grid: slices per case with super-pixel boundaries, the slice axis, the "
+        "in-plane spacing and the region count per slice; --scales adds columns with other "
+        "Felzenszwalb scales side by side.",
+    )
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_class_arguments(LRCDataModule, "data")
+    parser.add_argument("--out", default="lrc_preview.png", help="the PNG to write")
+    parser.add_argument("--cases", type=int, default=3, help="how many cases")
+    parser.add_argument("--slices", type=int, default=4, help="slices per case")
+    parser.add_argument("--scales", type=float, nargs="*", default=[], help="other scales to show")
+    _ignored_sections(parser)
+    # `--data PATH` as a shorthand of `--data.data PATH`.
+    argv = [("--data.data" if a == "--data" else a) for a in argv]
+    cfg = parser.parse_args(argv)
+    datamodule: LRCDataModule = parser.instantiate_classes(cfg).data
+    summary = write_preview(datamodule, cfg.out, cfg.cases, cfg.slices, cfg.scales)
+    for row in summary:
+        extra = "".join(f", {k[len('regions_') :]}: {v}" for k, v in row.items()
+                        if str(k).startswith("regions_scale"))  # fmt: skip
+        print(f"{row['case']} slice {row['slice']}: axis {row['slice_axis']}, "
+              f"{row['size'][0]}x{row['size'][1]} px at "  # type: ignore[index]
+              f"{row['spacing_mm'][0]:.3g}x{row['spacing_mm'][1]:.3g} mm, "  # type: ignore[index]
+              f"{row['regions']} regions{extra}")  # fmt: skip
+    print(f"wrote {cfg.out}")
+    return 0
+
+
 def export(argv: list[str]) -> int:
     """Write a checkpoint's backbone weights as a plain PyTorch state_dict."""
     from lrc_lightning.models.weights import BACKBONE_PREFIX, export_backbone
@@ -135,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         return precompute(args[1:])
     if args and args[0] == "export":
         return export(args[1:])
+    if args and args[0] == "preview":
+        return preview(args[1:])
     if args and args[0] == "benchmark":
         from lrc_lightning.evaluation.label_efficiency import main as benchmark
 

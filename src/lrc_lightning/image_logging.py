@@ -106,8 +106,9 @@ def _cell(value: Any) -> str:
 
 
 class SuperpixelViewLogger(pl.Callback):
-    """Every ``every_n_steps`` training steps, logs the two views of a few pre-training
-    slices side by side with their super-pixel boundaries (key ``train/views``)."""
+    """At the first training step and then every ``every_n_steps`` steps, logs the two views
+    of a few pre-training slices side by side with their super-pixel boundaries (key
+    ``train/views``): a look at what LRC contrasts before a long run gets under way."""
 
     def __init__(self, every_n_steps: int = 500, max_images: int = 4) -> None:
         if every_n_steps < 1 or max_images < 1:
@@ -120,7 +121,9 @@ class SuperpixelViewLogger(pl.Callback):
         batch_idx: int,
     ) -> None:  # fmt: skip
         step = trainer.global_step
-        if step % self.every_n_steps or not isinstance(batch, dict) or "image_v1" not in batch:
+        if (step != 1 and step % self.every_n_steps) or not isinstance(batch, dict):
+            return
+        if "image_v1" not in batch:
             return
         panels = []
         for i in range(min(self.max_images, batch["image_v1"].shape[0])):

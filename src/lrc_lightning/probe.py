@@ -268,11 +268,11 @@ class SegmentationProbe(pl.Callback):
 
     def probe(self, pl_module: pl.LightningModule, trainer: pl.Trainer) -> dict[str, float]:
         labelled, val = self._volumes(trainer)
-        num_classes = self.num_classes or int(max(v.label.max() for v in labelled + val)) + 1
+        num_classes = self.num_classes or int(max(v.label_ids().max() for v in labelled + val)) + 1
         generator = torch.Generator().manual_seed(self.seed)
         # The labelled slices with most foreground first, at most max_slices of them.
         ranked = sorted(
-            ((int((np.asarray(v.label[s]) > 0).sum()), i, s)
+            ((int((v.label_ids(s) > 0).sum()), i, s)
              for i, v in enumerate(labelled) for s in range(v.label.shape[0])),
             reverse=True,
         )[: self.max_slices]  # fmt: skip
@@ -283,7 +283,7 @@ class SegmentationProbe(pl.Callback):
                 batch = chosen[start : start + self.batch_size]
                 dense = self._dense(pl_module, np.asarray(v.image[batch]))
                 for k, s in enumerate(batch):
-                    label = torch.from_numpy(np.asarray(v.label[s], np.int64))
+                    label = torch.from_numpy(v.label_ids(s))
                     rows, cols = sample_pixels(label, self.pixels_per_class, generator)
                     features.append(dense[k][:, rows, cols].T)
                     targets.append(label[rows, cols].to(dense.device))
@@ -297,7 +297,7 @@ class SegmentationProbe(pl.Callback):
                     [head(f[None]) for f in self._dense(pl_module, np.asarray(v.image))]
                 )
                 prediction = logits.argmax(1).cpu()
-                target = torch.from_numpy(np.asarray(v.label, np.int64))
+                target = torch.from_numpy(v.label_ids())
                 rows_dice.append(dice_per_organ(prediction[None], target[None], num_classes))
         per_organ = nanmean(torch.cat(rows_dice), dim=0)
         names = self.class_names or [f"class_{c}" for c in range(1, num_classes)]

@@ -21,68 +21,28 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
 import time
 import uuid
 import warnings
-from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
-import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lrc_lightning.data.intensity import Modality, normalise
-from lrc_lightning.data.io import (
-    Case,
-    DataError,
-    assemble_dicom_blocks,
-    check_same_geometry,
-    checked_volume,
-    dicom_blocks,
-    dicom_series_files,
-    read_dicom_block,
-    read_volume,
-)
-from lrc_lightning.superpixels import felzenszwalb
+from lrc_lightning.data.cases import Case, DataError
+from lrc_lightning.data.precompute import precompute_in_pool
+from lrc_lightning.data.preprocess import IGNORE_LABEL, PreprocessConfig, build_entry
 
 __all__ = ["CACHE_VERSION", "CachedVolume", "PreprocessConfig", "VolumeCache", "parse_shard"]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: aspect-preserving image_size (padding), slice_axis "auto"
 _TMP_PREFIX = ".tmp-"
 _STALE_TMP_SECONDS = 6 * 3600
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """Everything that changes a cache entry."""
-
-    modality: Modality = "mr"
-    ct_window: str | tuple[float, float] = "abdomen"
-    mr_percentiles: tuple[float, float] = (0.5, 99.5)
-    image_size: int | None = None
-    slice_axis: int = 0
-    foreground_threshold: float = 0.05
-    min_foreground_fraction: float = 0.02
-    superpixel_scale: float = 100.0
-    superpixel_sigma: float = 0.8
-    superpixel_min_size: int = 50
-    background_threshold: float | None = None
-    allowed_labels: tuple[int, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if self.slice_axis not in (0, 1, 2):
-            raise ValueError(f"slice_axis must be 0, 1 or 2, got {self.slice_axis}")
-        if self.image_size is not None and self.image_size < 8:
-            raise ValueError(f"image_size must be >= 8, got {self.image_size}")
 
 
 @dataclass
@@ -92,9 +52,18 @@ class CachedVolume:
     case_id: str
     image: np.ndarray  # (S, H, W) float16
     superpixels: np.ndarray  # (S, H, W) int16/int32
-    label: np.ndarray | None  # (S, H, W) uint8
+    label: np.ndarray | None  # (S, H, W) uint8, IGNORE_LABEL where padded
     kept_slices: list[int]
     meta: dict[str, Any]
+
+    def label_ids(self, index: Any = slice(None)) -> np.ndarray:
+        """``label[index]`` as int64 with padded and ignored pixels as -1 (the value the
+        losses and Dice ignore)."""
+        if self.label is None:
+            raise ValueError(f"case {self.case_id} has no label")
+        out = np.asarray(self.label[index], dtype=np.int64)
+        out[out == IGNORE_LABEL] = -1
+        return out
 
 
 def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int]:
@@ -136,117 +105,6 @@ def _digest(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _resize_slices(volume: np.ndarray, size: int, mode: str) -> np.ndarray:
-    t = torch.from_numpy(np.ascontiguousarray(volume)).unsqueeze(1)
-    if mode == "nearest":
-        out = F.interpolate(t.float(), size=(size, size), mode="nearest-exact")
-        return out.squeeze(1).numpy().astype(volume.dtype)
-    out = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return out.squeeze(1).numpy()
-
-
-@dataclass
-class _ReadCase:
-    case: Case
-    image: np.ndarray  # (S, H, W) float32 in [0, 1], contiguous
-    label: np.ndarray | None  # (S, H, W) uint8
-    spacing_zyx: list[float]
-
-
-def build_entry(case: Case, config: PreprocessConfig) -> dict[str, np.ndarray | dict]:
-    """Read, normalise, resize and segment one case (no I/O to the cache)."""
-    read = _read_case(case, config)
-    superpixels = np.stack([_felzenszwalb(s, config) for s in read.image])
-    return _assemble(read, superpixels, config)
-
-
-def _felzenszwalb(image: np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    return felzenszwalb(
-        image,
-        config.superpixel_scale,
-        config.superpixel_sigma,
-        config.superpixel_min_size,
-        config.background_threshold,
-    )
-
-
-def _felzenszwalb_slices(images: np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    """Pool worker: super-pixels of a (k, H, W) block of slices (numba only, no torch)."""
-    return np.stack([_felzenszwalb(s, config) for s in images])
-
-
-def _read_case(
-    case: Case, config: PreprocessConfig, read_image: Callable[[Path], sitk.Image] = read_volume
-) -> _ReadCase:
-    """Read, check, normalise and resize one case."""
-    image = read_image(case.image)
-    arr = sitk.GetArrayFromImage(image)  # (z, y, x)
-    label_arr = None
-    if case.label is not None:
-        label = read_volume(case.label)
-        check_same_geometry(image, label, case.image, case.label)
-        label_arr = sitk.GetArrayFromImage(label)
-        if np.issubdtype(label_arr.dtype, np.floating):
-            if not np.all(label_arr == np.round(label_arr)):
-                raise DataError(f"{case.label}: label map has non-integer values")
-        values = np.unique(label_arr)
-        if values.min() < 0 or values.max() > 255:
-            raise DataError(
-                f"{case.label}: label values must lie in 0..255, "
-                f"found {values.min()}..{values.max()}"
-            )
-        if config.allowed_labels is not None:
-            extra = sorted(set(values.tolist()) - set(config.allowed_labels))
-            if extra:
-                raise DataError(
-                    f"{case.label}: label values {extra} are not among the declared labels "
-                    f"{list(config.allowed_labels)}"
-                )
-        label_arr = label_arr.astype(np.uint8)
-    norm = normalise(arr, config.modality, config.ct_window, config.mr_percentiles, str(case.image))
-    norm = np.moveaxis(norm, config.slice_axis, 0)
-    if label_arr is not None:
-        label_arr = np.moveaxis(label_arr, config.slice_axis, 0)
-    if config.image_size is not None:
-        norm = _resize_slices(norm, config.image_size, "bilinear")
-        norm = np.clip(norm, 0.0, 1.0)
-        if label_arr is not None:
-            label_arr = _resize_slices(label_arr, config.image_size, "nearest")
-    norm = np.ascontiguousarray(norm, dtype=np.float32)
-    return _ReadCase(case, norm, label_arr, list(reversed(image.GetSpacing())))
-
-
-def _assemble(
-    read: _ReadCase, superpixels: np.ndarray, config: PreprocessConfig
-) -> dict[str, np.ndarray | dict]:
-    """The arrays and metadata of a cache entry."""
-    case, norm, label_arr = read.case, read.image, read.label
-    foreground = (norm > config.foreground_threshold).mean(axis=(1, 2))
-    kept = [int(i) for i in np.flatnonzero(foreground >= config.min_foreground_fraction)]
-    n_regions = superpixels.reshape(len(norm), -1).max(1) + 1
-    sp_dtype = np.int16 if superpixels.max() < np.iinfo(np.int16).max else np.int32
-    arrays: dict[str, Any] = {
-        "image": norm.astype(np.float16),
-        "superpixels": superpixels.astype(sp_dtype),
-    }
-    if label_arr is not None:
-        arrays["label"] = label_arr
-    arrays["meta"] = {
-        "case_id": case.case_id,
-        "image_file": str(case.image),
-        "label_file": str(case.label) if case.label else None,
-        "shape": list(norm.shape),
-        "spacing_zyx": read.spacing_zyx,
-        "kept_slices": kept,
-        "regions_per_slice": {
-            "min": int(n_regions.min()),
-            "median": float(np.median(n_regions)),
-            "max": int(n_regions.max()),
-        },
-    }
-    return arrays
 
 
 class VolumeCache:
@@ -391,56 +249,10 @@ class VolumeCache:
                     self._write(case, build_entry(case, self.config))
                     bar.update(1)
             else:
-                self._prepare_pipelined(todo, processes, bar)
+                precompute_in_pool(todo, self.config, processes, self._write, bar.update)
         finally:
             bar.close()
         return stats
-
-    def _prepare_pipelined(self, todo: list[Case], processes: int, bar: Any) -> None:
-        """This process reads, normalises and writes; ``processes`` workers compute
-        super-pixels by blocks of slices, for up to two cases in flight. Parallel by slice,
-        so one large volume (a CT) scales too, not just many small ones. DICOM series are
-        also decoded by the workers, in blocks of files (decoding is serial inside ITK).
-
-        Workers run numba code or ITK's single-threaded DICOM decoding only, never torch
-        or OpenMP: forking them from a process that has used those is safe and costs no
-        interpreter start-up.
-        """
-        methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        _felzenszwalb(np.zeros((8, 8), np.float32), self.config)  # compiled once, inherited
-        in_flight: deque[tuple[_ReadCase, list[Future]]] = deque()
-
-        def finish_oldest() -> None:
-            read, futures = in_flight.popleft()
-            superpixels = np.concatenate([f.result() for f in futures])
-            self._write(read.case, _assemble(read, superpixels, self.config))
-            bar.update(1)
-
-        with ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
-
-            def read_image(path: Path) -> sitk.Image:
-                if not path.is_dir():
-                    return read_volume(path)
-                blocks = dicom_blocks(dicom_series_files(path), 2 * processes)
-                if len(blocks) == 1:
-                    return read_volume(path)
-                futures = [pool.submit(read_dicom_block, str(path), b) for b in blocks]
-                image = assemble_dicom_blocks([f.result() for f in futures])
-                return read_volume(path) if image is None else checked_volume(image, path)
-
-            for case in todo:
-                read = _read_case(case, self.config, read_image)
-                block = max(1, -(-len(read.image) // (4 * processes)))  # ~4 blocks per worker
-                futures = [
-                    pool.submit(_felzenszwalb_slices, read.image[i : i + block], self.config)
-                    for i in range(0, len(read.image), block)
-                ]
-                in_flight.append((read, futures))
-                if len(in_flight) > 1:
-                    finish_oldest()
-            while in_flight:
-                finish_oldest()
 
     # ---------------------------------------------------------------- reading
     def load(self, case: Case) -> CachedVolume:

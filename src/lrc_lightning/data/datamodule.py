@@ -10,9 +10,9 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
 from lrc_lightning.data.cache import CachedVolume, PreprocessConfig, VolumeCache
+from lrc_lightning.data.cases import Case, DataError, discover_cases, read_json
 from lrc_lightning.data.datasets import LabelledSlices, PairedViewSlices, Volumes
 from lrc_lightning.data.intensity import Modality
-from lrc_lightning.data.io import Case, DataError, discover_cases, read_json
 from lrc_lightning.data.splits import Split, split_cases
 from lrc_lightning.data.transforms import GeometryAugment, IntensityAugment
 
@@ -47,12 +47,19 @@ class LRCDataModule(pl.LightningDataModule):
 
     Args:
         data: MSD ``dataset.json`` or its folder, a CSV, a folder of volumes / DICOM series,
-            or a list of paths (see :func:`lrc_lightning.data.io.discover_cases`).
+            or a list of paths (see :func:`lrc_lightning.data.cases.discover_cases`).
         cache_dir: where the super-pixel cache lives (shared by all ranks of a node; put it
             on a shared filesystem for several nodes).
         modality, ct_window, mr_percentiles: intensity normalisation.
-        image_size: in-plane resize (None keeps the file's size).
-        slice_axis: 0 = axial after reorientation to LPS.
+        image_size: square output side: slices are scaled so that their longer side fits
+            and padded (image 0, super-pixels -1, labels ignored), keeping the aspect
+            ratio. None keeps each file's size (then all training cases must share it).
+        spacing: in-plane target spacing (rows, columns) in mm, resampled before
+            ``image_size`` (as nnU-Net does); None keeps each file's spacing.
+        slice_axis: ``"auto"``: slice along the acquisition plane (the through-plane axis of
+            the voxel grid: largest spacing, ties by fewest voxels); or 0, 1, 2 of the
+            LPS-oriented (z, y, x) array (0 = axial). See
+            :mod:`lrc_lightning.data.preprocess`.
         skip_empty_slices: pre-train on slices with at least ``min_foreground_fraction`` of
             pixels brighter than ``foreground_threshold`` only.
         superpixel_*: Felzenszwalb parameters; ``background_threshold`` suppresses dark regions.
@@ -79,7 +86,8 @@ class LRCDataModule(pl.LightningDataModule):
         ct_window: str | tuple[float, float] = "abdomen",
         mr_percentiles: tuple[float, float] = (0.5, 99.5),
         image_size: int | None = None,
-        slice_axis: int = 0,
+        spacing: tuple[float, float] | None = None,
+        slice_axis: int | Literal["auto"] = "auto",
         skip_empty_slices: bool = True,
         foreground_threshold: float = 0.05,
         min_foreground_fraction: float = 0.02,
@@ -127,6 +135,7 @@ class LRCDataModule(pl.LightningDataModule):
             ct_window=tuple(ct_window) if not isinstance(ct_window, str) else ct_window,
             mr_percentiles=tuple(mr_percentiles),
             image_size=image_size,
+            spacing=tuple(spacing) if spacing is not None else None,  # type: ignore[arg-type]
             slice_axis=slice_axis,
             foreground_threshold=foreground_threshold if skip_empty_slices else -1.0,
             min_foreground_fraction=min_foreground_fraction if skip_empty_slices else 0.0,
@@ -167,6 +176,22 @@ class LRCDataModule(pl.LightningDataModule):
             if case.case_id not in self._volumes:
                 self.cache.ensure(case)  # normally a no-op after prepare_data
                 self._volumes[case.case_id] = self.cache.load(case)
+        on_labelled = self.mode == "finetune" or self.pretrain_on == "labelled"
+        self._check_same_slice_size(self.split.labelled if on_labelled else self.split.pool)
+
+    def _check_same_slice_size(self, cases: Sequence[Case]) -> None:
+        """Training slices are batched: one slice size, or a clear error before collate."""
+        sizes: dict[tuple[int, ...], str] = {}
+        for case in cases:
+            sizes.setdefault(tuple(self._volumes[case.case_id].image.shape[1:]), case.case_id)
+        if len(sizes) > 1:
+            (size_a, case_a), (size_b, case_b) = list(sizes.items())[:2]
+            raise DataError(
+                f"training slices of different sizes cannot be batched: case {case_a} has "
+                f"{size_a[0]}x{size_a[1]}, case {case_b} has {size_b[0]}x{size_b[1]} "
+                f"({len(sizes)} sizes in all). Set image_size (and optionally spacing) on "
+                "LRCDataModule to bring them to one size."
+            )
 
     def volumes(self, cases: Sequence[Case]) -> list[CachedVolume]:
         """The memory-mapped cached volumes of ``cases`` (after :meth:`setup`)."""

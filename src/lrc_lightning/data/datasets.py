@@ -62,7 +62,7 @@ class PairedViewSlices(_SliceDataset):
         image = _slice(vol.image, s, np.float32).unsqueeze(0)
         maps = {"superpixels": _slice(vol.superpixels, s, np.int64)}
         if self.with_labels:
-            maps["label"] = _slice(vol.label, s, np.int64)  # type: ignore[arg-type]
+            maps["label"] = torch.from_numpy(vol.label_ids(s))
         item: dict[str, Tensor | str | int] = {"case_id": vol.case_id, "slice_index": s}
         for view in ("v1", "v2"):
             warped, warped_maps = apply_affine(self.geometry.sample(), image, maps)
@@ -93,7 +93,7 @@ class LabelledSlices(_SliceDataset):
         v, s = self.index[i]
         vol = self.volumes[v]
         image = _slice(vol.image, s, np.float32).unsqueeze(0)
-        label = _slice(vol.label, s, np.int64)  # type: ignore[arg-type]
+        label = torch.from_numpy(vol.label_ids(s))
         if self.geometry is not None:
             image, maps = apply_affine(self.geometry.sample(), image, {"label": label})
             label = maps["label"]
@@ -118,5 +118,5 @@ class Volumes(Dataset):
             "case_id": vol.case_id,
         }
         if vol.label is not None:
-            item["label"] = torch.from_numpy(np.asarray(vol.label, dtype=np.int64))
+            item["label"] = torch.from_numpy(vol.label_ids())
         return item

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lrc_lightning.data.io import Case
+from lrc_lightning.data.cases import Case
 
 __all__ = ["Split", "split_cases"]
 

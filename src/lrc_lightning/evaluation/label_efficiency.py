@@ -59,7 +59,7 @@ import torch
 
 from lrc_lightning import __version__
 from lrc_lightning.data import LRCDataModule, discover_cases
-from lrc_lightning.data.io import DataError, read_json
+from lrc_lightning.data.cases import DataError, read_json
 from lrc_lightning.data.splits import split_cases
 from lrc_lightning.evaluation.statistics import paired_differences, paired_table
 from lrc_lightning.mixin import LRCConfig
@@ -160,7 +160,7 @@ def atomic_json(path: Path, payload: dict[str, Any]) -> None:
 RESULT_OPTIONS = (
     "size", "width", "depth", "batch_size", "lr", "queue_size", "pretrain_steps",
     "finetune_steps", "test_cases", "val_cases", "split_seed", "precision", "key_bn_groups",
-    "probe_pixels", "probe_l2", "modality", "ct_window", "slice_axis", "classes",
+    "probe_pixels", "probe_l2", "modality", "ct_window", "slice_axis", "spacing", "classes",
 )  # fmt: skip
 
 
@@ -240,7 +240,7 @@ class Benchmark:
             window = tuple(window)
         return LRCDataModule(
             a.data, cache_dir=a.cache_dir, image_size=a.size, batch_size=a.batch_size,
-            modality=a.modality, ct_window=window, slice_axis=a.slice_axis,
+            modality=a.modality, ct_window=window, slice_axis=a.slice_axis, spacing=a.spacing,
             labels=list(range(self.num_classes)),  # a value outside the classes is an error
             test_cases=self.test, val_cases=self.val, labelled_cases=labelled,
             superpixel_scale=variant.superpixel_scale if variant else 100.0,
@@ -332,8 +332,8 @@ class Benchmark:
         split = datamodule.split
         assert split is not None
         scored = split.test if stage == "test" else split.val
-        train = [(v.image, v.label) for v in datamodule.volumes(split.labelled)]
-        test = {v.case_id: (v.image, v.label) for v in datamodule.volumes(scored)}
+        train = [(v.image, v.label_ids()) for v in datamodule.volumes(split.labelled)]
+        test = {v.case_id: (v.image, v.label_ids()) for v in datamodule.volumes(scored)}
         if self.args.accelerator == "gpu" or (
             self.args.accelerator == "auto" and torch.cuda.is_available()
         ):
@@ -556,6 +556,10 @@ def ablation_variants(base: LRCConfig) -> list[Variant]:
     ]  # fmt: skip
 
 
+def _slice_axis(value: str) -> int | str:
+    return value if value == "auto" else int(value)
+
+
 def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     """The benchmark's options (``defaults`` overrides some, e.g. the repository's paths)."""
     parser = argparse.ArgumentParser(
@@ -585,9 +589,17 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
     )
     parser.add_argument(
         "--slice-axis",
-        type=int,
-        default=0,
-        help="the data module's slice axis (0: axial after reorientation)",
+        type=_slice_axis,
+        default="auto",
+        help="'auto' (the acquisition plane) or 0, 1, 2 (0: axial)",
+    )
+    parser.add_argument(
+        "--spacing",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("ROW", "COL"),
+        help="in-plane target spacing in mm (default: each file's)",
     )
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--width", type=int, default=8)

@@ -1,0 +1,278 @@
+"""Pre-processing of one case: read, check, orient, normalise, resample in-plane, segment.
+
+The order, for every case (:func:`build_entry`; the process pool of
+:mod:`~lrc_lightning.data.precompute` runs the same steps with super-pixels in parallel):
+
+1. Read image (and label) through SimpleITK, reoriented to LPS without resampling
+   (:func:`~lrc_lightning.data.io.read_volume`: a permutation and flips of the voxel grid).
+2. **Slice along the acquisition plane.** ``slice_axis="auto"`` takes the through-plane axis
+   of the voxel grid: the largest spacing, ties broken by the fewest voxels. Axial CT,
+   sagittal or coronal MR and oblique short-axis cardiac MR then all give their native 2D
+   images, never a cut across the stack; nothing is resampled through-plane. After the LPS
+   reorientation every in-plane axis points to +L, +P or +S, so anatomy is consistently
+   oriented: rows and columns keep the (S, P, L) order of the array (axial: rows P,
+   columns L; sagittal: S, P; coronal: S, L). An explicit axis (0, 1, 2 of the (z, y, x)
+   array) still wins.
+3. Intensity normalisation to [0, 1] (:mod:`~lrc_lightning.data.intensity`).
+4. **In-plane resampling** (optional ``spacing``, mm per row and column, as nnU-Net
+   resamples), then ``image_size``: the slice is scaled so that its longer side is
+   ``image_size`` (aspect ratio kept) and padded to a square: image with 0, super-pixel
+   maps with -1, labels with :data:`IGNORE_LABEL`. Images bilinear (anti-aliased), label
+   maps nearest.
+5. Felzenszwalb super-pixels on each unpadded slice.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from lrc_lightning.data.cases import Case, DataError
+from lrc_lightning.data.intensity import Modality, normalise
+from lrc_lightning.data.io import check_same_geometry, read_volume
+from lrc_lightning.superpixels import felzenszwalb
+
+__all__ = [
+    "IGNORE_LABEL",
+    "PreprocessConfig",
+    "ReadCase",
+    "SliceAxis",
+    "assemble_entry",
+    "build_entry",
+    "choose_slice_axis",
+    "read_case",
+    "superpixels_of_slices",
+]
+
+SliceAxis = int | Literal["auto"]
+
+#: Stored label value of padded (and ignored) pixels; batches carry it as -1.
+IGNORE_LABEL = 255
+
+#: Spacings within this relative tolerance count as equal when choosing the slice axis.
+_SPACING_TIE = 0.01
+#: In-plane spacing ratio above which a warning names the file.
+_ANISOTROPY_WARNING = 2.0
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Everything that changes a cache entry."""
+
+    modality: Modality = "mr"
+    ct_window: str | tuple[float, float] = "abdomen"
+    mr_percentiles: tuple[float, float] = (0.5, 99.5)
+    image_size: int | None = None
+    spacing: tuple[float, float] | None = None
+    slice_axis: SliceAxis = "auto"
+    foreground_threshold: float = 0.05
+    min_foreground_fraction: float = 0.02
+    superpixel_scale: float = 100.0
+    superpixel_sigma: float = 0.8
+    superpixel_min_size: int = 50
+    background_threshold: float | None = None
+    allowed_labels: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.slice_axis not in (0, 1, 2, "auto"):
+            raise ValueError(f"slice_axis must be 0, 1, 2 or 'auto', got {self.slice_axis!r}")
+        if self.image_size is not None and self.image_size < 8:
+            raise ValueError(f"image_size must be >= 8, got {self.image_size}")
+        if self.spacing is not None and (
+            len(self.spacing) != 2 or min(float(s) for s in self.spacing) <= 0
+        ):
+            raise ValueError(f"spacing must be two positive values (rows, columns), got "
+                             f"{self.spacing}")  # fmt: skip
+
+
+def choose_slice_axis(spacing_zyx: tuple[float, ...], shape_zyx: tuple[int, ...]) -> int:
+    """The (z, y, x) array axis to slice along: the through-plane axis of the voxel grid.
+
+    Largest spacing; spacings within 1% are a tie, broken by the fewest voxels, then by
+    the lowest axis (z first).
+    """
+    largest = max(spacing_zyx)
+    tied = [a for a in range(3) if spacing_zyx[a] >= largest * (1 - _SPACING_TIE)]
+    return min(tied, key=lambda a: (shape_zyx[a], a))
+
+
+@dataclass
+class ReadCase:
+    """One case after steps 1-4, before super-pixels and padding."""
+
+    case: Case
+    image: np.ndarray  # (S, h, w) float32 in [0, 1], contiguous, unpadded
+    label: np.ndarray | None  # (S, h, w) uint8
+    spacing: list[float]  # (through-plane, row, column) mm after resampling
+    slice_axis: int  # of the LPS (z, y, x) array
+    padded_size: tuple[int, int] | None  # (H, W) after padding, None without image_size
+
+
+def _read_label(case: Case, image: sitk.Image, config: PreprocessConfig) -> np.ndarray | None:
+    if case.label is None:
+        return None
+    label = read_volume(case.label)
+    check_same_geometry(image, label, case.image, case.label)
+    label_arr = sitk.GetArrayFromImage(label)
+    if np.issubdtype(label_arr.dtype, np.floating):
+        if not np.all(label_arr == np.round(label_arr)):
+            raise DataError(f"{case.label}: label map has non-integer values")
+    values = np.unique(label_arr)
+    if values.min() < 0 or values.max() > 255:
+        raise DataError(
+            f"{case.label}: label values must lie in 0..255, found {values.min()}..{values.max()}"
+        )
+    if config.allowed_labels is not None:
+        extra = sorted(set(values.tolist()) - set(config.allowed_labels) - {IGNORE_LABEL})
+        if extra:
+            raise DataError(
+                f"{case.label}: label values {extra} are not among the declared labels "
+                f"{list(config.allowed_labels)}"
+            )
+    return label_arr.astype(np.uint8)
+
+
+def _resize(slices: np.ndarray, size: tuple[int, int], label: bool) -> np.ndarray:
+    """(S, h, w) -> (S, *size): nearest for label maps, anti-aliased bilinear otherwise."""
+    if slices.shape[1:] == size:
+        return slices
+    t = torch.from_numpy(np.ascontiguousarray(slices)).unsqueeze(1)
+    if label:
+        out = F.interpolate(t.float(), size=size, mode="nearest-exact")
+        return out.squeeze(1).numpy().astype(slices.dtype)
+    out = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return np.clip(out.squeeze(1).numpy(), 0.0, 1.0)
+
+
+def _in_plane_size(
+    shape: tuple[int, int], spacing: tuple[float, float], config: PreprocessConfig
+) -> tuple[tuple[int, int], tuple[float, float]]:
+    """Slice size and spacing after ``spacing`` resampling and ``image_size`` fitting."""
+    h, w = shape
+    sy, sx = spacing
+    if config.spacing is not None:
+        ty, tx = (float(s) for s in config.spacing)
+        h, w = max(1, round(h * sy / ty)), max(1, round(w * sx / tx))
+        sy, sx = ty, tx
+    if config.image_size is not None:
+        scale = config.image_size / max(h, w)
+        new_h = min(config.image_size, max(1, round(h * scale)))
+        new_w = min(config.image_size, max(1, round(w * scale)))
+        sy, sx = sy * h / new_h, sx * w / new_w
+        h, w = new_h, new_w
+    return (h, w), (sy, sx)
+
+
+def read_case(
+    case: Case, config: PreprocessConfig, read_image: Any = read_volume
+) -> ReadCase:
+    """Steps 1-4 of the module docstring for one case."""
+    image = read_image(case.image)
+    arr = sitk.GetArrayFromImage(image)  # (z, y, x), LPS
+    label_arr = _read_label(case, image, config)
+    spacing_zyx = tuple(reversed(image.GetSpacing()))
+    axis = (
+        choose_slice_axis(spacing_zyx, arr.shape)
+        if config.slice_axis == "auto"
+        else int(config.slice_axis)
+    )
+    in_plane = [a for a in range(3) if a != axis]
+    row_spacing, col_spacing = (float(spacing_zyx[a]) for a in in_plane)
+    ratio = max(row_spacing, col_spacing) / min(row_spacing, col_spacing)
+    if ratio > _ANISOTROPY_WARNING and config.spacing is None:
+        warnings.warn(
+            f"{case.image}: slices along axis {axis} have in-plane spacing "
+            f"{row_spacing:.3g} x {col_spacing:.3g} mm ({ratio:.1f}:1); is slice_axis right? "
+            "(slice_axis='auto' takes the through-plane axis; spacing=(r, c) resamples)",
+            stacklevel=2,
+        )
+    norm = normalise(arr, config.modality, config.ct_window, config.mr_percentiles, str(case.image))
+    norm = np.moveaxis(norm, axis, 0)
+    if label_arr is not None:
+        label_arr = np.moveaxis(label_arr, axis, 0)
+    size, (sy, sx) = _in_plane_size(norm.shape[1:], (row_spacing, col_spacing), config)
+    norm = _resize(norm, size, label=False)
+    if label_arr is not None:
+        label_arr = np.ascontiguousarray(_resize(label_arr, size, label=True))
+    padded = (config.image_size, config.image_size) if config.image_size is not None else None
+    return ReadCase(
+        case=case,
+        image=np.ascontiguousarray(norm, dtype=np.float32),
+        label=label_arr,
+        spacing=[float(spacing_zyx[axis]), sy, sx],
+        slice_axis=axis,
+        padded_size=padded,
+    )
+
+
+def superpixels_of_slices(images: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """Felzenszwalb super-pixels of (k, h, w) slices (numba only, no torch: pool-safe)."""
+    return np.stack(
+        [
+            felzenszwalb(
+                s,
+                config.superpixel_scale,
+                config.superpixel_sigma,
+                config.superpixel_min_size,
+                config.background_threshold,
+            )
+            for s in images
+        ]
+    )
+
+
+def _pad(slices: np.ndarray, size: tuple[int, int] | None, value: float) -> np.ndarray:
+    """Centre (S, h, w) in (S, *size), filling with ``value``."""
+    if size is None or slices.shape[1:] == size:
+        return slices
+    h, w = slices.shape[1:]
+    top, left = (size[0] - h) // 2, (size[1] - w) // 2
+    out = np.full((len(slices), *size), value, dtype=slices.dtype)
+    out[:, top : top + h, left : left + w] = slices
+    return out
+
+
+def assemble_entry(
+    read: ReadCase, superpixels: np.ndarray, config: PreprocessConfig
+) -> dict[str, Any]:
+    """The arrays and metadata of a cache entry (step 5's output padded like the image)."""
+    norm, label_arr = read.image, read.label
+    foreground = (norm > config.foreground_threshold).mean(axis=(1, 2))
+    kept = [int(i) for i in np.flatnonzero(foreground >= config.min_foreground_fraction)]
+    n_regions = superpixels.reshape(len(norm), -1).max(1) + 1
+    sp_dtype = np.int16 if superpixels.max() < np.iinfo(np.int16).max else np.int32
+    image = _pad(norm, read.padded_size, 0.0)
+    arrays: dict[str, Any] = {
+        "image": image.astype(np.float16),
+        "superpixels": _pad(superpixels.astype(sp_dtype), read.padded_size, -1),
+    }
+    if label_arr is not None:
+        arrays["label"] = _pad(label_arr, read.padded_size, IGNORE_LABEL)
+    arrays["meta"] = {
+        "case_id": read.case.case_id,
+        "image_file": str(read.case.image),
+        "label_file": str(read.case.label) if read.case.label else None,
+        "shape": list(image.shape),
+        "content_shape": list(norm.shape),
+        "slice_axis": read.slice_axis,
+        "spacing": read.spacing,
+        "kept_slices": kept,
+        "regions_per_slice": {
+            "min": int(n_regions.min()),
+            "median": float(np.median(n_regions)),
+            "max": int(n_regions.max()),
+        },
+    }
+    return arrays
+
+
+def build_entry(case: Case, config: PreprocessConfig) -> dict[str, Any]:
+    """Read, normalise, resample and segment one case (no I/O to the cache)."""
+    read = read_case(case, config)
+    return assemble_entry(read, superpixels_of_slices(read.image, config), config)
