@@ -218,3 +218,21 @@ def test_nothing_partial_after_bad_inputs(tmp_path: Path) -> None:
     meta = json.loads((entries[0] / "meta.json").read_text())
     assert meta["case_id"] == "good" and dm.cache.is_valid(entries[0])
     assert torch.is_tensor(torch.from_numpy(np.load(entries[0] / "image.npy")))
+
+
+def test_non_axial_and_mixed_sets_pre_train(tmp_path: Path) -> None:
+    """MoCo v2 + LRC pre-trains on a sagittal MR stack next to the mixed-size, mixed-spacing
+    CT and MR, with only image_size set."""
+    from lrc_lightning.models import MoCoV2LRC, UNet2d
+
+    array, (sx, sy, sz) = _axial()
+    sagittal = _write(array.transpose(1, 2, 0), (sz, sx, sy), np.eye(3), tmp_path / "sag.nii.gz")
+    data = tmp_path / "cases.csv"
+    data.write_text(f"image,id\n{sagittal},sagittal\n{CT},ct\n{MR},mr\n")
+    dm = LRCDataModule(str(data), cache_dir=str(tmp_path / "cache"), image_size=32,
+                       batch_size=4)  # fmt: skip
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(MoCoV2LRC(UNet2d(width=4, depth=2), queue_size=16), dm)
+    assert trainer.global_step == 2
+    assert dm.volumes(dm.cases())[0].meta["slice_axis"] == 2  # the sagittal stack's own axis
