@@ -81,6 +81,23 @@ def test_label_efficiency_outputs_and_resumes(tmp_path: Path) -> None:
     partial = json.loads((tmp_path / "label_efficiency_partial.json").read_text())
     assert partial["summary"]["moco_lrc|1"]["n_seeds"] == 1
 
+    # Diagnostics of the finished pre-trainings: the probe on every level, regions per level.
+    run("benchmarks/lrc_diagnostics.py", *args[1:], "--region-batches", "2")
+    result = json.loads((tmp_path / "lrc_diagnostics.json").read_text())
+    assert set(result["probe_per_level"]) == {"random", "moco_lrc"}
+    assert set(result["probe_per_level"]["moco_lrc"]) == {"bottleneck", "-2", "-1"}
+    regions = result["regions"]  # a smaller map cannot hold more regions
+    assert regions["-2 (16x16)"]["mean_present_in_both"] <= regions["-1 (32x32)"][
+        "mean_present_in_both"
+    ]
+    work = args.index("--work-dir") + 1
+    no_weights = [*args[:work], str(tmp_path / "empty"), *args[work + 1 :]]
+    missing = subprocess.run(
+        [sys.executable, "benchmarks/lrc_diagnostics.py", *no_weights[1:], "--arms", "moco_lrc"],
+        cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace", timeout=300,
+    )  # fmt: skip
+    assert missing.returncode != 0 and "run benchmarks/label_efficiency.py first" in missing.stderr
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
 def test_step_overhead_on_cuda_without_a_gpu_is_a_clear_error() -> None:
@@ -110,3 +127,4 @@ def test_step_overhead_prints_headline_json() -> None:
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["headline"] == "cpu_32_b2"
     assert summary["step_time_ratio"] > 0 and summary["step_time_ratio_vs_encoder_only"] > 0
+

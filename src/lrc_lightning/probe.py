@@ -8,7 +8,7 @@ organ on the validation volumes. The pre-training itself is not touched.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytorch_lightning as pl
@@ -111,12 +111,16 @@ def fit_pixel_classifier(
     return conv.to(device=device, dtype=dtype)
 
 
+FeatureLevel = int | Literal["bottleneck"]
+
+
 @torch.no_grad()
 def dense_features(
-    backbone: nn.Module, slices: np.ndarray, batch_size: int = 32, level: int = -1
+    backbone: nn.Module, slices: np.ndarray, batch_size: int = 32, level: FeatureLevel = -1
 ) -> Tensor:
     """Frozen (S, C, H, W) features of (S, H, W) slices at the slices' resolution (float32,
-    on the backbone's device): decoder ``level`` of a U-Net-like backbone, or its output."""
+    on the backbone's device): decoder ``level`` of a U-Net-like backbone (or
+    ``"bottleneck"``: its encoder's output), or the output of any other backbone."""
     from lrc_lightning.models.backbone import backbone_features
 
     device = next(backbone.parameters()).device
@@ -124,7 +128,10 @@ def dense_features(
     for start in range(0, len(slices), batch_size):
         x = torch.from_numpy(np.asarray(slices[start : start + batch_size], np.float32))
         x = x[:, None].to(device)
-        f = backbone_features(backbone, x, level)[1].float()  # type: ignore[union-attr]
+        if level == "bottleneck":
+            f = backbone.encode(x)[0].float()  # type: ignore[operator]
+        else:
+            f = backbone_features(backbone, x, level)[1].float()  # type: ignore[union-attr]
         out.append(F.interpolate(f, size=x.shape[-2:], mode="bilinear", align_corners=False))
     return torch.cat(out)
 
@@ -138,6 +145,7 @@ def linear_probe_dice(
     seed: int = 0,
     l2: float = 1e-4,
     batch_size: int = 32,
+    level: FeatureLevel = -1,
 ) -> dict[str, list[float]]:
     """Frozen-feature dense linear probe: 3D Dice per organ of each test volume.
 
@@ -150,6 +158,7 @@ def linear_probe_dice(
         backbone: the pre-trained (or random) network; put in eval mode here.
         train: (image (S, H, W), label (S, H, W)) of the labelled volumes.
         test: case id -> (image, label) of the volumes to score.
+        level: the features probed (:func:`dense_features`).
 
     Returns:
         case id -> Dice of organs 1..num_classes-1 (NaN where undefined).
@@ -160,7 +169,7 @@ def linear_probe_dice(
         generator = torch.Generator().manual_seed(seed)
         features, targets = [], []
         for image, label in train:
-            dense = dense_features(backbone, image, batch_size)
+            dense = dense_features(backbone, image, batch_size, level)
             flat_label = torch.from_numpy(np.asarray(label, np.int64)).flatten()
             flat = dense.permute(1, 0, 2, 3).flatten(1)  # (C, S*H*W)
             for c in range(num_classes):
@@ -171,7 +180,7 @@ def linear_probe_dice(
         head = fit_pixel_classifier(torch.cat(features), torch.cat(targets), num_classes, l2)
         scores: dict[str, list[float]] = {}
         for case_id, (image, label) in test.items():
-            dense = dense_features(backbone, image, batch_size)
+            dense = dense_features(backbone, image, batch_size, level)
             with torch.no_grad():
                 prediction = torch.cat([head(f).argmax(1) for f in dense.split(batch_size)])
             target = torch.from_numpy(np.asarray(label, np.int64))
