@@ -152,3 +152,19 @@ def test_majority_downsampling_memory_is_linear_in_the_map() -> None:
         out = downsample_superpixels(maps, (16, 16), "majority")
     assert sizes.largest <= maps.numel() * 8
     assert out.shape == (2, 16, 16)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_moco_lrc_trains_in_bf16(precision: str) -> None:
+    """precision="bf16-true" casts the head's weights to bf16: the loss feeds it bf16 samples
+    and computes the contrast in fp32."""
+    pl.seed_everything(0)
+    model = MoCoV2LRC(UNet2d(width=4, depth=2), queue_size=16)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, precision=precision, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)  # fmt: skip
+    trainer.fit(model, DataLoader(PairedSlices(n=8), batch_size=4))
+    assert trainer.global_step == 2
+    expected = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    assert model.lrc_head.layers[0].weight.dtype == expected
+    assert torch.isfinite(trainer.callback_metrics["train/lrc_loss_step"])

@@ -230,9 +230,13 @@ def _project(
 ) -> tuple[Tensor, Tensor]:
     """Both views through the projector in one call, so that its BatchNorm sees both; a
     projector with ``supports_sample_mask`` also gets the (B, h, w) validity masks."""
-    x = torch.cat([x1.float(), x2.float()])
+    # The head computes in its own dtype (bf16 under precision="bf16-true"), the loss in fp32.
+    weight = next(projector.parameters(), None)
+    dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+    x = torch.cat([x1, x2]).to(dtype)
     if getattr(projector, "supports_sample_mask", False):
         out = projector(x, torch.cat([mask1, mask2]))
     else:
         out = projector(x)
+    out = out.float()
     return out[: x1.shape[0]], out[x1.shape[0] :]
