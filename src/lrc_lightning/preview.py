@@ -53,14 +53,16 @@ def preview_grid(
 ) -> tuple[np.ndarray, list[dict[str, object]]]:
     """The (H, W, 3) uint8 grid and one summary per shown slice.
 
-    Rows: ``slices`` slices of each of the first ``cases`` cases; columns: the cached
-    super-pixels, then Felzenszwalb at each of ``scales`` (same sigma and min_size).
+    Only the first ``cases`` cases are read and cached. Rows: ``slices`` slices of each of
+    them; columns: the cached super-pixels, then Felzenszwalb at each of ``scales`` (same
+    sigma and min_size).
     """
-    datamodule.prepare_data()
-    datamodule.setup("fit")
+    # Only the shown cases are pre-processed (into the data module's cache, reused later).
+    shown = datamodule.cases()[:cases]
+    datamodule.cache.prepare(shown, processes=datamodule.precompute_workers)
     config = datamodule.config
     rows, summary = [], []
-    for volume in datamodule.volumes(datamodule.cases()[:cases]):
+    for volume in (datamodule.cache.load(case) for case in shown):
         meta = volume.meta
         spacing = meta.get("spacing", [float("nan")] * 3)
         for s in _chosen_slices(volume, slices):
