@@ -169,3 +169,14 @@ def test_paired_differences_known_values_and_bootstrap_interval() -> None:
     )  # type: ignore[misc]
     diffs = [noisy[p][c] - base[p][c] for p in base for c in base[p]]
     assert low < float(np.mean(diffs)) < high and high - low > 0.01
+
+
+def test_benchmark_with_device_batches_and_channels_last(tmp_path: Path) -> None:
+    """The GPU levers run on CPU too (the harness is tested without a GPU); they change the
+    random draws, so their runs get keys of their own."""
+    data = two_organ_dataset(tmp_path / "Task_two")
+    assert cli([*tiny(data, tmp_path / "out"), "--device-batches", "--channels-last"]) == 0
+    runs = sorted(p.name for p in (tmp_path / "out" / "label_efficiency_runs").glob("*.json"))
+    assert len(runs) == 2
+    assert cli(tiny(data, tmp_path / "out")) == 0
+    assert len(list((tmp_path / "out" / "label_efficiency_runs").glob("*.json"))) == 4

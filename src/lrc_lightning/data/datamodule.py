@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader
 
 from lrc_lightning.data.cache import CachedVolume, PreprocessConfig, VolumeCache
 from lrc_lightning.data.cases import Case, DataError, discover_cases, read_json
 from lrc_lightning.data.datasets import LabelledSlices, PairedViewSlices, Volumes
+from lrc_lightning.data.device_batches import DeviceBatches
 from lrc_lightning.data.intensity import Modality
 from lrc_lightning.data.splits import Split, split_cases
 from lrc_lightning.data.transforms import GeometryAugment, IntensityAugment
@@ -72,6 +74,11 @@ class LRCDataModule(pl.LightningDataModule):
         precompute_workers: processes for the cache; ``shard``: ``"i/n"`` to fill only
             this share (a cluster job array).
         hash_content: key the cache on file contents instead of path + size + mtime.
+        device_batches: make training batches on the training device from slices held
+            there (:class:`~lrc_lightning.data.device_batches.DeviceBatches`: no loader
+            workers, no copies per step; same augmentations). Under DDP each rank draws
+            from all training slices with its own seed.
+        channels_last: with ``device_batches``, images in channels-last memory format.
     """
 
     def __init__(
@@ -108,6 +115,8 @@ class LRCDataModule(pl.LightningDataModule):
         precompute_workers: int = 1,
         shard: str | None = None,
         hash_content: bool = False,
+        device_batches: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if mode not in ("pretrain", "finetune"):
@@ -130,6 +139,8 @@ class LRCDataModule(pl.LightningDataModule):
         self.pretrain_on = pretrain_on
         self.precompute_workers = precompute_workers
         self.shard = shard
+        self.device_batches = device_batches
+        self.channels_last = channels_last
         self.config = PreprocessConfig(
             modality=modality,
             ct_window=tuple(ct_window) if not isinstance(ct_window, str) else ct_window,
@@ -228,8 +239,27 @@ class LRCDataModule(pl.LightningDataModule):
             drop_last=shuffle and len(dataset) > batch_size,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | DeviceBatches:
+        if self.device_batches:
+            return self._device_batches()
         return self._loader(self.train_dataset(), shuffle=True, batch_size=self.batch_size)
+
+    def _device_batches(self) -> DeviceBatches:
+        split = self._require_split()
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        rank = trainer.global_rank if trainer is not None else 0
+        pretrain = self.mode == "pretrain"
+        cases = split.pool if pretrain and self.pretrain_on == "pool" else split.labelled
+        if not cases:
+            raise ValueError("no training case: check test_cases, val_cases, labelled_cases")
+        return DeviceBatches(
+            self.volumes(cases), self.batch_size, mode=self.mode,
+            geometry=self.geometry if pretrain or self.augment else None,
+            intensity=self.intensity if pretrain or self.augment else None,
+            with_labels=self.pretrain_with_labels, device=device, seed=self.seed + rank,
+            channels_last=self.channels_last,
+        )  # fmt: skip
 
     def val_dataloader(self) -> DataLoader | list:
         split = self._require_split()

@@ -3,8 +3,10 @@
 Geometric transforms (random resized crop, flip, small rotation) are composed into one
 affine map and applied with ``grid_sample``: bilinear for the image, nearest for label and
 super-pixel maps (ids survive unchanged; pixels from outside the image get -1 in the
-super-pixel map and 0 in the label). Intensity transforms (brightness, contrast, gamma,
-noise, blur) touch the image only.
+super-pixel map and 0 in the label; padded or ignored pixels, -1, stay -1). Intensity
+transforms (brightness, contrast, gamma, noise, blur) touch the image only. Everything also
+runs batched, with one random draw per sample, on the device that holds the data
+(:func:`random_affines`, :func:`warp_batch`, :meth:`IntensityAugment.batch`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["GeometryAugment", "IntensityAugment", "apply_affine", "random_affine"]
+__all__ = [
+    "GeometryAugment",
+    "IntensityAugment",
+    "apply_affine",
+    "random_affine",
+    "random_affines",
+    "warp_batch",
+]
 
 
 @dataclass
@@ -55,32 +64,66 @@ def random_affine(aug: GeometryAugment, generator: torch.Generator | None = None
     return torch.tensor([[cos * sx, -sin * sy, cx], [sin * sx, cos * sy, cy]], dtype=torch.float32)
 
 
-def apply_affine(
-    theta: Tensor, image: Tensor, maps: dict[str, Tensor], size: tuple[int, int] | None = None
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Warp a (C, H, W) image (bilinear) and (H, W) integer maps (nearest) alike.
+def random_affines(
+    aug: GeometryAugment,
+    count: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """(count, 2, 3) matrices drawn as :func:`random_affine` draws one, all at once on
+    ``device`` (for batches augmented where the data lives)."""
+    u = torch.rand(count, 8, generator=generator, device=device)
+    area = aug.crop_scale[0] + (aug.crop_scale[1] - aug.crop_scale[0]) * u[:, 0]
+    lo, hi = math.log(aug.crop_ratio[0]), math.log(aug.crop_ratio[1])
+    ratio = torch.exp(lo + (hi - lo) * u[:, 1])
+    sx = torch.sqrt(area * ratio).clamp(max=1.0)
+    sy = torch.sqrt(area / ratio).clamp(max=1.0)
+    cx = (2 * u[:, 2] - 1) * (1 - sx)
+    cy = (2 * u[:, 3] - 1) * (1 - sy)
+    sx = torch.where(u[:, 4] < aug.horizontal_flip, -sx, sx)
+    sy = torch.where(u[:, 5] < aug.vertical_flip, -sy, sy)
+    angle = torch.deg2rad((2 * u[:, 6] - 1) * aug.max_rotation)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    rows = [torch.stack([cos * sx, -sin * sy, cx], 1), torch.stack([sin * sx, cos * sy, cy], 1)]
+    return torch.stack(rows, 1)
 
-    ``maps`` values come back as int64; pixels sampled from outside the input are -1 for
-    keys starting with ``"superpixels"`` and 0 otherwise (background label).
+
+def warp_batch(
+    theta: Tensor, images: Tensor, maps: dict[str, Tensor]
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Warp (B, C, H, W) images (bilinear) and (B, H, W) integer maps (nearest) by (B, 2, 3)
+    ``affine_grid`` matrices.
+
+    ``maps`` come back as int64. A pixel sampled from outside the input is -1 in maps whose
+    key starts with ``"superpixels"`` and 0 (background) in the others; a -1 inside the
+    input (padding, ignored label) stays -1.
     """
-    c, h, w = image.shape
-    out_h, out_w = size or (h, w)
-    grid = F.affine_grid(theta.unsqueeze(0), [1, c, out_h, out_w], align_corners=False)
-    warped = F.grid_sample(
-        image.unsqueeze(0).float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False
-    )[0]
+    b, c, h, w = images.shape
+    grid = F.affine_grid(theta.to(images.device, torch.float32), [b, c, h, w],
+                         align_corners=False)  # fmt: skip
+    warped = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros",
+                           align_corners=False)  # fmt: skip
     out_maps = {}
     for key, m in maps.items():
-        # +1 so that zero padding marks "outside"; float32 holds integers up to 2**24 exactly.
-        shifted = (m.float() + 1).view(1, 1, h, w)
-        sampled = F.grid_sample(
-            shifted, grid, mode="nearest", padding_mode="zeros", align_corners=False
-        )[0, 0]
-        ids = sampled.round().long() - 1
-        if not key.startswith("superpixels"):
-            ids = ids.clamp(min=0)
-        out_maps[key] = ids
+        # +2 so that zero padding marks "outside" and -1 survives as 1; float32 holds
+        # integers up to 2**24 exactly.
+        shifted = (m.float() + 2).unsqueeze(1)
+        sampled = F.grid_sample(shifted, grid, mode="nearest", padding_mode="zeros",
+                                align_corners=False)[:, 0]  # fmt: skip
+        ids = sampled.round().long() - 2
+        out_maps[key] = ids.clamp(min=-1) if key.startswith("superpixels") else torch.where(
+            ids == -2, 0, ids)  # fmt: skip
     return warped, out_maps
+
+
+def apply_affine(
+    theta: Tensor, image: Tensor, maps: dict[str, Tensor]
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """:func:`warp_batch` for one (C, H, W) image, (H, W) maps and a (2, 3) matrix."""
+    warped, out_maps = warp_batch(
+        theta.unsqueeze(0), image.unsqueeze(0), {k: m.unsqueeze(0) for k, m in maps.items()}
+    )
+    return warped[0], {k: m[0] for k, m in out_maps.items()}
 
 
 @dataclass
@@ -95,34 +138,40 @@ class IntensityAugment:
     blur_sigma: tuple[float, float] = (0.3, 1.0)
 
     def __call__(self, image: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        x = image.clamp(0, 1)
-        lo, hi = self.gamma
-        x = x ** math.exp(_uniform(math.log(lo), math.log(hi), generator))
-        mean = x.mean()
-        x = (x - mean) * _uniform(1 - self.contrast, 1 + self.contrast, generator) + mean
-        x = x + _uniform(-self.brightness, self.brightness, generator)
-        if float(torch.rand((), generator=generator)) < self.blur_probability:
-            x = _gaussian_blur(x, _uniform(*self.blur_sigma, generator))
+        """One (C, H, W) image."""
+        return self.batch(image.unsqueeze(0), generator)[0]
+
+    def batch(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """(B, C, H, W) images, each with its own random parameters, on their device."""
+        b, device = images.shape[0], images.device
+        u = torch.rand(b, 5, generator=generator, device=device).view(b, 5, 1, 1, 1)
+        x = images.float().clamp(0, 1)
+        lo, hi = math.log(self.gamma[0]), math.log(self.gamma[1])
+        x = x ** torch.exp(lo + (hi - lo) * u[:, 0])
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * (1 - self.contrast + 2 * self.contrast * u[:, 1]) + mean
+        x = x + (2 * u[:, 2] - 1) * self.brightness
+        if self.blur_probability > 0:
+            low, high = self.blur_sigma
+            sigma = (low + (high - low) * u[:, 3]).view(b)
+            blurred = _gaussian_blur(x, sigma, radius=max(1, int(3 * high + 0.5)))
+            x = torch.where(u[:, 4] < self.blur_probability, blurred, x)
         if self.noise_std > 0:
-            x = x + torch.randn(x.shape, generator=generator) * self.noise_std
+            noise = torch.randn(x.shape, generator=generator, device=device)
+            x = x + noise * self.noise_std
         return x
 
 
-def _gaussian_blur(image: Tensor, sigma: float) -> Tensor:
-    radius = max(1, int(3 * sigma + 0.5))
-    x = torch.arange(-radius, radius + 1, dtype=image.dtype)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    k = k / k.sum()
-    c = image.shape[0]
-    img = image.unsqueeze(0)
-    img = F.conv2d(
-        F.pad(img, (radius, radius, 0, 0), mode="reflect"),
-        k.view(1, 1, 1, -1).expand(c, 1, 1, -1),
-        groups=c,
-    )
-    img = F.conv2d(
-        F.pad(img, (0, 0, radius, radius), mode="reflect"),
-        k.view(1, 1, -1, 1).expand(c, 1, -1, 1),
-        groups=c,
-    )
-    return img[0]
+def _gaussian_blur(images: Tensor, sigma: Tensor, radius: int) -> Tensor:
+    """Separable Gaussian blur of (B, C, H, W) images, sample i with ``sigma[i]`` (kernel
+    radius fixed by the largest sigma allowed: no host sync)."""
+    b, c, h, w = images.shape
+    x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    k = torch.exp(-0.5 * (x / sigma.view(b, 1)) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (B * C, K)
+    img = images.reshape(1, b * c, h, w)
+    img = F.conv2d(F.pad(img, (radius, radius, 0, 0), mode="reflect"),
+                   k.view(b * c, 1, 1, -1), groups=b * c)  # fmt: skip
+    img = F.conv2d(F.pad(img, (0, 0, radius, radius), mode="reflect"),
+                   k.view(b * c, 1, -1, 1), groups=b * c)  # fmt: skip
+    return img.view(b, c, h, w)

@@ -160,12 +160,18 @@ def atomic_json(path: Path, payload: dict[str, Any]) -> None:
 RESULT_OPTIONS = (
     "size", "width", "depth", "batch_size", "lr", "queue_size", "pretrain_steps",
     "finetune_steps", "test_cases", "val_cases", "split_seed", "precision", "key_bn_groups",
-    "probe_pixels", "probe_l2", "modality", "ct_window", "slice_axis", "spacing", "classes",
+    "probe_pixels", "probe_l2", "modality", "ct_window", "slice_axis", "classes",
 )  # fmt: skip
+
+
+#: Options added later, hashed only when set, so that earlier runs keep their keys.
+OPTIONAL_RESULT_OPTIONS = {"spacing": None, "device_batches": False, "channels_last": False}
 
 
 def settings_key(args: argparse.Namespace) -> str:
     settings = {k: getattr(args, k) for k in RESULT_OPTIONS}
+    settings.update({k: getattr(args, k) for k, default in OPTIONAL_RESULT_OPTIONS.items()
+                     if getattr(args, k, default) != default})  # fmt: skip
     settings["data"] = Path(args.data).name
     return hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=4).hexdigest()
 
@@ -241,6 +247,7 @@ class Benchmark:
         return LRCDataModule(
             a.data, cache_dir=a.cache_dir, image_size=a.size, batch_size=a.batch_size,
             modality=a.modality, ct_window=window, slice_axis=a.slice_axis, spacing=a.spacing,
+            device_batches=a.device_batches, channels_last=a.channels_last,
             labels=list(range(self.num_classes)),  # a value outside the classes is an error
             test_cases=self.test, val_cases=self.val, labelled_cases=labelled,
             superpixel_scale=variant.superpixel_scale if variant else 100.0,
@@ -261,6 +268,8 @@ class Benchmark:
         )  # fmt: skip
 
     def _fit(self, steps: int, model: pl.LightningModule, datamodule: LRCDataModule) -> None:
+        if self.args.channels_last:
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         timer = StepTimer()
         self.trainer(steps, timer).fit(model, datamodule)
         self.train_seconds += timer.seconds
@@ -646,6 +655,10 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--device-batches", action="store_true",
+                        help="training slices held and augmented on the training device")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="channels-last images and model (GPU convolution speed)")
     parser.add_argument("--precompute-workers", type=int, default=1, help="super-pixel cache")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.set_defaults(**(defaults or {}))
