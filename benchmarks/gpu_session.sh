@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One prepared, resumable GPU session of the evidence protocol (issue: "does LRC help?").
+#
+# Here (no GPU), once per session, from the repository root:
+#   mkdir -p .gpu_data && cp -r ../shared/data/chaos-t2 .gpu_data/   # 43 MB; .gpu_data is ignored
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -d .whl SimpleITK jsonargparse docstring-parser typeshed-client
+# Then with the device tool, carrying .gpu_data and .whl (timeout well inside the budget):
+#   run(command="bash benchmarks/gpu_session.sh", carry=[".gpu_data", ".whl"], timeout_s=540)
+# and commit what comes back under benchmarks/results/ (run files are keyed by their options,
+# so every lent session adds seeds to the same table; --report-only rebuilds it here).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+export PYTHONPATH="$PWD/src:/tmp/site" PYTHONUNBUFFERED=1
+OUT="${OUT:-benchmarks/results}"
+SEEDS="${SEEDS:-0 1 2}"
+# The protocol of the issue: 256x256, 3 arms, k = 1, 2, 4, >= 1000 + 500 steps, both readouts.
+timeout 480 python3 benchmarks/label_efficiency.py --data .gpu_data/chaos-t2 --out "$OUT" \
+    --work-dir /tmp/lrc_bench --cache-dir /tmp/lrc_cache --size 256 --width 16 --depth 4 \
+    --pretrain-steps 1000 --finetune-steps 500 --seeds $SEEDS --ks 1 2 4 \
+    --arms random moco moco_lrc --precision bf16-mixed --device-batches --channels-last \
+    --precompute-workers 8 --tag _gpu256_v2 || echo "stopped at the time limit: rerun to resume"
+# The step overhead (issue: GPU hot path), fp32/bf16/fp16 at 128 and 256.
+timeout 120 python3 benchmarks/step_overhead.py --device cuda --sizes 128 256 --batches 16 \
+    > "$OUT/step_overhead_cuda_h200_v2.txt" || true
