@@ -65,7 +65,8 @@ def test_matches_loop_reference(same_view: bool) -> None:
     loss = loss_fn.contrast(
         *loss_fn.region_embeddings(f1, f2, s1, s2, torch.Generator().manual_seed(3))
     )
-    ids, valid = select_regions(s1, s2, 5, 1, torch.Generator().manual_seed(3))
+    # The loss bounds the ids by the maps' pixel count (16 x 16).
+    ids, valid = select_regions(s1, s2, 5, 1, torch.Generator().manual_seed(3), num_ids=256)
     ref = reference_loss(f1.float(), f2.float(), s1, s2, ids, valid, 0.2, same_view)
     assert valid.sum() > 6
     assert torch.allclose(loss.float(), ref, atol=1e-5), (loss, ref)
@@ -317,3 +318,18 @@ def test_ignored_pixels_get_no_gradient_through_the_head() -> None:
         ignored = (maps < 0).unsqueeze(1).expand_as(f)
         assert f.grad[ignored].abs().max() == 0
         assert f.grad[~ignored].abs().sum() > 0
+
+
+def test_bounded_and_sorted_region_selection_agree_and_bad_ids_are_refused() -> None:
+    """Both ways of counting regions find the same eligible ids (all drawn when the slots
+    outnumber them); an id beyond the bound is an error, not a silent miscount."""
+    s1, s2 = _maps(4, b=3, size=16, k=9), _maps(5, b=3, size=16, k=9)
+    s2[:, :6] = -1
+    bounded = select_regions(s1, s2, 40, 3, num_ids=256)
+    sorted_ = select_regions(s1, s2, 40, 3)
+    for (ids_a, valid_a), (ids_b, valid_b) in [(bounded, sorted_)]:
+        for i in range(3):
+            assert set(ids_a[i][valid_a[i]].tolist()) == set(ids_b[i][valid_b[i]].tolist())
+    assert bounded[1].sum() > 3
+    with pytest.raises(RuntimeError, match="ids must be below 256"):
+        select_regions(s1 + 300, s2, 4, 1, num_ids=256)

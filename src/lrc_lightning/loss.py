@@ -127,7 +127,11 @@ class LocalizedRegionContrastLoss(nn.Module):
                 raise ValueError(f"{name} must be (B, H, W) with B={b}, got {tuple(maps.shape)}")
         maps_v1 = downsample_superpixels(superpixels_v1, (h, w), self.downsample)
         maps_v2 = downsample_superpixels(superpixels_v2, (h, w), self.downsample)
-        ids, valid = select_regions(maps_v1, maps_v2, self.num_regions, self.min_pixels, generator)
+        # Felzenszwalb ids never reach the full-resolution pixel count: a static bound.
+        num_ids = max(superpixels_v1[0].numel(), superpixels_v2[0].numel())
+        ids, valid = select_regions(
+            maps_v1, maps_v2, self.num_regions, self.min_pixels, generator, num_ids
+        )
         m = self.samples_per_region
         if m is None:
             if projector is not None:

@@ -3,8 +3,7 @@
 All functions are batched tensor code (no Python loop over images or regions), never
 build a one-hot (B, K, H, W) tensor, never wait for the device (no ``.item()``, no
 data-dependent shape) and keep every shape fixed: pixels are routed to regions with sorts,
-binary searches, gathers and 1-D scatters. Accumulations are 1-D ``scatter_add_`` /
-``index_add_``, which have deterministic CUDA kernels under
+binary searches, 1-D gathers and 1-D scatters, which have deterministic CUDA kernels under
 ``torch.use_deterministic_algorithms(True)`` (``Trainer(deterministic=True)``).
 
 Shapes: B images, D channels, (H, W) map resolution, (h, w) feature resolution, N region
@@ -101,19 +100,42 @@ def downsample_superpixels(
     return values.gather(-1, score.argmax(-1, keepdim=True)).squeeze(-1)
 
 
+def _draw(eligible: Tensor, values: Tensor | None, num_regions: int,
+          generator: torch.Generator | None) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Up to ``num_regions`` eligible candidates per row, uniformly without replacement:
+    (ids, valid); a candidate's id is its column, or ``values`` at its column."""
+    scores = torch.rand(eligible.shape, device=eligible.device, generator=generator)
+    scores = scores + eligible.to(scores.dtype) * 2.0  # eligible ids always rank first
+    k = min(num_regions, eligible.shape[1])
+    picked = scores.topk(k, dim=1).indices
+    ids = picked if values is None else values.gather(1, picked)
+    valid = eligible.gather(1, picked)
+    if k < num_regions:
+        pad = num_regions - k
+        ids = torch.cat([ids, ids.new_zeros(ids.shape[0], pad)], dim=1)
+        valid = torch.cat([valid, valid.new_zeros(valid.shape[0], pad)], dim=1)
+    return ids, valid
+
+
 def select_regions(
     maps_v1: Tensor,
     maps_v2: Tensor,
     num_regions: int,
     min_pixels: int = 1,
     generator: torch.Generator | None = None,
+    num_ids: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Draw up to ``num_regions`` ids per image present in both views.
 
     A region qualifies when it covers at least ``min_pixels`` pixels in each view's map.
-    Qualifying ids are drawn uniformly without replacement. No host sync and fixed shapes:
-    the ids of both views are sorted together (ids need no upper bound) and each run of
-    equal ids is counted per view with prefix sums.
+    Qualifying ids are drawn uniformly without replacement. No host sync, fixed shapes:
+
+    * ``num_ids`` given (an upper bound on the ids, known without looking at the data: the
+      loss passes the pixel count of the full-resolution maps, which Felzenszwalb ids never
+      reach): pixels are counted per id with one 1-D scatter, linear in the map size. An id
+      at or above the bound raises an error (an asynchronous check on GPUs).
+    * ``num_ids=None``: the ids of both views are sorted together and each run of equal ids
+      is counted per view with prefix sums (any ids, O(n log n)).
 
     Args:
         maps_v1, maps_v2: (B, h, w) integer maps at feature resolution (-1 = ignore).
@@ -128,6 +150,15 @@ def select_regions(
         raise ValueError(
             f"the two views have different batch sizes: {maps_v1.shape[0]} and {maps_v2.shape[0]}"
         )
+    if num_ids is not None:
+        largest = torch.maximum(maps_v1.max(), maps_v2.max())
+        torch._assert_async(
+            largest < num_ids, f"super-pixel ids must be below {num_ids} (the maps' pixel count)"
+        )
+        counts_v1 = _id_counts(maps_v1, num_ids)
+        counts_v2 = _id_counts(maps_v2, num_ids)
+        eligible = (counts_v1 >= min_pixels) & (counts_v2 >= min_pixels)
+        return _draw(eligible, None, num_regions, generator)
     b, p1 = maps_v1.shape[0], maps_v1[0].numel()
     both = torch.cat([maps_v1.reshape(b, -1), maps_v2.reshape(b, -1)], dim=1).long()
     values, origin = both.sort(dim=1, stable=True)
@@ -140,16 +171,20 @@ def select_regions(
     count_v2 = (run_end - position + 1) - count_v1
     # One candidate per distinct id: the first position of its run.
     eligible = starts & (values >= 0) & (count_v1 >= min_pixels) & (count_v2 >= min_pixels)
-    scores = torch.rand(eligible.shape, device=eligible.device, generator=generator)
-    scores = scores + eligible.to(scores.dtype) * 2.0  # eligible ids always rank first
-    k = min(num_regions, values.shape[1])
-    picked = scores.topk(k, dim=1).indices
-    ids, valid = values.gather(1, picked), eligible.gather(1, picked)
-    if k < num_regions:
-        pad = num_regions - k
-        ids = torch.cat([ids, ids.new_zeros(ids.shape[0], pad)], dim=1)
-        valid = torch.cat([valid, valid.new_zeros(valid.shape[0], pad)], dim=1)
-    return ids, valid
+    return _draw(eligible, values, num_regions, generator)
+
+
+def _id_counts(maps: Tensor, num_ids: int) -> Tensor:
+    """(B, h, w) ids in [-1, num_ids) -> (B, num_ids) pixel counts (-1 not counted); a 1-D
+    scatter (deterministic on CUDA under ``torch.use_deterministic_algorithms``)."""
+    b = maps.shape[0]
+    flat = maps.reshape(b, -1).long()
+    valid = flat >= 0
+    offsets = torch.arange(b, device=maps.device).unsqueeze(1) * num_ids
+    index = (flat.clamp(min=0, max=num_ids - 1) + offsets).flatten()
+    counts = torch.zeros(b * num_ids, dtype=torch.long, device=maps.device)
+    counts.scatter_add_(0, index, valid.long().flatten())
+    return counts.view(b, num_ids)
 
 
 def region_slots(maps: Tensor, ids: Tensor, valid: Tensor) -> Tensor:
@@ -209,15 +244,15 @@ def sample_region_pixels(
 def gather_pixels(features: Tensor, pixels: Tensor) -> Tensor:
     """(B, C, h, w) features at (B, P) flat pixel indices -> (B, C, P).
 
-    An ``index_select`` over (B * h * w, C) rows: its backward is an ``index_add``, which
-    has a deterministic CUDA kernel under ``torch.use_deterministic_algorithms``.
+    A gather from the flattened features (no copy of the map); being 1-D, it has a
+    deterministic CUDA backward under ``torch.use_deterministic_algorithms``.
     """
     b, c = features.shape[:2]
-    rows = features.flatten(2).transpose(1, 2).reshape(-1, c)  # (B * hw, C)
     hw = features[0, 0].numel()
-    offsets = torch.arange(b, device=pixels.device).unsqueeze(1) * hw
-    picked = rows.index_select(0, (pixels + offsets).flatten())
-    return picked.view(b, pixels.shape[1], c).transpose(1, 2)
+    base = (torch.arange(b, device=pixels.device) * (c * hw)).view(b, 1, 1)
+    channel = (torch.arange(c, device=pixels.device) * hw).view(1, c, 1)
+    index = base + channel + pixels.unsqueeze(1)  # (B, C, P) into the flat features
+    return features.reshape(-1).gather(0, index.flatten()).view(b, c, pixels.shape[1])
 
 
 def average_samples(samples: Tensor, valid: Tensor) -> Tensor:
