@@ -36,8 +36,6 @@ from lrc_lightning.evaluation.label_efficiency import (
     build_parser,
 )
 from lrc_lightning.mixin import LRCConfig
-from lrc_lightning.models.weights import load_backbone_weights
-from lrc_lightning.probe import linear_probe_dice
 from lrc_lightning.regions import downsample_superpixels, select_regions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,26 +46,14 @@ def probe_levels(bench: Benchmark, arm: str, seed: int, levels: list[Any]) -> di
     variant = Variant(arm, LRCConfig(weight=bench.args.lrc_weight, schedule="linear",
                                      warmup_steps=bench.args.pretrain_steps // 5))  # fmt: skip
     labelled = bench.labelled(seed, 1)
-    torch.manual_seed(seed)
-    backbone = bench.backbone()
+    weights = None
     if arm != "random":
-        suffix = f"-{bench.key}{variant.key}.pt"
-        path = bench.work / f"pretrain_{variant.label}_s{seed}{suffix}"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: run benchmarks/label_efficiency.py first")
-        load_backbone_weights(backbone, path)
-    datamodule = bench.datamodule(None, labelled, mode="finetune")
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    split = datamodule.split
-    assert split is not None
-    train = [(v.image, v.label_ids()) for v in datamodule.volumes(split.labelled)]
-    val = {v.case_id: (v.image, v.label_ids()) for v in datamodule.volumes(split.val)}
+        weights = bench.weights_path(variant, seed, labelled)
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights}: run benchmarks/label_efficiency.py first")
     out = {}
     for level in levels:
-        per_volume = linear_probe_dice(backbone, train, val, bench.num_classes,
-                                       pixels_per_class=bench.args.probe_pixels, seed=seed,
-                                       l2=bench.args.probe_l2, level=level)  # fmt: skip
+        per_volume = bench.probe(weights, seed, labelled, stage="val", level=level)
         rows = np.array(list(per_volume.values()), dtype=float)
         out[str(level)] = float(np.nanmean(np.nanmean(rows, axis=0)))
     return out

@@ -71,7 +71,7 @@ from lrc_lightning.models import (
     UNet2d,
 )
 from lrc_lightning.models.weights import load_backbone_weights
-from lrc_lightning.probe import linear_probe_dice
+from lrc_lightning.probe import FeatureLevel, linear_probe_dice
 
 __all__ = ["ARMS", "READOUTS", "Benchmark", "Variant", "class_names", "main"]
 
@@ -274,10 +274,14 @@ class Benchmark:
         self.trainer(steps, timer).fit(model, datamodule)
         self.train_seconds += timer.seconds
 
+    def weights_path(self, variant: Variant, seed: int, labelled: list[str]) -> Path:
+        """Where the pre-trained backbone of ``variant`` and ``seed`` is kept."""
+        suffix = f"_k{len(labelled)}" if variant.arm == "supervised_lrc" else ""
+        return self.work / f"pretrain_{variant.label}_s{seed}{suffix}-{self.key}{variant.key}.pt"
+
     def pretrain(self, variant: Variant, seed: int, labelled: list[str]) -> Path:
         """Pre-train (or reuse) and return the backbone weights file."""
-        suffix = f"_k{len(labelled)}" if variant.arm == "supervised_lrc" else ""
-        path = self.work / f"pretrain_{variant.label}_s{seed}{suffix}-{self.key}{variant.key}.pt"
+        path = self.weights_path(variant, seed, labelled)
         if path.is_file():
             return path
         pl.seed_everything(seed, workers=True)
@@ -328,9 +332,15 @@ class Benchmark:
         return dict(model.last_dice_table)
 
     def probe(
-        self, weights: Path | None, seed: int, labelled: list[str], stage: str
+        self,
+        weights: Path | None,
+        seed: int,
+        labelled: list[str],
+        stage: str,
+        level: FeatureLevel = -1,
     ) -> dict[str, list[float]]:
-        """Linear-probe Dice of the frozen backbone; random init is seeded by ``seed``."""
+        """Linear-probe Dice of the frozen backbone's ``level`` features; random init is
+        seeded by ``seed``."""
         torch.manual_seed(seed)
         backbone = self.backbone()
         if weights is not None:
@@ -350,6 +360,7 @@ class Benchmark:
         return linear_probe_dice(
             backbone, train, test, self.num_classes,  # type: ignore[arg-type]
             pixels_per_class=self.args.probe_pixels, seed=seed, l2=self.args.probe_l2,
+            level=level,
         )  # fmt: skip
 
     def run(
