@@ -8,6 +8,7 @@ organ on the validation volumes. The pre-training itself is not touched.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -116,11 +117,16 @@ FeatureLevel = int | Literal["bottleneck"]
 
 @torch.no_grad()
 def dense_features(
-    backbone: nn.Module, slices: np.ndarray, batch_size: int = 32, level: FeatureLevel = -1
+    backbone: nn.Module,
+    slices: np.ndarray,
+    batch_size: int = 32,
+    level: FeatureLevel = -1,
+    feature_fn: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Frozen (S, C, H, W) features of (S, H, W) slices at the slices' resolution (float32,
     on the backbone's device): decoder ``level`` of a U-Net-like backbone (or
-    ``"bottleneck"``: its encoder's output), or the output of any other backbone."""
+    ``"bottleneck"``: its encoder's output), the output of any other backbone, or
+    ``feature_fn(images)`` when given."""
     from lrc_lightning.models.backbone import backbone_features
 
     device = next(backbone.parameters()).device
@@ -128,7 +134,9 @@ def dense_features(
     for start in range(0, len(slices), batch_size):
         x = torch.from_numpy(np.asarray(slices[start : start + batch_size], np.float32))
         x = x[:, None].to(device)
-        if level == "bottleneck":
+        if feature_fn is not None:
+            f = feature_fn(x).float()
+        elif level == "bottleneck":
             f = backbone.encode(x)[0].float()  # type: ignore[operator]
         else:
             f = backbone_features(backbone, x, level)[1].float()  # type: ignore[union-attr]
@@ -251,29 +259,18 @@ class SegmentationProbe(pl.Callback):
                 raise ValueError(f"SegmentationProbe: case {v.case_id} has no label")
         return labelled, val
 
-    def _features(self, pl_module: pl.LightningModule, images: Tensor) -> Tensor:
+    def _dense(self, pl_module: pl.LightningModule, image: np.ndarray) -> Tensor:
+        """Features of (S, H, W) slices, brought to the image resolution."""
         if self.feature_fn is not None:
-            return getattr(pl_module, self.feature_fn)(images)
+            method = getattr(pl_module, self.feature_fn)
+            return dense_features(pl_module, image, self.batch_size, feature_fn=method)
         backbone = getattr(pl_module, "backbone", None)
         if backbone is None:
             raise ValueError(
                 f"{type(pl_module).__name__} has no `backbone`; give SegmentationProbe "
                 "feature_fn='<method returning dense features>'"
             )
-        from lrc_lightning.models.backbone import backbone_features
-
-        return backbone_features(backbone, images, -1)[1]  # type: ignore[return-value]
-
-    @torch.no_grad()
-    def _dense(self, pl_module: pl.LightningModule, image: np.ndarray) -> Tensor:
-        """Features of (S, H, W) slices, brought to the image resolution."""
-        out = []
-        for start in range(0, len(image), self.batch_size):
-            x = torch.from_numpy(np.asarray(image[start : start + self.batch_size], np.float32))
-            x = x[:, None].to(pl_module.device)
-            f = self._features(pl_module, x).float()
-            out.append(F.interpolate(f, size=x.shape[-2:], mode="bilinear", align_corners=False))
-        return torch.cat(out)
+        return dense_features(backbone, image, self.batch_size)
 
     def probe(self, pl_module: pl.LightningModule, trainer: pl.Trainer) -> dict[str, float]:
         labelled, val = self._volumes(trainer)
