@@ -77,3 +77,13 @@ def test_device_batches_train_moco_lrc(tmp_path: Path) -> None:
     assert len(loader) == sum(len(v.kept_slices) for v in dm.volumes(dm.split.pool)) // 4
     batch = next(iter(loader))
     assert batch["image_v1"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_finetune_batches_carry_ignored_padding_as_minus_one() -> None:
+    batches = DeviceBatches([_blocky_volume()], batch_size=3, mode="finetune", seed=0)
+    assert len(batches) == 2  # 6 slices, batches of 3
+    batch = next(iter(batches))
+    assert set(batch) == {"image", "label"}
+    assert batch["image"].shape == (3, 1, 32, 32) and batch["label"].dtype == torch.long
+    assert (batch["label"][:, :4] == -1).all()  # the 255 stored in the cache
+    assert batch["label"].max() <= 2

@@ -180,3 +180,19 @@ def test_benchmark_with_device_batches_and_channels_last(tmp_path: Path) -> None
     assert len(runs) == 2
     assert cli(tiny(data, tmp_path / "out")) == 0
     assert len(list((tmp_path / "out" / "label_efficiency_runs").glob("*.json"))) == 4
+
+
+def test_options_added_later_keep_earlier_runs_keys() -> None:
+    """Runs are found by a hash of their options: spacing, device batches and channels-last
+    enter it only when set, so runs made before they existed keep their keys."""
+    from lrc_lightning.evaluation.label_efficiency import build_parser, settings_key
+
+    base = ("--data ../shared/data/chaos-t2 --size 128 --width 8 --depth 4 --pretrain-steps 400 "
+            "--finetune-steps 150 --slice-axis 0").split()  # fmt: skip
+    plain = settings_key(build_parser().parse_args(base))
+    # The key of the committed CPU 128 runs, made before these options existed.
+    assert plain == "11eacfe1"
+    runs = Path(__file__).resolve().parents[1] / "benchmarks/results/label_efficiency_runs"
+    assert list(runs.glob(f"test_moco_k1_s0-{plain}.json"))
+    for extra in (["--spacing", "1.5", "1.5"], ["--device-batches"], ["--channels-last"]):
+        assert settings_key(build_parser().parse_args([*base, *extra])) != plain

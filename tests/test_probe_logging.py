@@ -104,3 +104,18 @@ def test_images_and_tables_reach_each_logger(kind: str, tmp_path: Path, monkeypa
         events = EventAccumulator(str(Path(logger.log_dir))).Reload()
         assert "val/predictions" in events.Tags()["images"]
         assert "val/dice_table/text_summary" in events.Tags()["tensors"]
+
+
+def test_probe_feature_fn_gives_the_backbone_path_result(tmp_path: Path) -> None:
+    """A module method returning the same dense features scores exactly as the backbone."""
+    pl.seed_everything(0)
+    model = MoCoV2LRC(UNet2d(width=4, depth=2), queue_size=16).eval()
+    model.dense = lambda x: model.backbone(x)  # type: ignore[attr-defined]
+    datamodule = demo_datamodule(tmp_path, image_size=32)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    trainer.datamodule = datamodule  # type: ignore[misc]
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    direct = SegmentationProbe(class_names=ORGANS, max_slices=16).probe(model, trainer)
+    via_fn = SegmentationProbe(class_names=ORGANS, max_slices=16, feature_fn="dense")
+    assert via_fn.probe(model, trainer) == direct

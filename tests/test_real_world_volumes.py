@@ -197,6 +197,8 @@ def test_preview_command_writes_the_grid(tmp_path: Path, capsys) -> None:
     # 2 cases x 3 slices rows; 3 columns (cached map, scale 50, scale 200); 64 px tiles
     # enlarged to 192 plus a 16 px caption.
     assert grid.shape == (6 * (192 + 16), 3 * 192, 3)
+    cached = [p for p in (tmp_path / "c").iterdir() if not p.name.startswith(".")]
+    assert len(cached) == 2  # only the shown cases were pre-processed (the data has 4)
     lines = [line for line in capsys.readouterr().out.splitlines() if "slice" in line]
     assert len(lines) == 6 and all("axis 0" in line and "regions" in line for line in lines)
     fine, coarse = (int(lines[0].split(f"scale_{s}: ")[1].split(",")[0]) for s in (50, 200))

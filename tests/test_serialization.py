@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lrc_lightning.cli import main
+from lrc_lightning.cli import main as cli_main
 from lrc_lightning.models import FineTuneSegmentation, UNet2d
 from lrc_lightning.models.weights import read_backbone_state
 from lrc_lightning.serialization import UnsafeCheckpointError, load_checkpoint
@@ -92,3 +93,33 @@ def test_unreadable_file_is_a_value_error_naming_it(tmp_path: Path) -> None:
         load_checkpoint(path)
     with pytest.raises(FileNotFoundError, match=r"nothing\.pt"):
         load_checkpoint(tmp_path / "nothing.pt")
+
+
+def test_ckpt_path_of_the_cli_runs_nothing(tmp_path: Path) -> None:
+    """`lrc-lightning test --ckpt_path` hands Lightning weights_only=True: a malicious
+    checkpoint is refused before any of its code runs."""
+    from tests.test_cli_configs import small_run
+
+    path, marker = malicious_checkpoint(tmp_path)
+    with pytest.raises(UnsafeCheckpointError, match=r"downloaded\.ckpt.*'posix\.system'"):
+        cli_main(["test", *small_run("finetune", tmp_path / "out", tmp_path / "cache",
+                                     "--ckpt_path", str(path))])  # fmt: skip
+    assert not marker.exists()
+
+
+def test_trust_checkpoint_flag_reaches_lightning(tmp_path: Path) -> None:
+    """With --trust-checkpoint the CLI gives Lightning weights_only=False: a checkpoint that
+    needs a custom class gets past unpickling (and then fails for what it lacks), while
+    without the flag it is refused at unpickling."""
+    from tests.test_cli_configs import small_run
+
+    path = tmp_path / "custom.ckpt"
+    torch.save({"extra": Harmless(1)}, path)
+    args = ["test", *small_run("finetune", tmp_path / "o", tmp_path / "c", "--ckpt_path",
+                               str(path))]  # fmt: skip
+    with pytest.raises(UnsafeCheckpointError, match=r"custom\.ckpt.*Harmless"):
+        cli_main(args)
+    with pytest.warns(UserWarning, match="trusted checkpoint"), pytest.raises(Exception) as trusted:
+        cli_main([*args, "--trust-checkpoint"])
+    assert not isinstance(trusted.value, UnsafeCheckpointError)  # unpickled; fails on content
+    assert "weights_only" not in str(trusted.value).lower().replace(" ", "_")

@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from pickle import UnpicklingError
 from typing import Any
@@ -23,6 +24,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.cli import LightningCLI
 
 from lrc_lightning.data import LRCDataModule
+from lrc_lightning.serialization import is_weights_only_refusal, unsafe_checkpoint_error
 
 __all__ = ["LRCLightningCLI", "main"]
 
@@ -66,6 +68,24 @@ class LRCLightningCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         _wandb_offline_without_key()
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the hyper-parameters of --ckpt_path with weights_only=True. A
+        # refused file gets our error (file and global named); a trusted one is loaded by the
+        # Trainer unrestricted, without merging its hyper-parameters into the config.
+        try:
+            super()._parse_ckpt_path()
+        except UnpicklingError as err:
+            if not is_weights_only_refusal(err):
+                raise
+            path = Path(self.config[self.config.subcommand].get("ckpt_path"))
+            if not self.trust_checkpoint:
+                raise unsafe_checkpoint_error(path, err) from None
+            warnings.warn(
+                f"{path}: loaded as a trusted checkpoint (--trust-checkpoint); its "
+                "hyper-parameters are not merged into the config",
+                stacklevel=2,
+            )
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         # `--ckpt_path` files are data: Lightning gets weights_only=True unless the user

@@ -23,7 +23,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["UnsafeCheckpointError", "load_checkpoint"]
+__all__ = [
+    "UnsafeCheckpointError",
+    "is_weights_only_refusal",
+    "load_checkpoint",
+    "unsafe_checkpoint_error",
+]
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)|global (?:'|`)?([\w.]+)")
 
@@ -59,6 +64,17 @@ def _offending_global(message: str) -> str | None:
     return next((g for g in match.groups() if g), None) if match else None
 
 
+def is_weights_only_refusal(err: BaseException) -> bool:
+    """Whether ``err`` is torch's refusal of a global under ``weights_only=True``."""
+    message = str(err).lower().replace(" ", "_")
+    return isinstance(err, pickle.UnpicklingError) and "weights_only" in message
+
+
+def unsafe_checkpoint_error(path: Path, err: BaseException) -> UnsafeCheckpointError:
+    """:class:`UnsafeCheckpointError` for ``path`` from torch's refusal ``err``."""
+    return UnsafeCheckpointError(path, _offending_global(str(err)), str(err))
+
+
 def load_checkpoint(
     path: str | Path, map_location: Any = "cpu", trust_checkpoint: bool = False
 ) -> Any:
@@ -88,9 +104,8 @@ def load_checkpoint(
     try:
         return torch.load(path, map_location=map_location, weights_only=not trust_checkpoint)
     except pickle.UnpicklingError as err:
-        message = str(err)
-        if not trust_checkpoint and "weights_only" in message.lower().replace(" ", "_"):
-            raise UnsafeCheckpointError(path, _offending_global(message), message) from None
+        if not trust_checkpoint and is_weights_only_refusal(err):
+            raise unsafe_checkpoint_error(path, err) from None
         raise ValueError(f"{path}: not a readable PyTorch file ({err})") from err
     except (RuntimeError, EOFError, OSError) as err:
         raise ValueError(f"{path}: not a readable PyTorch file ({err})") from err
