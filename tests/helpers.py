@@ -107,8 +107,8 @@ class TinyMoCoLRC(LRCMixin, TinyMoCo):
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
-        f1, f2 = self.net(batch["image_v1"])[1], self.net(batch["image_v2"])[1]
-        return loss + self.lrc_loss(f1, f2, batch["superpixels_v1"], batch["superpixels_v2"])
+        x1, x2, s1, s2 = self.lrc_inputs(batch)
+        return loss + self.lrc_loss(self.net(x1)[1], self.net(x2)[1], s1, s2)
 
 
 class TinySupervisedLike(pl.LightningModule):
@@ -156,3 +156,67 @@ def trainer(**kwargs) -> pl.Trainer:
     )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
+
+
+class LightlyStyleMoCo(pl.LightningModule):
+    """lightly's documented MoCo v2 LightningModule, line for line, except that the
+    ResNet-18 is a small conv net and lightly's helpers are written out (lightly needs
+    torchvision, which cannot import beside the CPU torch wheel here).
+
+    Its step reads ``x_query, x_key = batch[0]`` and runs the key view only through the
+    momentum copy: the structure that cost LRCCallback a second forward before.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(
+            nn.Conv2d(1, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+        )  # fmt: skip
+        self.projection_head = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+        self.backbone_momentum = copy.deepcopy(self.backbone).requires_grad_(False)
+        self.projection_head_momentum = copy.deepcopy(self.projection_head).requires_grad_(False)
+        self.steps_seen: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        query = self.backbone(x).flatten(start_dim=1)
+        return self.projection_head(query)
+
+    def forward_momentum(self, x: torch.Tensor) -> torch.Tensor:
+        key = self.backbone_momentum(x).flatten(start_dim=1)
+        return self.projection_head_momentum(key).detach()
+
+    def training_step(self, batch, batch_idx):
+        self.steps_seen.append(len(batch))  # lightly's modules get (views, targets, filenames)
+        with torch.no_grad():
+            pairs = ((self.backbone, self.backbone_momentum),
+                     (self.projection_head, self.projection_head_momentum))  # fmt: skip
+            for online, momentum in pairs:
+                for p, m in zip(online.parameters(), momentum.parameters(), strict=True):
+                    m.mul_(0.99).add_(p.detach(), alpha=0.01)
+        x_query, x_key = batch[0]
+        query = F.normalize(self.forward(x_query), dim=1)
+        key = F.normalize(self.forward_momentum(x_key), dim=1)
+        return F.cross_entropy(query @ key.T / 0.2, torch.arange(len(query)))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.06)
+
+
+class SoloStyleSimCLR(pl.LightningModule):
+    """solo-learn's batch ``(indexes, [x1, x2], targets)``; both views run online."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = TinyUNet()
+        self.targets_seen: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):
+        indexes, views, targets = batch
+        self.targets_seen.append(targets)
+        z = [F.normalize(self.backbone(x)[0].mean((2, 3)), dim=1) for x in views]
+        return F.cross_entropy(z[0] @ z[1].T / 0.2, torch.arange(len(indexes)))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)

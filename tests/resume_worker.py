@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 import pytorch_lightning as pl  # noqa: E402
 from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
 
-from lrc_lightning import LRCCallback, LRCConfig, LRCDataModule  # noqa: E402
+from lrc_lightning import LRCConfig, LRCDataModule  # noqa: E402
 from lrc_lightning.models import MoCoV2LRC, UNet2d  # noqa: E402
 
 
@@ -37,7 +37,7 @@ class Record(pl.Callback):
         m = trainer.callback_metrics
         row = {"step": trainer.global_step, "lrc_loss": float(m["train/lrc_loss_step"]),
                "moco_loss": float(m["train/moco_loss"]),
-               "lrc_weight": float(pl_module.lrc_current_weight)}  # fmt: skip
+               "lrc_weight": float(m["train/lrc_weight"])}  # fmt: skip
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
@@ -47,7 +47,6 @@ class Record(pl.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         """What the run starts from, after Lightning restored the checkpoint (if any)."""
-        lrc = next(c for c in trainer.callbacks if isinstance(c, LRCCallback))
         optimizer_state = trainer.optimizers[0].state_dict()["state"]
         steps = {int(s["step"]) for s in optimizer_state.values()} if optimizer_state else set()
         state = {
@@ -57,7 +56,7 @@ class Record(pl.Callback):
             "key_sum": _total(pl_module.key_backbone),
             "backbone_sum": _total(pl_module.backbone),
             "momentum_updates": int(pl_module.momentum_updates),
-            "lrc_current_weight": lrc.current_weight,
+            "lrc_current_weight": pl_module.lrc_current_weight,
             "optimizer_steps": sorted(steps),
         }
         (self.path.parent / "start_state.json").write_text(json.dumps(state))

@@ -51,9 +51,10 @@ def test_callback_on_unmodified_module_trains_and_lrc_decreases(loader) -> None:
     trainer(max_epochs=15, callbacks=[cb, history]).fit(model, loader)
     lrc = history.history["train/lrc_loss_step"]
     assert len(lrc) == 30 and _decreases(lrc), lrc
-    # The head was trained with the module, and the module is restored after fit.
-    assert hasattr(model, "lrc_head")
-    assert "training_step" not in model.__dict__
+    # The head was trained with the module; after fit the module is the user's again.
+    assert cb.head is not None and cb.head.layers[0].weight.grad is not None
+    assert not hasattr(model, "lrc_head")
+    assert not {"training_step", "on_save_checkpoint", "on_load_checkpoint"} & set(model.__dict__)
 
 
 def test_callback_changes_gradients_of_the_backbone(loader) -> None:
@@ -85,44 +86,33 @@ class _TwoViewModule(TinyMoCo):
 
 @pytest.mark.parametrize("module_cls", [_TwoViewModule, TinySupervisedLike])
 def test_mixin_and_callback_give_the_same_lrc_term(loader, module_cls) -> None:
+    """Same weights, same sampling seed: the callback's added term is the mixin's term
+    (TinySupervisedLike runs view 1 only, so view 2 costs the callback a forward)."""
     batch = next(iter(loader))
     pl.seed_everything(0)
     mixin = TinyMoCoLRC(num_regions=6, samples_per_region=4)
     mixin.train()
     other = module_cls()
     other.net.load_state_dict(mixin.net.state_dict())
-    cb = LRCCallback(
-        feature_layer="net.decoder",
-        feature_channels=8,
-        embedding_dim=16,
-        num_regions=6,
-        samples_per_region=4,
-    )
+    plain = copy.deepcopy(other).train()
+    cb = LRCCallback(feature_layer="net.decoder", feature_channels=8, embedding_dim=16,
+                     num_regions=6, samples_per_region=4)  # fmt: skip
     cb.setup(trainer(max_steps=1, callbacks=[cb]), other, "fit")
     other.lrc_head.load_state_dict(mixin.lrc_head.state_dict())
     other.train()
     f1, f2 = mixin.net(batch["image_v1"])[1], mixin.net(batch["image_v2"])[1]
     torch.manual_seed(7)
     from_mixin = mixin.lrc_loss(f1, f2, batch["superpixels_v1"], batch["superpixels_v2"])
-    cb._captured = []
     torch.manual_seed(7)
-    cb._capturing = True
-    other(batch["image_v1"])
-    other(batch["image_v2"])
-    cb._capturing = False
-    g1, g2 = cb._view_features(other, batch)
-    from lrc_lightning.mixin import lrc_term
-
-    torch.manual_seed(7)
-    from_callback = lrc_term(
-        other.lrc_head, cb.criterion, g1, g2, batch["superpixels_v1"], batch["superpixels_v2"]
-    )
-    # lrc_loss returns lambda * L_LRC; lrc_term the unweighted term.
+    with_term = other.training_step(batch, 0)
+    without = plain.training_step(batch, 0)
+    loss = lambda out: out["loss"] if isinstance(out, dict) else out  # noqa: E731
     assert mixin.lrc_current_weight == pytest.approx(0.3)
-    assert from_mixin.item() == pytest.approx(0.3 * from_callback.item(), rel=1e-6)
+    assert (loss(with_term) - loss(without)).item() == pytest.approx(from_mixin.item(), rel=1e-5)
+    assert cb.extra_forwards == (1 if module_cls is TinySupervisedLike else 0)
 
 
-def test_weight_schedules_and_callback_drives_mixin_weight(loader) -> None:
+def test_weight_schedules_drive_the_mixin_weight(loader) -> None:
     assert lrc_weight(0, 2.0, "linear", 10) == 0.0
     assert lrc_weight(5, 2.0, "linear", 10) == pytest.approx(1.0)
     assert lrc_weight(5, 2.0, "cosine", 10) == pytest.approx(1.0)
@@ -137,16 +127,16 @@ def test_weight_schedules_and_callback_drives_mixin_weight(loader) -> None:
     assert history.history["train/lrc_weight"] == pytest.approx([0, 0.125, 0.25, 0.375, 0.5, 0.5])
 
 
-def test_callback_state_in_checkpoint(tmp_path, loader) -> None:
+def test_mixin_lambda_follows_the_restored_step_without_a_callback(tmp_path, loader) -> None:
     model = TinyMoCoLRC(weight=0.5, schedule="linear", warmup_steps=4)
     t = trainer(max_steps=2, enable_checkpointing=True, default_root_dir=tmp_path)
     t.fit(model, loader)
+    assert not any(isinstance(c, LRCCallback) for c in t.callbacks)
     path = tmp_path / "last.ckpt"
     t.save_checkpoint(path)
     ckpt = torch.load(path, weights_only=True)
-    (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("LRCCallback")]
-    assert state["schedule"] == "linear" and state["current_weight"] == pytest.approx(0.125)
     assert any(k.startswith("lrc_head.") for k in ckpt["state_dict"])
+    assert model.lrc_current_weight == pytest.approx(0.25)  # lambda at step 2
     resumed = TinyMoCoLRC(weight=0.5, schedule="linear", warmup_steps=4)
     history = MetricHistory("train/lrc_weight")
     trainer(max_steps=4, callbacks=[history]).fit(resumed, loader, ckpt_path=path)
@@ -154,16 +144,17 @@ def test_callback_state_in_checkpoint(tmp_path, loader) -> None:
 
 
 def test_clear_errors(loader) -> None:
-    no_maps = [{"image_v1": torch.zeros(2, 1, 32, 32), "image_v2": torch.zeros(2, 1, 32, 32)}]
-    with pytest.raises(KeyError, match="superpixels_v1"):
+    views = {"image_v1": torch.zeros(1, 32, 32), "image_v2": torch.zeros(1, 32, 32)}
+    no_maps = DataLoader([views] * 2, batch_size=2)
+    with pytest.raises(KeyError, match=r"'superpixels_v1'.*image_v1"):
         trainer(max_steps=1).fit(TinyMoCoLRC(), no_maps)
     with pytest.raises(ValueError, match="feature_layer"):
         trainer(max_steps=1, callbacks=[LRCCallback()]).fit(TinySupervisedLike(), loader)
     with pytest.raises(ValueError, match="no submodule 'nope'"):
         cb = LRCCallback(feature_layer="nope", feature_channels=8)
         trainer(max_steps=1, callbacks=[cb]).fit(TinySupervisedLike(), loader)
-    with pytest.raises(ValueError, match="feature_channels"):
-        LRCCallback(feature_layer="net.decoder")
+    with pytest.raises(TypeError, match=r"unknown LRC option.*'weight'"):
+        LRCCallback(feature_layer="net.decoder", wieght=1.0)
 
     class NotInOptimizer(TinySupervisedLike):
         def configure_optimizers(self):
@@ -178,3 +169,5 @@ def test_clear_errors(loader) -> None:
 
     with pytest.raises(RuntimeError, match="init_lrc"):
         trainer(max_steps=1, callbacks=[LRCCallback()]).fit(Forgot(), loader)
+    with pytest.raises(ValueError, match="init_lrc"):  # two homes for the options: refused
+        trainer(max_steps=1, callbacks=[LRCCallback(weight=1.0)]).fit(TinyMoCoLRC(), loader)

@@ -1,4 +1,10 @@
-"""LRCCallback: LRC for a Trainer, with or without LRCMixin in the module."""
+"""LRCCallback: LRC for a Trainer, on a module that was not written for it.
+
+The hooks live in :class:`LRCCallbackBase`, which imports no Lightning package;
+:class:`LRCCallback` puts them on ``pytorch_lightning.Callback`` and
+``lrc_lightning.lightning.LRCCallback`` on ``lightning.pytorch.Callback``, so that each
+Trainer gets a callback of its own namespace.
+"""
 
 from __future__ import annotations
 
@@ -11,167 +17,275 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from lrc_lightning.batches import BatchFormat, BatchFormatName, LRCInputs
+from lrc_lightning.batches import batch_format as resolve_batch_format
 from lrc_lightning.heads import DenseProjectionHead
-from lrc_lightning.loss import LocalizedRegionContrastLoss
-from lrc_lightning.mixin import (
-    SUPERPIXEL_KEYS,
-    VIEW_KEYS,
-    LRCMixin,
-    check_batch_has_superpixels,
+from lrc_lightning.layers import (
+    dense_candidates,
+    find_feature_layers,
+    first_tensor,
+    format_layers,
+)
+from lrc_lightning.mixin import LRCMixin
+from lrc_lightning.term import (
+    LRCConfig,
+    build_criterion,
+    build_head,
     log_lrc,
     lrc_term,
+    trainer_step,
+    warn_if_too_coarse,
 )
-from lrc_lightning.regions import DownsampleMode
-from lrc_lightning.schedules import DEFAULT_LRC_WEIGHT, WeightSchedule, lrc_weight
 
-__all__ = ["LRCCallback"]
+__all__ = ["CHECKPOINT_KEY", "HEAD_ATTRIBUTE", "LRCCallback", "LRCCallbackBase"]
 
-#: Name under which the callback registers its projection head on a module without the mixin.
+#: Name under which the callback registers its projection head on the module while fitting.
 HEAD_ATTRIBUTE = "lrc_head"
+#: Checkpoint entry that holds the head's state, outside the module's ``state_dict``.
+CHECKPOINT_KEY = "lrc_lightning"
+_PREFIX = HEAD_ATTRIBUTE + "."
 
 
-class LRCCallback(pl.Callback):
-    """Owns the LRC weight schedule; adds LRC to modules that do not use the mixin.
+def _ancestors(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts))]
 
-    **With an** :class:`~lrc_lightning.LRCMixin` **module** (``feature_layer=None``): sets
-    ``module.lrc_current_weight`` from the schedule before every step, checks that batches
-    carry super-pixel maps and keeps its state in checkpoints. The module adds the term.
 
-    **With any other module** (``feature_layer="decoder"``, ``feature_channels=C``): a
-    forward hook captures that submodule's output, and the module's ``training_step`` is
-    wrapped (on the instance, at ``setup``) so that ``lambda * L_LRC`` is added to the loss
-    it returns. Lightning hooks cannot change a returned loss; the wrapped step runs inside
-    the strategy's forward (DDP's too), so the added term's gradients are synchronised like
-    the rest. The projection head is registered on the module as ``lrc_head`` and must be
-    in the optimizer (``self.parameters()`` includes it; a clear error says otherwise).
+def _same(x: Tensor, view: Tensor) -> bool:
+    return x is view or (
+        x.shape == view.shape and x.device == view.device and x.data_ptr() == view.data_ptr()
+    )
 
-    Which captured output is which view, per step:
-      1. two outputs of batch size B -> the first is view 1, the second view 2;
-      2. one output of batch size 2B (views concatenated) -> its halves;
-      3. one output of batch size B -> view 1; view 2 is forwarded by the callback
-         (``module(batch["image_v2"])``), e.g. for a supervised module;
-      4. none -> both views are forwarded by the callback.
+
+class LRCCallbackBase:
+    """Adds LRC to a LightningModule that was not written for it.
+
+    A forward hook captures the output of ``feature_layer`` while the module's own
+    ``training_step`` runs, and the step (wrapped on the instance, at ``setup``) returns its
+    loss plus ``lambda * L_LRC``. The wrapped step runs inside the strategy's forward (DDP's
+    too), so the term's gradients are synchronised like the rest. lambda follows
+    ``config.weight_at(trainer.global_step)``.
+
+    Which output is which view: each view is recognised by its input tensor (the callback
+    watches the layers that enclose ``feature_layer``), so the order of calls does not
+    matter. When the step runs view 2 only through a momentum or target copy of the network
+    (lightly's and solo-learn's MoCo, BYOL), give that copy's layer as ``target_layer``: its
+    output is view 2's features and no extra forward is made (the LRC gradient then reaches
+    the online network through view 1, as the momentum branch gets none). Outputs that
+    cannot be matched by input fall back to order and size (two outputs of batch B; one of
+    2B: the views concatenated). A view that reached no captured layer is forwarded once
+    more through the module, with a warning the first time (:attr:`extra_forwards` counts).
+
+    The projection head is registered on the module as ``lrc_head`` while fitting, so the
+    optimizer (``self.parameters()``) and DDP see it. It is kept out of the module's
+    checkpoint ``state_dict`` (in the checkpoint's ``"lrc_lightning"`` entry instead), so a
+    checkpoint loads into the unmodified module; resuming puts it back. After ``fit`` the
+    head is removed from the module.
+
+    The channels of ``feature_layer`` are read from one dry forward (no gradients, eval
+    mode) of the module's ``example_input_array`` or of the data module's
+    ``example_input()``, which also lets a wrong layer name be answered with the dense
+    layers and their shapes. Without either, the head infers them at the first step (not
+    possible under DDP: give ``feature_channels``). A warning says, once, when fewer than 2
+    regions per image reach the loss.
 
     Args:
-        weight, schedule, warmup_steps: lambda and its schedule.
-        feature_layer: dotted submodule name (``"decoder"``, ``"net.up.3"``) for modules
-            without the mixin.
-        feature_channels: channels of that layer's output (sizes the head before the
-            optimizer is built).
-        view_keys, superpixel_keys: batch keys of the images and maps of the two views.
-        Others: the head and :class:`LocalizedRegionContrastLoss` arguments.
+        config: the LRC options (:class:`~lrc_lightning.LRCConfig`).
+        feature_layer: dotted submodule name (``"decoder"``, ``"backbone.6"``).
+        feature_channels: that layer's output channels (inferred when possible).
+        target_layer: the same layer in a momentum or target branch that the step already
+            runs on view 2 (``"backbone_momentum.6"``).
+        batch_format: where the views and maps are in a batch: ``"dict"``, ``"lightly"``,
+            ``"solo-learn"``, a :class:`~lrc_lightning.batches.KeyPathBatch` or a callable
+            (:mod:`lrc_lightning.batches`). The module's step gets the batch it expects.
+        **options: :class:`~lrc_lightning.LRCConfig` fields that override ``config``.
+
+    With an :class:`~lrc_lightning.LRCMixin` module the callback is not needed (the mixin
+    adds the term and follows lambda's schedule itself); given one anyway, it only mirrors
+    ``current_weight`` and must get no layer and no options.
+
+    Example:
+        >>> import pytorch_lightning as pl
+        >>> lrc = LRCCallback(feature_layer="backbone.decoders.2", weight=0.3)
+        >>> trainer = pl.Trainer(callbacks=[lrc], logger=False, enable_progress_bar=False)
     """
 
     def __init__(
         self,
-        weight: float = DEFAULT_LRC_WEIGHT,
-        schedule: WeightSchedule = "constant",
-        warmup_steps: int = 0,
+        config: LRCConfig | None = None,
         feature_layer: str | None = None,
         feature_channels: int | None = None,
-        embedding_dim: int = 128,
-        hidden_dim: int | None = None,
-        temperature: float = 0.1,
-        num_regions: int = 16,
-        samples_per_region: int | None = 16,
-        min_pixels: int = 4,
-        downsample: DownsampleMode = "nearest",
-        negatives_from_same_view: bool = False,
-        gather_distributed: bool = False,
-        view_keys: tuple[str, str] = VIEW_KEYS,
-        superpixel_keys: tuple[str, str] = SUPERPIXEL_KEYS,
+        target_layer: str | None = None,
+        batch_format: BatchFormatName | BatchFormat = "dict",
+        **options: Any,
     ) -> None:
         super().__init__()
-        lrc_weight(0, weight, schedule, warmup_steps)  # validates
-        if feature_layer is not None and feature_channels is None:
-            raise ValueError("feature_layer needs feature_channels (the layer's output channels)")
-        self.weight = float(weight)
-        self.schedule: WeightSchedule = schedule
-        self.warmup_steps = int(warmup_steps)
+        self._configured = config is not None or bool(options)
+        self.config = (config if config is not None else LRCConfig()).replace(**options)
+        if target_layer is not None and feature_layer is None:
+            raise ValueError("target_layer needs feature_layer (the online branch's layer)")
         self.feature_layer = feature_layer
         self.feature_channels = feature_channels
-        self.embedding_dim = embedding_dim
-        self.hidden_dim = hidden_dim
-        self.view_keys = tuple(view_keys)
-        self.superpixel_keys = tuple(superpixel_keys)
-        self.criterion = LocalizedRegionContrastLoss(
-            temperature=temperature,
-            num_regions=num_regions,
-            samples_per_region=samples_per_region,
-            min_pixels=min_pixels,
-            downsample=downsample,
-            negatives_from_same_view=negatives_from_same_view,
-            gather_distributed=gather_distributed,
-        )
-        self.current_weight = lrc_weight(0, weight, schedule, warmup_steps)
+        self.target_layer = target_layer
+        self.batch_format = resolve_batch_format(batch_format)
+        self.criterion = build_criterion(self.config)
+        self.head: DenseProjectionHead | None = None
+        self.current_weight = self.config.weight_at(0)
+        #: Views forwarded again by the callback because the step did not run them.
+        self.extra_forwards = 0
         self._mode: str | None = None
-        self._hook: torch.utils.hooks.RemovableHandle | None = None
-        self._original_step: Callable[..., Any] | None = None
-        self._captured: list[Tensor] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._wrapped: list[str] = []
+        self._online: list[tuple[int | None, Tensor]] = []
+        self._target: list[tuple[int | None, Tensor]] = []
+        self._views: tuple[Tensor, Tensor] | None = None
+        self._view_stack: list[int | None] = []
         self._capturing = False
-        self._loaded_state: dict[str, Any] | None = None
+        self._regions_checked = False
+        self._warned_extra = False
 
     # ------------------------------------------------------------------ set-up / teardown
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(feature_layer=self.feature_layer)
+        return self._generate_state_key(feature_layer=self.feature_layer)  # type: ignore[attr-defined]
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
         if isinstance(pl_module, LRCMixin):
-            if self.feature_layer is not None:
-                raise ValueError(
-                    f"{type(pl_module).__name__} uses LRCMixin, which adds the LRC term itself; "
-                    "do not also give LRCCallback a feature_layer"
-                )
-            pl_module._require_lrc()
-            self._mode = "mixin"
+            self._setup_mixin(pl_module)
             return
         if self.feature_layer is None:
             raise ValueError(
                 f"{type(pl_module).__name__} does not use LRCMixin: give LRCCallback "
-                "feature_layer='<submodule name>' and feature_channels=<its channels> so it "
-                "can capture decoder features, or mix LRCMixin into the module"
+                "feature_layer='<submodule name>' so it can capture dense features "
+                "(lrc_lightning.find_feature_layers(module, example_input) lists them), or "
+                "mix LRCMixin into the module"
             )
         if not pl_module.automatic_optimization:
             raise ValueError(
                 "LRCCallback(feature_layer=...) adds its term to the loss returned by "
                 "training_step, which manual optimisation ignores; use LRCMixin instead"
             )
-        try:
-            layer = pl_module.get_submodule(self.feature_layer)
-        except AttributeError as err:
-            names = [n for n, _ in pl_module.named_modules() if n][:20]
+        example = _example_input(trainer, pl_module)
+        layers = _dry_run(pl_module, example)
+        layer = self._resolve(pl_module, self.feature_layer, layers, example)
+        target = (
+            self._resolve(pl_module, self.target_layer, layers, example)
+            if self.target_layer is not None
+            else None
+        )
+        channels = self._channels(pl_module, layers, trainer)
+        if self.head is None:
+            self.head = build_head(self.config, channels)
+        existing = getattr(pl_module, HEAD_ATTRIBUTE, None)
+        if existing is not None and existing is not self.head:
             raise ValueError(
-                f"{type(pl_module).__name__} has no submodule {self.feature_layer!r}; "
-                f"some of its submodules: {names}"
-            ) from err
-        if not hasattr(pl_module, HEAD_ATTRIBUTE):
-            assert self.feature_channels is not None
-            head = DenseProjectionHead(self.feature_channels, self.hidden_dim, self.embedding_dim)
-            pl_module.add_module(HEAD_ATTRIBUTE, head.to(pl_module.device))
-        self._hook = layer.register_forward_hook(self._capture)
+                f"{type(pl_module).__name__} already has an attribute `{HEAD_ATTRIBUTE}`; "
+                "LRCCallback needs that name for its projection head"
+            )
+        pl_module.add_module(HEAD_ATTRIBUTE, self.head.to(pl_module.device))
+        self._install_hooks(pl_module, layer, target)
+        self._wrap(pl_module, "training_step", self._step_with_lrc)
+        self._wrap(pl_module, "on_save_checkpoint", self._save_head)
+        self._wrap(pl_module, "on_load_checkpoint", self._load_head)
         self._mode = "hook"
-        self._wrap_training_step(pl_module)
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        if self._original_step is not None:
-            # Drop the instance attribute: the class's training_step is visible again.
-            pl_module.__dict__.pop("training_step", None)
-            self._original_step = None
+    def _setup_mixin(self, pl_module: Any) -> None:
+        if self.feature_layer is not None or self._configured:
+            raise ValueError(
+                f"{type(pl_module).__name__} uses LRCMixin, which adds the LRC term itself "
+                "with the options of its init_lrc(); give LRCCallback no feature_layer and "
+                "no LRC options for it (or drop the callback: the mixin needs none)"
+            )
+        pl_module._require_lrc()
+        self._mode = "mixin"
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _resolve(
+        self, pl_module: nn.Module, name: str, layers: list[Any] | None, example: Any
+    ) -> nn.Module:
+        try:
+            return pl_module.get_submodule(name)
+        except AttributeError:
+            pass
+        cls = type(pl_module).__name__
+        if layers is not None:
+            shape = tuple(example.shape) if isinstance(example, Tensor) else "the example"
+            listing = format_layers(dense_candidates(layers))
+            raise ValueError(
+                f"{cls} has no submodule {name!r}. Its dense outputs, finest first, for an "
+                f"input of {shape}:\n{listing}"
+            )
+        names = [n for n, _ in pl_module.named_modules() if n]
+        raise ValueError(
+            f"{cls} has no submodule {name!r}. Its {len(names)} submodules: {names[:60]}"
+            + (" ..." if len(names) > 60 else "")
+            + ". Set example_input_array on the module (or use LRCDataModule) and this "
+            "error lists the dense ones with their output shapes, finest first."
+        )
+
+    def _channels(self, pl_module: nn.Module, layers: list[Any] | None, trainer: Any) -> int | None:
+        assert self.feature_layer is not None
+        seen = [layer for layer in layers or [] if layer.name == self.feature_layer]
+        if seen:
+            shape = seen[0].shape
+            if len(shape) not in (4, 5):
+                raise TypeError(
+                    f"feature_layer {self.feature_layer!r} outputs shape {shape}; LRC needs "
+                    "dense (B, C, h, w) or (B, C, d, h, w) features. Dense candidates, "
+                    f"finest first:\n{format_layers(dense_candidates(layers or []))}"
+                )
+            if self.feature_channels is not None and self.feature_channels != shape[1]:
+                raise ValueError(
+                    f"feature_channels={self.feature_channels}, but feature_layer "
+                    f"{self.feature_layer!r} outputs shape {shape} ({shape[1]} channels); "
+                    "leave feature_channels out to infer it"
+                )
+            return int(shape[1])
+        if self.feature_channels is None and getattr(trainer, "world_size", 1) > 1:
+            raise ValueError(
+                f"LRCCallback cannot infer the channels of {self.feature_layer!r} of "
+                f"{type(pl_module).__name__} before DDP wraps it: give feature_channels=..., "
+                "set example_input_array on the module, or use LRCDataModule"
+            )
+        return self.feature_channels  # None: the head infers them at the first step
+
+    def _install_hooks(
+        self, pl_module: nn.Module, layer: nn.Module, target: nn.Module | None
+    ) -> None:
+        online = self._capture_into(self._online, self.feature_layer or "")
+        self._handles.append(layer.register_forward_hook(online))
+        watched = set(_ancestors(self.feature_layer or ""))
+        if target is not None:
+            captured = self._capture_into(self._target, self.target_layer or "")
+            self._handles.append(target.register_forward_hook(captured))
+            watched |= set(_ancestors(self.target_layer or ""))
+        for name in sorted(watched):
+            module = pl_module.get_submodule(name) if name else pl_module
+            self._handles.append(module.register_forward_pre_hook(self._enter))
+            self._handles.append(module.register_forward_hook(self._leave))
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for name in self._wrapped:
+            # Drop the instance attribute: the class's method is visible again.
+            pl_module.__dict__.pop(name, None)
+        self._wrapped = []
+        if self._mode == "hook" and getattr(pl_module, HEAD_ATTRIBUTE, None) is self.head:
+            # After fit the module is the user's module again (its checkpoints load into it);
+            # the callback keeps the head for the next fit.
+            delattr(pl_module, HEAD_ATTRIBUTE)
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if self._mode != "hook":
             return
         in_optimizer = {
             id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]
         }
-        head: nn.Module = getattr(pl_module, HEAD_ATTRIBUTE)
-        if not all(id(p) in in_optimizer for p in head.parameters()):
+        assert self.head is not None
+        if not all(id(p) in in_optimizer for p in self.head.parameters()):
             raise RuntimeError(
                 f"LRCCallback registered its projection head as `{HEAD_ATTRIBUTE}` on "
                 f"{type(pl_module).__name__}, but configure_optimizers() did not include its "
@@ -181,127 +295,256 @@ class LRCCallback(pl.Callback):
 
     # ------------------------------------------------------------------ per step
     def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
     ) -> None:
-        check_batch_has_superpixels(batch, self.superpixel_keys)
-        self.current_weight = lrc_weight(
-            trainer.global_step, self.weight, self.schedule, self.warmup_steps
-        )
         if self._mode == "mixin":
-            pl_module.lrc_current_weight = self.current_weight  # type: ignore[attr-defined]
+            self.current_weight = pl_module.lrc_current_weight
+        else:
+            self.current_weight = self.config.weight_at(trainer.global_step)
 
-    def _capture(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        if not self._capturing:
+    def _capture_into(
+        self, store: list[tuple[int | None, Tensor]], name: str
+    ) -> Callable[..., None]:
+        def capture(module: nn.Module, inputs: Any, output: Any) -> None:
+            if not self._capturing:
+                return
+            tensor = first_tensor(output)
+            if tensor is None or tensor.ndim not in (4, 5):
+                raise TypeError(
+                    f"LRCCallback's layer {name!r} ({type(module).__name__}) must output "
+                    "dense (B, C, h, w) or (B, C, d, h, w) features, got "
+                    + (
+                        f"shape {tuple(tensor.shape)}"
+                        if tensor is not None
+                        else type(output).__name__
+                    )
+                )
+            store.append((self._view_stack[-1] if self._view_stack else None, tensor))
+
+        return capture
+
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        """Which view runs through this ancestor of the feature layer: the view whose tensor
+        it was called with, else the view of the enclosing call (None: not a single view)."""
+        if not self._capturing or self._views is None:
             return
-        if not isinstance(output, Tensor) or output.ndim != 4:
-            raise TypeError(
-                f"LRCCallback feature_layer {self.feature_layer!r} must output a (B, C, h, w) "
-                f"tensor, got {type(output).__name__}"
-                + (f" of shape {tuple(output.shape)}" if isinstance(output, Tensor) else "")
-            )
-        self._captured.append(output)
+        x = first_tensor(args)
+        inherited = self._view_stack[-1] if self._view_stack else None
+        if x is None:
+            self._view_stack.append(inherited)
+        elif _same(x, self._views[0]):
+            self._view_stack.append(0)
+        elif _same(x, self._views[1]):
+            self._view_stack.append(1)
+        else:
+            self._view_stack.append(inherited)
 
-    def _wrap_training_step(self, pl_module: pl.LightningModule) -> None:
-        original = pl_module.training_step
-        self._original_step = original
+    def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._capturing and self._view_stack:
+            self._view_stack.pop()
+
+    def _wrap(self, pl_module: Any, name: str, replacement: Callable[..., Any]) -> None:
+        original = getattr(pl_module, name)
 
         @functools.wraps(original)
-        def training_step(batch: Any, *args: Any, **kwargs: Any) -> Any:
-            return self._step_with_lrc(pl_module, original, batch, *args, **kwargs)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            return replacement(pl_module, original, *args, **kwargs)
 
-        pl_module.training_step = training_step  # type: ignore[method-assign]
+        setattr(pl_module, name, wrapped)
+        self._wrapped.append(name)
 
-    def _forward_view(self, pl_module: pl.LightningModule, images: Tensor) -> Tensor:
+    def _forward_view(self, pl_module: Any, images: Tensor) -> Tensor:
+        self.extra_forwards += 1
+        if not self._warned_extra:
+            self._warned_extra = True
+            hint = (
+                f" If the step runs the other view through a momentum or target branch, give "
+                f"target_layer='<that branch's copy of {self.feature_layer}>' to reuse it."
+                if self.target_layer is None
+                else ""
+            )
+            warnings.warn(
+                f"LRCCallback: a view did not reach feature_layer {self.feature_layer!r} in "
+                f"{type(pl_module).__name__}.training_step; the callback forwards it through "
+                f"the module once more each step (an extra forward).{hint}",
+                stacklevel=2,
+            )
+        before = len(self._online)
         self._capturing = True
         try:
-            before = len(self._captured)
             pl_module(images)
         finally:
             self._capturing = False
-        if len(self._captured) == before:
+            self._view_stack.clear()
+        if len(self._online) == before:
             raise RuntimeError(
                 f"forwarding a view through {type(pl_module).__name__} never reached "
                 f"feature_layer {self.feature_layer!r}"
             )
-        return self._captured[before]
+        return self._online[before][1]
 
-    def _view_features(
-        self, pl_module: pl.LightningModule, batch: Mapping[str, Any]
-    ) -> tuple[Tensor, Tensor]:
-        b = batch[self.superpixel_keys[0]].shape[0]
-        captured = self._captured
-        if len(captured) >= 2 and captured[0].shape[0] == b and captured[1].shape[0] == b:
-            return captured[0], captured[1]
-        if len(captured) >= 1 and captured[0].shape[0] == 2 * b:
-            first, second = captured[0].chunk(2)
+    def _view_features(self, pl_module: Any, inputs: LRCInputs) -> tuple[Tensor, Tensor]:
+        """The two views' features: matched by input tensor, else by call order and size."""
+        b = inputs.superpixels_1.shape[0]
+        online = {
+            tag: t for tag, t in reversed(self._online) if tag is not None and t.shape[0] == b
+        }
+        target = {
+            tag: t for tag, t in reversed(self._target) if tag is not None and t.shape[0] == b
+        }
+        if 0 in online and 1 in online:
+            return online[0], online[1]
+        if 0 in online and 1 in target:
+            return online[0], target[1]
+        if 1 in online and 0 in target:
+            return target[0], online[1]
+        outputs = [t for _, t in self._online]
+        if len(outputs) >= 2 and outputs[0].shape[0] == b and outputs[1].shape[0] == b:
+            return outputs[0], outputs[1]
+        if outputs and outputs[0].shape[0] == 2 * b:
+            first, second = outputs[0].chunk(2)
             return first, second
-        if len(captured) == 1 and captured[0].shape[0] == b:
-            return captured[0], self._forward_view(pl_module, batch[self.view_keys[1]])
-        if not captured:
-            first = self._forward_view(pl_module, batch[self.view_keys[0]])
-            return first, self._forward_view(pl_module, batch[self.view_keys[1]])
-        shapes = [tuple(c.shape) for c in captured]
+        if len(outputs) == 1 and outputs[0].shape[0] == b:
+            targets = [t for _, t in self._target if t.shape[0] == b]
+            if targets:
+                return outputs[0], targets[0]
+            return outputs[0], self._forward_view(pl_module, inputs.view_2)
+        if not outputs:
+            first = self._forward_view(pl_module, inputs.view_1)
+            return first, self._forward_view(pl_module, inputs.view_2)
+        shapes = [tuple(t.shape) for t in outputs]
         raise RuntimeError(
             f"cannot tell the two views apart in the outputs of {self.feature_layer!r} "
             f"captured during training_step (batch size {b}): {shapes}"
         )
 
+    def _clear(self) -> None:
+        # In place: the forward hooks hold these lists.
+        self._online.clear()
+        self._target.clear()
+        self._view_stack.clear()
+        self._views = None
+
     def _step_with_lrc(
-        self,
-        pl_module: pl.LightningModule,
-        original: Callable[..., Any],
-        batch: Any,
-        *args: Any,
-        **kwargs: Any,
+        self, pl_module: Any, original: Callable[..., Any], batch: Any, *args: Any, **kwargs: Any
     ) -> Any:
-        check_batch_has_superpixels(batch, self.superpixel_keys)
-        self._captured = []
+        inputs = self.batch_format.inputs(batch)
+        self._clear()
+        self._views = (inputs.view_1, inputs.view_2)
         self._capturing = True
         try:
-            output = original(batch, *args, **kwargs)
+            output = original(self.batch_format.module_batch(batch), *args, **kwargs)
         finally:
             self._capturing = False
+            self._view_stack.clear()
         if output is None:  # the module skipped this batch
             return output
-        features_v1, features_v2 = self._view_features(pl_module, batch)
-        self._captured = []
+        try:
+            features_v1, features_v2 = self._view_features(pl_module, inputs)
+        finally:
+            self._clear()
+        assert self.head is not None
+        if self.head.in_channels is not None and features_v1.shape[1] != self.head.in_channels:
+            raise ValueError(
+                f"feature_layer {self.feature_layer!r} outputs shape "
+                f"{tuple(features_v1.shape)} ({features_v1.shape[1]} channels), but the LRC "
+                f"head was built for {self.head.in_channels} (feature_channels); leave "
+                "feature_channels out to infer it"
+            )
+        if not self._regions_checked:
+            self._regions_checked = True
+            warn_if_too_coarse(
+                self.criterion,
+                tuple(features_v1.shape),
+                inputs.superpixels_1,
+                inputs.superpixels_2,
+                f"feature_layer {self.feature_layer!r}",
+            )
         raw = lrc_term(
-            getattr(pl_module, HEAD_ATTRIBUTE),
+            self.head,
             self.criterion,
             features_v1,
             features_v2,
-            batch[self.superpixel_keys[0]],
-            batch[self.superpixel_keys[1]],
+            inputs.superpixels_1,
+            inputs.superpixels_2,
         )
-        log_lrc(pl_module, raw, self.current_weight, features_v1.shape[0])
-        term = raw * self.current_weight
+        weight = self.config.weight_at(trainer_step(pl_module))
+        log_lrc(pl_module, raw, weight, features_v1.shape[0])
+        term = raw * weight
         if isinstance(output, Mapping):
             if "loss" not in output:
                 raise KeyError("training_step returned a dict without a 'loss' key")
             return {**output, "loss": output["loss"] + term}
         return output + term
 
-    # ------------------------------------------------------------------ checkpoint state
+    # ------------------------------------------------------------------ checkpoints
+    def _save_head(
+        self, pl_module: Any, original: Callable[..., Any], checkpoint: dict[str, Any]
+    ) -> Any:
+        """The head's weights go to their own checkpoint entry: the module's ``state_dict``
+        stays the user's module's (``Module.load_from_checkpoint`` loads it unchanged)."""
+        result = original(checkpoint)
+        state = checkpoint.get("state_dict")
+        if isinstance(state, dict):
+            head = {k[len(_PREFIX) :]: state.pop(k) for k in list(state) if k.startswith(_PREFIX)}
+            checkpoint[CHECKPOINT_KEY] = {"head": head}
+        return result
+
+    def _load_head(
+        self, pl_module: Any, original: Callable[..., Any], checkpoint: dict[str, Any]
+    ) -> Any:
+        """Resuming: put the head's weights back before Lightning loads the state strictly."""
+        state = checkpoint.get("state_dict")
+        if isinstance(state, dict) and not any(k.startswith(_PREFIX) for k in state):
+            saved = checkpoint.get(CHECKPOINT_KEY, {}).get("head")
+            if saved is None:
+                warnings.warn(
+                    "the checkpoint holds no LRC head (it was not trained with LRCCallback); "
+                    "the head starts from its initialisation",
+                    stacklevel=2,
+                )
+                assert self.head is not None
+                saved = self.head.state_dict()
+            state.update({_PREFIX + k: v for k, v in saved.items()})
+        return original(checkpoint)
+
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "weight": self.weight,
-            "schedule": self.schedule,
-            "warmup_steps": self.warmup_steps,
-            "current_weight": self.current_weight,
-        }
+        return {"config": self.config.as_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._loaded_state = dict(state_dict)
-        mine = self.state_dict()
-        changed = {
-            k: (state_dict[k], mine[k])
-            for k in ("weight", "schedule", "warmup_steps")
-            if k in state_dict and state_dict[k] != mine[k]
-        }
+        saved = state_dict.get("config", {})
+        mine = self.config.as_dict()
+        changed = {k: (saved[k], mine[k]) for k in saved if k in mine and saved[k] != mine[k]}
         if changed:
             warnings.warn(
-                f"LRCCallback resumed with a different schedule than the checkpoint's "
-                f"(checkpoint, now): {changed}; the new one is used",
+                f"LRCCallback resumed with other LRC options than the checkpoint's "
+                f"(checkpoint, now): {changed}; the new ones are used",
                 stacklevel=2,
             )
-        self.current_weight = float(state_dict.get("current_weight", self.current_weight))
+
+
+def _dry_run(pl_module: nn.Module, example: Any) -> list[Any] | None:
+    """Every layer's output shape for ``example``; None without an example, or when the
+    module's ``forward`` cannot take it (some modules have none: then the head infers its
+    channels at the first step and errors list module names only)."""
+    if example is None:
+        return None
+    try:
+        return find_feature_layers(pl_module, example)
+    except (NotImplementedError, TypeError, RuntimeError, ValueError):
+        return None
+
+
+def _example_input(trainer: Any, pl_module: Any) -> Any:
+    """An input for one dry forward: the module's ``example_input_array``, else the data
+    module's ``example_input()`` (LRCDataModule has one), else None."""
+    example = getattr(pl_module, "example_input_array", None)
+    if example is not None:
+        return example
+    datamodule = getattr(trainer, "datamodule", None)
+    make = getattr(datamodule, "example_input", None)
+    return make() if callable(make) else None
+
+
+class LRCCallback(LRCCallbackBase, pl.Callback):
+    __doc__ = LRCCallbackBase.__doc__

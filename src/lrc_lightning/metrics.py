@@ -7,24 +7,56 @@ together, the paper's and CHAOS's "3D Dice"). Background is not scored. An organ
 from both prediction and ground truth has no Dice (NaN) and is left out of every mean; an
 organ predicted but absent from the ground truth scores 0. Reported means: per organ, the
 mean over samples; overall, the mean of those per-organ means.
+
+``empty_organ`` reproduces MONAI's ``DiceMetric`` conventions instead, for comparisons
+with MONAI pipelines: ``"ignore"`` is ``ignore_empty=True`` (MONAI's default: an organ
+absent from the ground truth is NaN, predicted or not), ``"one"`` is
+``ignore_empty=False`` (absent from both: 1; predicted but absent: 0).
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.functional.segmentation import dice_score
 
-__all__ = ["dice_per_organ", "nanmean", "soft_dice_loss"]
+__all__ = ["EMPTY_ORGAN_CONVENTIONS", "EmptyOrgan", "dice_per_organ", "nanmean", "soft_dice_loss"]
+
+EmptyOrgan = Literal["lrc", "ignore", "one"]
+EMPTY_ORGAN_CONVENTIONS = ("lrc", "ignore", "one")
 
 
-def dice_per_organ(prediction: Tensor, target: Tensor, num_classes: int) -> Tensor:
+def dice_per_organ(
+    prediction: Tensor, target: Tensor, num_classes: int, empty_organ: EmptyOrgan = "lrc"
+) -> Tensor:
     """(N, num_classes - 1) Dice of each sample and organ (NaN where undefined).
 
     Args:
         prediction, target: (N, *spatial) integer class maps; target pixels < 0 (ignored)
             are left out of both.
+        num_classes: classes including background (0).
+        empty_organ: where the ground truth lacks an organ: ``"lrc"`` (NaN if also not
+            predicted, else 0), ``"ignore"`` (NaN; MONAI ``ignore_empty=True``) or
+            ``"one"`` (1 if also not predicted, else 0; MONAI ``ignore_empty=False``).
+
+    Raises:
+        ValueError: shapes differ, or an unknown ``empty_organ``.
+
+    Example:
+        >>> import torch
+        >>> truth = torch.tensor([[0, 1, 1, 0]]); prediction = torch.tensor([[0, 1, 2, 0]])
+        >>> dice_per_organ(prediction, truth, 3, "lrc")
+        tensor([[0.6667, 0.0000]])
+        >>> dice_per_organ(prediction, truth, 3, "ignore")
+        tensor([[0.6667,    nan]])
     """
+    if empty_organ not in EMPTY_ORGAN_CONVENTIONS:
+        raise ValueError(
+            f"empty_organ must be one of {EMPTY_ORGAN_CONVENTIONS}, got {empty_organ!r}"
+        )
     if prediction.shape != target.shape:
         raise ValueError(
             f"prediction and target differ in shape: {tuple(prediction.shape)} vs "
@@ -35,7 +67,7 @@ def dice_per_organ(prediction: Tensor, target: Tensor, num_classes: int) -> Tens
         # An ignored pixel becomes background in both maps: it counts for no organ.
         prediction = prediction.masked_fill(ignored, 0)
         target = target.masked_fill(ignored, 0)
-    return dice_score(
+    dice = dice_score(
         prediction.long(),
         target.long(),
         num_classes=num_classes,
@@ -44,6 +76,16 @@ def dice_per_organ(prediction: Tensor, target: Tensor, num_classes: int) -> Tens
         input_format="index",
         aggregation_level="samplewise",
     ).reshape(prediction.shape[0], num_classes - 1)
+    if empty_organ == "lrc":
+        return dice
+    organs = torch.arange(1, num_classes, device=target.device)
+    flat_target, flat_prediction = target.flatten(1), prediction.flatten(1)
+    in_truth = (flat_target.unsqueeze(-1) == organs).any(dim=1)
+    predicted = (flat_prediction.unsqueeze(-1) == organs).any(dim=1)
+    absent = torch.full_like(dice, float("nan"))
+    if empty_organ == "one":
+        absent = torch.where(predicted, 0.0, 1.0).to(dice.dtype)
+    return torch.where(in_truth, dice, absent)
 
 
 def nanmean(values: Tensor, dim: int | None = None) -> Tensor:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
+from lrc_lightning.batches import BatchFormat, BatchFormatName
+from lrc_lightning.batches import batch_format as resolve_batch_format
 from lrc_lightning.data.cache import CachedVolume, PreprocessConfig, VolumeCache
 from lrc_lightning.data.cases import Case, DataError, discover_cases, read_json
 from lrc_lightning.data.datasets import LabelledSlices, PairedViewSlices, Volumes
@@ -18,7 +20,7 @@ from lrc_lightning.data.intensity import Modality
 from lrc_lightning.data.splits import Split, split_cases
 from lrc_lightning.data.transforms import GeometryAugment, IntensityAugment
 
-__all__ = ["LRCDataModule"]
+__all__ = ["LRCDataModule", "LRCDataModuleBase"]
 
 
 def _declared_labels(data: Any) -> tuple[int, ...] | None:
@@ -37,8 +39,36 @@ def _declared_labels(data: Any) -> tuple[int, ...] | None:
     return None
 
 
-class LRCDataModule(pl.LightningDataModule):
+class _PackedCollate:
+    """Collates items into the dict batch, then builds the requested batch structure
+    (a class, not a closure, so that loader workers can pickle it)."""
+
+    def __init__(self, fmt: BatchFormat) -> None:
+        self.fmt = fmt
+
+    def __call__(self, items: list[Any]) -> Any:
+        return self.fmt.pack(default_collate(items))
+
+
+class _PackedBatches:
+    """Device batches in the requested batch structure."""
+
+    def __init__(self, batches: DeviceBatches, fmt: BatchFormat) -> None:
+        self.batches, self.fmt = batches, fmt
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self.fmt.pack(batch) for batch in self.batches)
+
+
+class LRCDataModuleBase:
     """Reads CT/MR volumes, precomputes Felzenszwalb super-pixels into a cache, serves batches.
+
+    (The Lightning-free implementation; :class:`LRCDataModule` is it on
+    ``pytorch_lightning``, ``lrc_lightning.lightning.LRCDataModule`` on
+    ``lightning.pytorch``.)
 
     ``mode="pretrain"``: training batches hold ``image_v1``, ``image_v2`` (B, 1, H, W),
     ``superpixels_v1``, ``superpixels_v2`` (B, H, W) int64 (and ``label_v1``/``label_v2``
@@ -79,6 +109,11 @@ class LRCDataModule(pl.LightningDataModule):
             workers, no copies per step; same augmentations). Under DDP each rank draws
             from all training slices with its own seed.
         channels_last: with ``device_batches``, images in channels-last memory format.
+        batch_format: the structure of pre-training batches: ``"dict"`` (above),
+            ``"lightly"`` (``([x1, x2], targets, filenames, [s1, s2])``) or
+            ``"solo-learn"`` (``(indexes, [x1, x2], targets, [s1, s2])``); see
+            :mod:`lrc_lightning.batches`. Give LRCCallback the same ``batch_format``: it
+            hands the module its own 3-item structure.
     """
 
     def __init__(
@@ -117,6 +152,7 @@ class LRCDataModule(pl.LightningDataModule):
         hash_content: bool = False,
         device_batches: bool = False,
         channels_last: bool = False,
+        batch_format: BatchFormatName = "dict",
     ) -> None:
         super().__init__()
         if mode not in ("pretrain", "finetune"):
@@ -141,6 +177,12 @@ class LRCDataModule(pl.LightningDataModule):
         self.shard = shard
         self.device_batches = device_batches
         self.channels_last = channels_last
+        self.batch_format = resolve_batch_format(batch_format)
+        if self.batch_format.name != "dict" and mode != "pretrain":
+            raise ValueError(
+                f"batch_format={batch_format!r} is for pre-training batches; fine-tuning "
+                "batches are dicts ({'image', 'label'})"
+            )
         self.config = PreprocessConfig(
             modality=modality,
             ct_window=tuple(ct_window) if not isinstance(ct_window, str) else ct_window,
@@ -229,7 +271,16 @@ class LRCDataModule(pl.LightningDataModule):
         intensity = self.intensity if self.augment else None
         return LabelledSlices(self.volumes(split.labelled), geometry, intensity)
 
-    def _loader(self, dataset: Any, shuffle: bool, batch_size: int) -> DataLoader:
+    def example_input(self, count: int = 2) -> torch.Tensor:
+        """(count, 1, H, W) images of the training set: what a network gets (LRCCallback
+        runs one dry forward of it to read a layer's channels)."""
+        dataset = self.train_dataset()
+        key = "image_v1" if self.mode == "pretrain" else "image"
+        return torch.stack([dataset[i][key] for i in range(min(count, len(dataset)))])
+
+    def _loader(
+        self, dataset: Any, shuffle: bool, batch_size: int, collate: Any = None
+    ) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -237,12 +288,16 @@ class LRCDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.persistent_workers,
             drop_last=shuffle and len(dataset) > batch_size,
+            collate_fn=collate,
         )
 
-    def train_dataloader(self) -> DataLoader | DeviceBatches:
+    def train_dataloader(self) -> DataLoader | DeviceBatches | _PackedBatches:
+        packed = self.mode == "pretrain" and self.batch_format.name != "dict"
         if self.device_batches:
-            return self._device_batches()
-        return self._loader(self.train_dataset(), shuffle=True, batch_size=self.batch_size)
+            batches = self._device_batches()
+            return _PackedBatches(batches, self.batch_format) if packed else batches
+        collate = _PackedCollate(self.batch_format) if packed else None
+        return self._loader(self.train_dataset(), True, self.batch_size, collate)
 
     def _device_batches(self) -> DeviceBatches:
         split = self._require_split()
@@ -270,3 +325,7 @@ class LRCDataModule(pl.LightningDataModule):
         split = self._require_split()
         vols = [v for v in self.volumes(split.test) if v.label is not None]
         return self._loader(Volumes(vols), False, 1) if vols else []
+
+
+class LRCDataModule(LRCDataModuleBase, pl.LightningDataModule):
+    __doc__ = LRCDataModuleBase.__doc__

@@ -62,7 +62,6 @@ from lrc_lightning.data import LRCDataModule, discover_cases
 from lrc_lightning.data.cases import DataError, read_json
 from lrc_lightning.data.splits import split_cases
 from lrc_lightning.evaluation.statistics import paired_differences, paired_table
-from lrc_lightning.mixin import LRCConfig
 from lrc_lightning.models import (
     FineTuneSegmentation,
     MoCoV2,
@@ -72,6 +71,7 @@ from lrc_lightning.models import (
 )
 from lrc_lightning.models.weights import load_backbone_weights
 from lrc_lightning.probe import FeatureLevel, linear_probe_dice
+from lrc_lightning.term import LRCConfig
 
 __all__ = ["ARMS", "READOUTS", "Benchmark", "Variant", "class_names", "main"]
 

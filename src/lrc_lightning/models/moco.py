@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrc_lightning import distributed
-from lrc_lightning.mixin import VIEW_KEYS, LRCConfig, LRCMixin
+from lrc_lightning.mixin import VIEW_KEYS, LRCMixin
 from lrc_lightning.models.backbone import (
     backbone_features,
     dense_channels,
@@ -24,6 +24,7 @@ from lrc_lightning.models.optim import (
     total_training_steps,
 )
 from lrc_lightning.models.unet import UNet2d
+from lrc_lightning.term import LRCConfig
 
 __all__ = ["MoCoStepOutput", "MoCoV2", "MoCoV2LRC"]
 
@@ -274,7 +275,7 @@ class MoCoV2LRC(LRCMixin, MoCoV2):
         self.dense_level = lrc.feature_level
         super().__init__(backbone=backbone, **moco_kwargs)
         channels = dense_channels(self.backbone, lrc.feature_level, lrc_feature_channels)
-        self.init_lrc(feature_channels=channels, **lrc.init_kwargs())
+        self.init_lrc(feature_channels=channels, config=lrc)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         out = self.moco_step(batch)

@@ -10,8 +10,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import CatMetric
 
-from lrc_lightning.metrics import dice_per_organ, nanmean, soft_dice_loss
-from lrc_lightning.mixin import LRCConfig, LRCMixin
+from lrc_lightning.metrics import (
+    EMPTY_ORGAN_CONVENTIONS,
+    EmptyOrgan,
+    dice_per_organ,
+    nanmean,
+    soft_dice_loss,
+)
+from lrc_lightning.mixin import LRCMixin
 from lrc_lightning.models.backbone import dense_channels
 from lrc_lightning.models.optim import (
     LRSchedule,
@@ -21,8 +27,17 @@ from lrc_lightning.models.optim import (
 )
 from lrc_lightning.models.unet import UNet2d
 from lrc_lightning.models.weights import BACKBONE_PREFIX, load_backbone_weights
+from lrc_lightning.term import LRCConfig
 
 __all__ = ["FineTuneSegmentation", "SupervisedSegmentation", "SupervisedSegmentationLRC"]
+
+
+def _full_size(logits: Tensor, images: Tensor) -> Tensor:
+    """Logits at the images' size: a backbone whose finest level is coarser than its input
+    (MONAI's ``UNet`` stops at half size before its output layer) is upsampled."""
+    if logits.shape[2:] == images.shape[2:]:
+        return logits
+    return F.interpolate(logits, size=images.shape[2:], mode="bilinear", align_corners=False)
 
 
 def _decoder_features(backbone: nn.Module, images: Tensor) -> list[Tensor]:
@@ -50,6 +65,9 @@ class SupervisedSegmentation(ReferenceModel):
         class_names: organ names for the logs (default ``class_1``...).
         dice_weight: weight of the soft Dice loss next to cross-entropy.
         eval_batch_size: slices per forward when predicting a volume.
+        empty_organ: Dice where a volume lacks an organ: ``"lrc"`` (this package's
+            definition), or MONAI ``DiceMetric``'s ``"ignore"`` (``ignore_empty=True``) /
+            ``"one"`` (``ignore_empty=False``); see :func:`lrc_lightning.metrics.dice_per_organ`.
     """
 
     def __init__(
@@ -65,8 +83,13 @@ class SupervisedSegmentation(ReferenceModel):
         warmup_steps: int = 0,
         eval_batch_size: int = 32,
         ignore_index: int = -1,
+        empty_organ: EmptyOrgan = "lrc",
     ) -> None:
         super().__init__()
+        if empty_organ not in EMPTY_ORGAN_CONVENTIONS:
+            raise ValueError(
+                f"empty_organ must be one of {EMPTY_ORGAN_CONVENTIONS}, got {empty_organ!r}"
+            )
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 (background + organs), got {num_classes}")
         names = list(class_names) if class_names else [f"class_{c}" for c in range(num_classes)]
@@ -83,6 +106,7 @@ class SupervisedSegmentation(ReferenceModel):
         self.num_classes = num_classes
         self.organ_names = names[1:]
         self.ignore_index = ignore_index
+        self.empty_organ: EmptyOrgan = empty_organ
         # One row of per-organ Dice per volume; CatMetric gathers the rows of all ranks.
         self.volume_dice = CatMetric(nan_strategy="disable")
         self._volume_ids: list[str] = []
@@ -91,7 +115,7 @@ class SupervisedSegmentation(ReferenceModel):
     # ------------------------------------------------------------------ forward
     def forward(self, images: Tensor) -> Tensor:
         """(B, C_in, H, W) -> (B, num_classes, H, W) logits."""
-        return self.head(_decoder_features(self.backbone, images)[-1])
+        return _full_size(self.head(_decoder_features(self.backbone, images)[-1]), images)
 
     def segmentation_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         ce = F.cross_entropy(logits.float(), labels, ignore_index=self.ignore_index)
@@ -112,12 +136,13 @@ class SupervisedSegmentation(ReferenceModel):
         """Segmentation loss of the batch and the finest decoder features of each view."""
         images, labels = self.batch_views(batch)
         b = images[0].shape[0]
-        features = _decoder_features(self.backbone, torch.cat(images))
-        logits = self.head(features[-1])
+        stacked = torch.cat(images)
+        features = _decoder_features(self.backbone, stacked)
+        logits = _full_size(self.head(features[-1]), stacked)
         label = torch.cat(labels)
         loss = self.segmentation_loss(logits, label)
         with torch.no_grad():
-            slice_dice = dice_per_organ(logits.argmax(1), label, self.num_classes)
+            slice_dice = dice_per_organ(logits.argmax(1), label, self.num_classes, self.empty_organ)
         if self._trainer is not None:
             self.log("train/seg_loss", loss.detach(), prog_bar=True, batch_size=b)
             mean = nanmean(slice_dice)
@@ -145,7 +170,9 @@ class SupervisedSegmentation(ReferenceModel):
                 f"{tuple(batch['image'].shape)}; LRCDataModule's val/test loaders give those"
             )
         prediction = self.predict_volume(batch["image"][0])
-        dice = dice_per_organ(prediction[None], batch["label"][0][None], self.num_classes)
+        dice = dice_per_organ(
+            prediction[None], batch["label"][0][None], self.num_classes, self.empty_organ
+        )
         self.volume_dice.update(dice)
         self._volume_ids += list(batch.get("case_id", ["?"]))
         return prediction
@@ -199,7 +226,7 @@ class SupervisedSegmentationLRC(LRCMixin, SupervisedSegmentation):
         self.dense_level = lrc.feature_level
         super().__init__(backbone=backbone, **segmentation_kwargs)
         channels = dense_channels(self.backbone, lrc.feature_level)
-        self.init_lrc(feature_channels=channels, **lrc.init_kwargs())
+        self.init_lrc(feature_channels=channels, config=lrc)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         if "image_v1" not in batch:

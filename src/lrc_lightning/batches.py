@@ -1,0 +1,228 @@
+"""Batch formats: where LRC finds the two views and their super-pixel maps in a batch.
+
+LRC needs four tensors per training batch: the two views and their (B, H, W) super-pixel
+maps. Modules keep their own batch structure; a :class:`BatchFormat` reads the four tensors
+from it (and, for :class:`~lrc_lightning.LRCDataModule`, builds that structure):
+
+* ``"dict"``: ``{"image_v1", "image_v2", "superpixels_v1", "superpixels_v2", ...}``
+  (LRCDataModule's own batches, the reference models).
+* ``"lightly"``: lightly's ``(views, targets, filenames)`` with the maps appended:
+  ``([x1, x2], targets, filenames, [s1, s2])``.
+* ``"solo-learn"``: solo-learn's ``(indexes, [x1, x2], targets)`` with the maps appended:
+  ``(indexes, [x1, x2], targets, [s1, s2])``.
+
+In the two tuple formats the maps travel as a fourth element that LRCCallback removes
+before the module's ``training_step`` sees the batch, so that a lightly or solo-learn module
+gets exactly the structure it was written for. Any other structure: a :class:`KeyPathBatch`
+(dotted paths, ``"0.1"`` = ``batch[0][1]``) or a callable ``batch -> (x1, x2, s1, s2)``.
+
+Example:
+    >>> import torch
+    >>> fmt = batch_format("lightly")
+    >>> x, s = torch.zeros(2, 1, 8, 8), torch.zeros(2, 8, 8, dtype=torch.long)
+    >>> batch = ([x, x + 1], torch.tensor([-1, -1]), ["a", "b"], [s, s])
+    >>> float(fmt.inputs(batch).view_2.mean()), len(fmt.module_batch(batch))
+    (1.0, 3)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BATCH_FORMATS",
+    "BatchFormat",
+    "BatchFormatName",
+    "CallableBatch",
+    "KeyPathBatch",
+    "LRCInputs",
+    "batch_format",
+]
+
+BatchFormatName = Literal["dict", "lightly", "solo-learn"]
+
+
+class LRCInputs(NamedTuple):
+    """The four tensors LRC reads from a batch."""
+
+    view_1: Tensor
+    view_2: Tensor
+    superpixels_1: Tensor
+    superpixels_2: Tensor
+
+
+class BatchFormat:
+    """Reads :class:`LRCInputs` from a batch; says what the module's step receives."""
+
+    name = "custom"
+
+    def inputs(self, batch: Any) -> LRCInputs:
+        raise NotImplementedError
+
+    def module_batch(self, batch: Any) -> Any:
+        """The batch as the wrapped module's ``training_step`` expects it."""
+        return batch
+
+    def pack(self, batch: Mapping[str, Any]) -> Any:
+        """Build this structure from LRCDataModule's dict batch (``image_v1``, ...)."""
+        raise NotImplementedError(f"the {self.name!r} batch format cannot be built from a dict")
+
+
+def _follow(batch: Any, path: str) -> Any:
+    node = batch
+    for part in path.split("."):
+        try:
+            if isinstance(node, Mapping):
+                node = node[part]
+            else:
+                node = node[int(part)]
+        except (KeyError, IndexError, ValueError, TypeError) as err:
+            raise KeyError(
+                f"LRC looked for {path!r} in the training batch and found no {part!r} in "
+                f"{_describe(node)} (batch: {_describe(batch)}). Give LRCCallback/LRCMixin "
+                "the batch_format that matches your batches ('dict', 'lightly', "
+                "'solo-learn', a KeyPathBatch or a callable), or use LRCDataModule with "
+                "the same batch_format."
+            ) from err
+    return node
+
+
+def _describe(node: Any) -> str:
+    if isinstance(node, Tensor):
+        return f"Tensor{tuple(node.shape)}"
+    if isinstance(node, Mapping):
+        return "dict with keys " + str(sorted(map(str, node.keys())))
+    if isinstance(node, (list, tuple)):
+        inner = ", ".join(_describe(x) for x in node[:4]) + (", ..." if len(node) > 4 else "")
+        return f"{type(node).__name__}[{inner}]"
+    return type(node).__name__
+
+
+def _as_tensor(value: Any, path: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"LRC expected a tensor at {path!r} of the batch, got {_describe(value)}")
+    # MONAI's MetaTensor carries metadata that torch ops propagate: LRC needs plain tensors.
+    return value.as_tensor() if hasattr(value, "as_tensor") else value
+
+
+class KeyPathBatch(BatchFormat):
+    """Views and maps at dotted key paths; ``module_items`` keeps only the first items of a
+    tuple batch for the module (the maps appended after them are LRC's).
+
+    Args:
+        views: paths of the two views (``"image_v1"``, ``"0.0"``).
+        superpixels: paths of their (B, H, W) maps.
+        module_items: for tuple batches, how many leading items the module receives.
+        name: a name for messages.
+    """
+
+    def __init__(
+        self,
+        views: tuple[str, str] = ("image_v1", "image_v2"),
+        superpixels: tuple[str, str] = ("superpixels_v1", "superpixels_v2"),
+        module_items: int | None = None,
+        name: str = "custom",
+    ) -> None:
+        if len(views) != 2 or len(superpixels) != 2:
+            raise ValueError(f"give two view paths and two map paths, got {views}, {superpixels}")
+        self.views = tuple(views)
+        self.superpixels = tuple(superpixels)
+        self.module_items = module_items
+        self.name = name
+
+    def inputs(self, batch: Any) -> LRCInputs:
+        paths = (*self.views, *self.superpixels)
+        return LRCInputs(*(_as_tensor(_follow(batch, p), p) for p in paths))
+
+    def module_batch(self, batch: Any) -> Any:
+        if self.module_items is None or isinstance(batch, Mapping):
+            return batch
+        return batch[: self.module_items]  # slicing keeps tuple or list
+
+    def __repr__(self) -> str:
+        return f"KeyPathBatch(views={self.views}, superpixels={self.superpixels})"
+
+
+class _DictBatch(KeyPathBatch):
+    def __init__(self) -> None:
+        super().__init__(name="dict")
+
+    def pack(self, batch: Mapping[str, Any]) -> Any:
+        return dict(batch)
+
+
+def _names(batch: Mapping[str, Any]) -> list[str]:
+    cases, slices = batch.get("case_id"), batch.get("slice_index")
+    if cases is None:
+        return [str(i) for i in range(len(batch["image_v1"]))]
+    if slices is None:
+        return [str(c) for c in cases]
+    return [f"{c}:{int(s)}" for c, s in zip(cases, slices, strict=True)]
+
+
+class _LightlyBatch(KeyPathBatch):
+    def __init__(self) -> None:
+        super().__init__(("0.0", "0.1"), ("3.0", "3.1"), module_items=3, name="lightly")
+
+    def pack(self, batch: Mapping[str, Any]) -> Any:
+        views = [batch["image_v1"], batch["image_v2"]]
+        targets = torch.full((len(views[0]),), -1, dtype=torch.long)  # unlabelled
+        return (views, targets, _names(batch), [batch["superpixels_v1"], batch["superpixels_v2"]])
+
+
+class _SoloLearnBatch(KeyPathBatch):
+    def __init__(self) -> None:
+        super().__init__(("1.0", "1.1"), ("3.0", "3.1"), module_items=3, name="solo-learn")
+
+    def pack(self, batch: Mapping[str, Any]) -> Any:
+        views = [batch["image_v1"], batch["image_v2"]]
+        b = len(views[0])
+        # solo-learn's online classifier ignores target -1 (cross_entropy ignore_index=-1).
+        targets = torch.full((b,), -1, dtype=torch.long)
+        maps = [batch["superpixels_v1"], batch["superpixels_v2"]]
+        return (torch.arange(b), views, targets, maps)
+
+
+class CallableBatch(BatchFormat):
+    """A user's function ``batch -> (view_1, view_2, superpixels_1, superpixels_2)``."""
+
+    def __init__(self, read: Callable[[Any], Sequence[Tensor]]) -> None:
+        self.read = read
+        self.name = getattr(read, "__name__", "callable")
+
+    def inputs(self, batch: Any) -> LRCInputs:
+        values = tuple(self.read(batch))
+        if len(values) != 4:
+            raise ValueError(
+                f"the batch format {self.name!r} must return (view_1, view_2, superpixels_1, "
+                f"superpixels_2), got {len(values)} values"
+            )
+        return LRCInputs(*(_as_tensor(v, f"{self.name}()[{i}]") for i, v in enumerate(values)))
+
+
+#: The ready formats, by name.
+BATCH_FORMATS: dict[str, Callable[[], BatchFormat]] = {
+    "dict": _DictBatch,
+    "lightly": _LightlyBatch,
+    "solo-learn": _SoloLearnBatch,
+}
+
+
+def batch_format(spec: str | BatchFormat | Callable[[Any], Sequence[Tensor]]) -> BatchFormat:
+    """One validator for every place that takes a batch format (name, instance, callable)."""
+    if isinstance(spec, BatchFormat):
+        return spec
+    if isinstance(spec, str):
+        if spec not in BATCH_FORMATS:
+            raise ValueError(
+                f"unknown batch_format {spec!r}; the ready formats are {sorted(BATCH_FORMATS)} "
+                "(or pass a KeyPathBatch or a callable)"
+            )
+        return BATCH_FORMATS[spec]()
+    if callable(spec):
+        return CallableBatch(spec)
+    raise TypeError(f"batch_format must be a name, a BatchFormat or a callable, got {spec!r}")

@@ -1,0 +1,388 @@
+"""Modules the project did not write: batch formats, views matched by input, layer discovery,
+checkpoints that reload into the unmodified module, precision, lightning.pytorch."""
+
+from __future__ import annotations
+
+import ast
+import copy
+import warnings
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lrc_lightning import (
+    KeyPathBatch,
+    LRCCallback,
+    LRCConfig,
+    LRCDataModule,
+    batch_format,
+    find_feature_layers,
+)
+from lrc_lightning.callback import CHECKPOINT_KEY
+from lrc_lightning.layers import dense_candidates
+from lrc_lightning.term import lrc_term
+
+from .conftest import DEMO_MR, ROOT
+from .helpers import (
+    LightlyStyleMoCo,
+    MetricHistory,
+    PairedSlices,
+    SoloStyleSimCLR,
+    TinyMoCo,
+    TinyMoCoLRC,
+    TinySupervisedLike,
+    trainer,
+)
+
+
+@pytest.fixture(scope="module")
+def loader() -> DataLoader:
+    return DataLoader(PairedSlices(n=8), batch_size=4, shuffle=False)
+
+
+def _data(tmp_path: Path, fmt: str = "dict", **kwargs) -> LRCDataModule:
+    return LRCDataModule(str(DEMO_MR), cache_dir=str(tmp_path / "cache"), image_size=32,
+                         batch_size=4, batch_format=fmt, **kwargs)  # fmt: skip
+
+
+# ---------------------------------------------------------------------- batch formats
+def test_ready_batch_formats_read_views_and_hand_the_module_its_own_structure() -> None:
+    x1, x2 = torch.zeros(2, 1, 8, 8), torch.ones(2, 1, 8, 8)
+    s1, s2 = torch.zeros(2, 8, 8, dtype=torch.long), torch.ones(2, 8, 8, dtype=torch.long)
+    lightly = ([x1, x2], torch.tensor([-1, -1]), ["a", "b"], [s1, s2])
+    solo = (torch.arange(2), [x1, x2], torch.tensor([-1, -1]), [s1, s2])
+    as_dict = {"image_v1": x1, "image_v2": x2, "superpixels_v1": s1, "superpixels_v2": s2}
+    for name, batch, module_len in (("lightly", lightly, 3), ("solo-learn", solo, 3),
+                                    ("dict", as_dict, 4)):  # fmt: skip
+        fmt = batch_format(name)
+        got = fmt.inputs(batch)
+        assert got.view_1 is x1 and got.view_2 is x2
+        assert got.superpixels_1 is s1 and got.superpixels_2 is s2
+        assert len(fmt.module_batch(batch)) == module_len
+    custom = KeyPathBatch(views=("v.0", "v.1"), superpixels=("m.a", "m.b"))
+    assert custom.inputs({"v": [x1, x2], "m": {"a": s1, "b": s2}}).view_2 is x2
+    from_callable = batch_format(lambda b: (b["p"], b["q"], b["r"], b["s"]))
+    assert from_callable.inputs({"p": x1, "q": x2, "r": s1, "s": s2}).superpixels_2 is s2
+    with pytest.raises(ValueError, match="ready formats are"):
+        batch_format("simclr")
+    with pytest.raises(KeyError, match=r"'3\.0'.*tuple\[list\[Tensor"):
+        batch_format("lightly").inputs(([x1, x2], torch.tensor([-1, -1]), ["a", "b"]))
+
+
+def test_data_module_emits_lightly_and_solo_learn_batches_from_real_volumes(tmp_path) -> None:
+    for fmt in ("lightly", "solo-learn"):
+        dm = _data(tmp_path, fmt)
+        dm.prepare_data()
+        dm.setup("fit")
+        batch = next(iter(dm.train_dataloader()))
+        views = batch[0] if fmt == "lightly" else batch[1]
+        assert len(batch) == 4 and [tuple(v.shape) for v in views] == [(4, 1, 32, 32)] * 2
+        maps = batch[3]
+        assert [tuple(m.shape) for m in maps] == [(4, 32, 32)] * 2 and maps[0].dtype == torch.long
+        if fmt == "lightly":
+            assert all(":" in name and name.startswith("chaos_t2_") for name in batch[2])
+        assert (batch[1 if fmt == "lightly" else 2] == -1).all()  # unlabelled targets
+    with pytest.raises(ValueError, match="pre-training batches"):
+        _data(tmp_path, "lightly", mode="finetune")
+
+
+def test_lightly_module_unmodified_gets_lrc_without_an_extra_forward(tmp_path) -> None:
+    """lightly's MoCo as documented + LRCDataModule(batch_format) + LRCCallback: no
+    DataModule subclass, no extra forward (view 2's features come from the momentum
+    branch), and the module's step sees lightly's 3-item batch."""
+    pl.seed_everything(0)
+    model = LightlyStyleMoCo()
+    cb = LRCCallback(feature_layer="backbone.2", target_layer="backbone_momentum.2",
+                     batch_format="lightly")  # fmt: skip
+    history = MetricHistory("train/lrc_loss_step")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=3, callbacks=[cb, history]).fit(model, _data(tmp_path, "lightly"))
+    assert not [w for w in caught if "LRC" in str(w.message)]  # no extra forward, not coarse
+    assert cb.extra_forwards == 0
+    assert cb.head is not None and cb.head.in_channels == 8  # read from a dry forward
+    assert model.steps_seen == [3, 3, 3]
+    assert len(history.history["train/lrc_loss_step"]) == 3
+    assert all(v > 0 for v in history.history["train/lrc_loss_step"])
+
+
+def test_without_target_layer_the_extra_forward_is_made_and_reported(tmp_path) -> None:
+    model = LightlyStyleMoCo()
+    cb = LRCCallback(feature_layer="backbone.2", batch_format="lightly")
+    with pytest.warns(UserWarning, match="extra forward.*target_layer"):
+        trainer(max_steps=2, callbacks=[cb]).fit(model, _data(tmp_path, "lightly"))
+    assert cb.extra_forwards == 2
+
+
+def test_solo_learn_module_gets_lrc_with_its_own_batch(tmp_path) -> None:
+    model = SoloStyleSimCLR()
+    cb = LRCCallback(feature_layer="backbone.decoder", batch_format="solo-learn")
+    history = MetricHistory("train/lrc_loss_step")
+    trainer(max_steps=2, callbacks=[cb, history]).fit(model, _data(tmp_path, "solo-learn"))
+    assert cb.extra_forwards == 0 and len(history.history["train/lrc_loss_step"]) == 2
+    assert all(t.eq(-1).all() for t in model.targets_seen)
+
+
+class _ViewTwoFirst(TinyMoCo):
+    """Runs view 2 before view 1: matching by call order would swap them."""
+
+    def training_step(self, batch, batch_idx):
+        self(batch["image_v2"])
+        self(batch["image_v1"])
+        return self.global_loss(batch)
+
+
+def test_views_are_matched_by_input_not_by_call_order(loader) -> None:
+    batch = next(iter(loader))
+    pl.seed_everything(0)
+    model = _ViewTwoFirst().train()
+    plain = copy.deepcopy(model)
+    cb = LRCCallback(feature_layer="net.decoder", feature_channels=8)
+    cb.setup(trainer(max_steps=1, callbacks=[cb]), model, "fit")
+    torch.manual_seed(3)
+    added = model.training_step(batch, 0) - plain.training_step(batch, 0)
+    f1, f2 = model.net(batch["image_v1"])[1], model.net(batch["image_v2"])[1]
+    s1, s2 = batch["superpixels_v1"], batch["superpixels_v2"]
+    terms = {}
+    for name, (a, b) in {"right": (f1, f2), "swapped": (f2, f1)}.items():
+        torch.manual_seed(3)
+        terms[name] = 0.3 * lrc_term(model.lrc_head, cb.criterion, a, b, s1, s2).item()
+    assert added.item() == pytest.approx(terms["right"], rel=1e-5)
+    assert abs(terms["right"] - terms["swapped"]) > 1e-3
+    cb.teardown(None, model, "fit")
+
+
+# ---------------------------------------------------------------------- feature layers
+class _WithExample(TinySupervisedLike):
+    def __init__(self) -> None:
+        super().__init__()
+        self.example_input_array = torch.zeros(2, 1, 32, 32)
+
+
+def test_find_feature_layers_lists_shapes_and_dense_candidates_finest_first() -> None:
+    layers = find_feature_layers(_WithExample(), torch.zeros(2, 1, 32, 32))
+    shapes = {layer.name: layer.shape for layer in layers}
+    assert shapes["net.encoder"] == (2, 8, 16, 16) and shapes["net.decoder"] == (2, 8, 32, 32)
+    names = [layer.name for layer in dense_candidates(layers)]
+    assert names.index("net.decoder") < names.index("net.encoder")  # finest first
+    assert "net.decoder.1" not in names  # inside net.decoder, same shape: named by its block
+
+
+def test_layer_errors_name_the_dense_candidates_and_the_layer_shape(loader) -> None:
+    cb = LRCCallback(feature_layer="net.decodr")
+    with pytest.raises(
+        ValueError, match=r"(?s)no submodule 'net.decodr'.*net.decoder.*\(2, 8, 32, 32\)"
+    ):
+        trainer(max_steps=1, callbacks=[cb]).fit(_WithExample(), loader)
+    cb = LRCCallback(feature_layer="net.decoder", feature_channels=5)
+    with pytest.raises(ValueError, match=r"feature_channels=5.*\(2, 8, 32, 32\)"):
+        trainer(max_steps=1, callbacks=[cb]).fit(_WithExample(), loader)
+    cb = LRCCallback(feature_layer="net.decoder", feature_channels=5)  # no example input
+    with pytest.raises(ValueError, match=r"outputs shape \(4, 8, 32, 32\).*built for 5"):
+        trainer(max_steps=1, callbacks=[cb]).fit(TinySupervisedLike(), loader)
+    cb = LRCCallback(feature_layer="head")
+    with pytest.raises(TypeError, match="dense"):
+        trainer(max_steps=1, callbacks=[cb]).fit(_Pooled(), loader)
+
+
+class _Pooled(_WithExample):
+    """Its ``head`` outputs (B, 1): not dense."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Sequential(nn.Conv2d(8, 1, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def training_step(self, batch, batch_idx):
+        return self(batch["image_v1"]).mean()
+
+
+class _Coarse(TinySupervisedLike):
+    """A 2x2 feature layer: at most one region of >= 4 feature pixels per image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(2)
+
+    def forward(self, x):
+        return F.interpolate(self.head(self.pool(self.net(x)[1])), size=x.shape[-2:])
+
+
+def test_too_coarse_features_warn_once(loader) -> None:
+    cb = LRCCallback(feature_layer="pool")
+    with pytest.warns(UserWarning, match=r"spatial size \(2, 2\).*region"):
+        trainer(max_steps=2, callbacks=[cb]).fit(_Coarse(), loader)
+
+
+def test_head_channels_are_inferred_without_any_example(loader) -> None:
+    cb = LRCCallback(feature_layer="net.decoder")
+    model = TinySupervisedLike()
+    trainer(max_steps=2, callbacks=[cb]).fit(model, loader)
+    assert cb.head is not None and cb.head.in_channels == 8
+    # Materialised for 8 input channels (hidden: the embedding size when inferred).
+    assert cb.head.layers[0].weight.shape == (128, 8, 1, 1)
+
+
+# ---------------------------------------------------------------------- checkpoints
+def test_callback_checkpoints_load_into_the_unmodified_module_and_resume_the_head(
+    tmp_path, loader
+) -> None:
+    pl.seed_everything(0)
+    ckpts = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_last=True)
+    cb = LRCCallback(feature_layer="net.decoder")
+    trainer(max_steps=2, callbacks=[cb, ckpts], enable_checkpointing=True).fit(
+        TinySupervisedLike(), loader
+    )
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert not any(k.startswith("lrc_head.") for k in ckpt["state_dict"])
+    head_state = ckpt[CHECKPOINT_KEY]["head"]
+    assert set(head_state) == set(cb.head.state_dict())
+    plain = TinySupervisedLike.load_from_checkpoint(tmp_path / "last.ckpt")  # strict
+    assert not hasattr(plain, "lrc_head")
+
+    seen = {}
+
+    class HeadAtStart(pl.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            seen.update({k: v.clone() for k, v in pl_module.lrc_head.state_dict().items()})
+
+    resumed = LRCCallback(feature_layer="net.decoder")
+    trainer(max_steps=3, callbacks=[resumed, HeadAtStart()]).fit(
+        TinySupervisedLike(), loader, ckpt_path=tmp_path / "last.ckpt"
+    )
+    assert all(torch.equal(seen[k], v) for k, v in head_state.items())
+
+
+# ---------------------------------------------------------------------- precision
+class _SGDModule(TinySupervisedLike):
+    # Adam's eps underflows in pure fp16 (NaN after one step, with or without LRC).
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class _SGDMixin(TinyMoCoLRC):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_true_half_precision_with_callback_and_mixin(precision, loader) -> None:
+    dtype = torch.bfloat16 if precision == "bf16-true" else torch.float16
+    cb = LRCCallback(feature_layer="net.decoder")
+    history = MetricHistory("train/lrc_loss_step")
+    trainer(max_steps=3, precision=precision, callbacks=[cb, history]).fit(_SGDModule(), loader)
+    assert next(cb.head.parameters()).dtype == dtype
+    values = history.history["train/lrc_loss_step"]
+    assert len(values) == 3 and all(torch.isfinite(torch.tensor(values)))
+    mixin, history = _SGDMixin(), MetricHistory("train/lrc_loss_step")
+    trainer(max_steps=3, precision=precision, callbacks=[history]).fit(mixin, loader)
+    assert next(mixin.lrc_head.parameters()).dtype == dtype
+    assert all(torch.isfinite(torch.tensor(history.history["train/lrc_loss_step"])))
+
+
+# ---------------------------------------------------------------------- lightning.pytorch
+def test_lightning_pytorch_users_get_their_own_callback_mixin_and_data_module(tmp_path) -> None:
+    L = pytest.importorskip("lightning.pytorch")
+    from lrc_lightning.lightning import LRCCallback as LCallback
+    from lrc_lightning.lightning import LRCDataModule as LDataModule
+    from lrc_lightning.lightning import LRCMixin as LMixin
+
+    class Reconstruction(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = TinySupervisedLike().net
+            self.out = nn.Conv2d(8, 1, 1)
+
+        def forward(self, x):
+            return self.out(self.net(x)[1])
+
+        def training_step(self, batch, batch_idx):
+            return (self(batch["image_v1"]) - batch["image_v1"]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    class ReconstructionLRC(LMixin, Reconstruction):
+        def __init__(self) -> None:
+            super().__init__()
+            self.init_lrc(config=LRCConfig(embedding_dim=16))
+
+        def training_step(self, batch, batch_idx):
+            x1, x2, s1, s2 = self.lrc_inputs(batch)
+            lrc = self.lrc_loss(self.net(x1)[1], self.net(x2)[1], s1, s2)
+            return super().training_step(batch, batch_idx) + lrc
+
+    cb = LCallback(feature_layer="net.decoder")
+    assert isinstance(cb, L.Callback) and not isinstance(cb, pl.Callback)
+    data = LDataModule(str(DEMO_MR), cache_dir=str(tmp_path / "c"), image_size=32, batch_size=4)
+    assert isinstance(data, L.LightningDataModule) and not isinstance(data, pl.LightningDataModule)
+    for model, callbacks in ((Reconstruction(), [cb]), (ReconstructionLRC(), [])):
+        seen: list[float] = []
+
+        class Record(L.Callback):
+            def __init__(self, seen: list[float]) -> None:
+                self.seen = seen
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                self.seen.append(float(trainer.callback_metrics["train/lrc_loss_step"]))
+
+        L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False,
+                  callbacks=[*callbacks, Record(seen)]).fit(model, datamodule=data)  # fmt: skip
+        assert len(seen) == 2 and all(v > 0 for v in seen)
+
+
+# ---------------------------------------------------------------------- import graph
+def _imports(path: Path, package: Path) -> set[str]:
+    module = ".".join(path.relative_to(package.parent).with_suffix("").parts)
+    module = module.removesuffix(".__init__")
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            base = node.module
+            if node.level:  # relative import
+                parts = module.split(".")
+                base = ".".join(parts[: len(parts) - node.level + (path.name == "__init__.py")])
+                base = f"{base}.{node.module}" if node.module else base
+            if base.startswith("lrc_lightning"):
+                for alias in node.names:  # `from pkg import submodule` imports the submodule
+                    candidate = package.parent / Path(*f"{base}.{alias.name}".split("."))
+                    if candidate.with_suffix(".py").exists() or candidate.is_dir():
+                        found.add(f"{base}.{alias.name}")
+                    else:
+                        found.add(base)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("lrc_lightning")}
+    found.discard(module)
+    return found
+
+
+def test_the_import_graph_of_src_has_no_cycle() -> None:
+    package = ROOT / "src" / "lrc_lightning"
+    graph = {}
+    for path in package.rglob("*.py"):
+        name = ".".join(path.relative_to(package.parent).with_suffix("").parts)
+        graph[name.removesuffix(".__init__")] = _imports(path, package)
+    assert "lrc_lightning.term" in graph["lrc_lightning.mixin"]
+    assert "lrc_lightning.callback" not in graph["lrc_lightning.mixin"]
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in graph:
+                continue
+            if state.get(nxt) == 1:
+                pytest.fail("import cycle: " + " -> ".join([*trail, node, nxt]))
+            if nxt not in state:
+                visit(nxt, [*trail, node])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
