@@ -1,6 +1,9 @@
 """What LRC adds to a training step: UNet2d + MoCo v2 with and without LRC, side by side.
 
     python benchmarks/step_overhead.py [--sizes 128 256] [--batches 8 16] [--repeats 20]
+    python benchmarks/step_overhead.py --slices 32 --sizes 64 --batches 2 --depth 3   # 3D
+
+With ``--slices D`` the network is a UNet3d on (D, size, size) patches with supervoxel maps.
 
 Variants, each a full forward + backward + optimizer step on the same batch:
 
@@ -32,7 +35,7 @@ from typing import Any
 
 import torch
 
-from lrc_lightning.models import MoCoV2, MoCoV2LRC, UNet2d
+from lrc_lightning.models import MoCoV2, MoCoV2LRC, UNet2d, UNet3d
 
 VARIANTS = ("moco", "moco_decoder", "moco_lrc")
 
@@ -48,20 +51,26 @@ class MoCoWithDecoder(MoCoV2):
         return out.loss + 0.0 * (out.dense_v1.sum() + out.dense_v2.sum())
 
 
-def build(variant: str, width: int, depth: int, device: torch.device) -> torch.nn.Module:
-    backbone = UNet2d(width=width, depth=depth)
+def build(
+    variant: str, width: int, depth: int, device: torch.device, slices: int = 0
+) -> torch.nn.Module:
+    backbone = (UNet3d if slices else UNet2d)(width=width, depth=depth)
     cls = {"moco": MoCoV2, "moco_decoder": MoCoWithDecoder, "moco_lrc": MoCoV2LRC}[variant]
     return cls(backbone, queue_size=4096).to(device).train()
 
 
-def make_batch(size: int, batch: int, device: torch.device, seed: int = 0) -> dict[str, Any]:
-    """Two views and realistic super-pixel maps (~80 regions of Felzenszwalb-like sizes)."""
+def make_batch(
+    size: int, batch: int, device: torch.device, seed: int = 0, slices: int = 0
+) -> dict[str, Any]:
+    """Two views and realistic super-pixel maps (~80 regions of Felzenszwalb-like sizes;
+    with ``slices``, (slices, size, size) volumes with 4x9x9 blocky supervoxels)."""
     g = torch.Generator().manual_seed(seed)
     # Blocky maps: 9x9 coarse cells upsampled, then relabelled: region sizes like CHAOS's.
-    coarse = torch.randint(0, 80, (batch, 9, 9), generator=g)
-    maps = torch.nn.functional.interpolate(coarse[:, None].float(), size=(size, size))[:, 0]
+    spatial = (slices, size, size) if slices else (size, size)
+    coarse = torch.randint(0, 80, (batch, 1, *((4,) if slices else ()), 9, 9), generator=g)
+    maps = torch.nn.functional.interpolate(coarse.float(), size=spatial)[:, 0]
     maps = maps.long()
-    images = torch.randn(2, batch, 1, size, size, generator=g)
+    images = torch.randn(2, batch, 1, *spatial, generator=g)
     return {
         "image_v1": images[0].to(device),
         "image_v2": images[1].to(device),
@@ -96,11 +105,11 @@ def sync(device: torch.device) -> None:
 def time_variants(
     size: int, batch: int, args: argparse.Namespace, device: torch.device, dtype=None
 ) -> dict[str, float]:
-    data = make_batch(size, batch, device)
+    data = make_batch(size, batch, device, slices=args.slices)
     steps = {}
     for v in VARIANTS:
         torch.manual_seed(0)
-        steps[v] = step_fn(build(v, args.width, args.depth, device), data, dtype)
+        steps[v] = step_fn(build(v, args.width, args.depth, device, args.slices), data, dtype)
     for _ in range(args.warmup):
         for v in VARIANTS:
             steps[v]()
@@ -130,10 +139,13 @@ def _peak_rss_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def cpu_peak_growth(variant: str, size: int, batch: int, width: int, depth: int) -> int:
+def cpu_peak_growth(
+    variant: str, size: int, batch: int, width: int, depth: int, slices: int = 0
+) -> int:
     """Run in a child: RSS high-water mark growth over 3 steps (bytes)."""
     device = torch.device("cpu")
-    step = step_fn(build(variant, width, depth, device), make_batch(size, batch, device), None)
+    model = build(variant, width, depth, device, slices)
+    step = step_fn(model, make_batch(size, batch, device, slices=slices), None)
     before = _rss_bytes()
     for _ in range(3):
         step()
@@ -145,7 +157,8 @@ def cpu_memory(size: int, batch: int, args: argparse.Namespace) -> dict[str, int
     for v in VARIANTS:
         code = (
             "import sys; sys.path.insert(0, 'benchmarks'); import step_overhead as s; "
-            f"print(s.cpu_peak_growth({v!r}, {size}, {batch}, {args.width}, {args.depth}))"
+            f"print(s.cpu_peak_growth({v!r}, {size}, {batch}, {args.width}, {args.depth}, "
+            f"{args.slices}))"
         )
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         if done.returncode != 0:
@@ -158,8 +171,8 @@ def cuda_memory(size: int, batch: int, args: argparse.Namespace, dtype) -> dict[
     device = torch.device("cuda")
     out = {}
     for v in VARIANTS:
-        step = step_fn(build(v, args.width, args.depth, device), make_batch(size, batch, device),
-                       dtype)  # fmt: skip
+        step = step_fn(build(v, args.width, args.depth, device, args.slices),
+                       make_batch(size, batch, device, slices=args.slices), dtype)  # fmt: skip
         step()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -196,6 +209,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--slices", type=int, default=0,
+                        help="3D: UNet3d on (slices, size, size) patches (0: 2D)")  # fmt: skip
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-only", action="store_true", help="skip the timings")
     parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
@@ -205,8 +220,10 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.exit(2, "--device cuda: no CUDA device is available\n")
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; UNet2d(width="
-        f"{args.width}, depth={args.depth}); median of {args.repeats} alternating steps"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"{'UNet3d' if args.slices else 'UNet2d'}(width={args.width}, depth={args.depth})"
+        f"{f' on {args.slices}-slice patches' if args.slices else ''}; median of "
+        f"{args.repeats} alternating steps"
     )
     results: dict[str, Any] = {}
     cpu = torch.device("cpu")
@@ -216,7 +233,8 @@ def main() -> None:
                      else time_variants(size, batch, args, cpu))  # fmt: skip
             memory = ({v: 1 for v in VARIANTS} if args.no_memory
                       else cpu_memory(size, batch, args))  # fmt: skip
-            results[f"cpu_{size}_b{batch}"] = report(f"cpu {size}x{size} b{batch}", times, memory)
+            shape = f"{args.slices}x{size}x{size}" if args.slices else f"{size}x{size}"
+            results[f"cpu_{size}_b{batch}"] = report(f"cpu {shape} b{batch}", times, memory)
     if args.device != "cpu" and torch.cuda.is_available():
         gpu = torch.device("cuda")
         print(f"CUDA: {torch.cuda.get_device_name()}")

@@ -24,9 +24,9 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from lrc_lightning import LRCCallback, LRCConfig, LRCDataModule  # noqa: E402
-from lrc_lightning.models import MoCoV2LRC, UNet2d  # noqa: E402
+from lrc_lightning.models import MoCoV2LRC, UNet2d, UNet3d  # noqa: E402
 from lrc_lightning.sync_batchnorm import GlobalBatchNormSync  # noqa: E402
-from tests.helpers import PairedSlices  # noqa: E402
+from tests.helpers import PairedPatches, PairedSlices  # noqa: E402
 
 LRC_EXACT = dict(samples_per_region=None, num_regions=64, min_pixels=1, gather_distributed=True)
 
@@ -138,7 +138,7 @@ def trainer(args: argparse.Namespace, callbacks: list, **kwargs) -> pl.Trainer:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["mixin", "callback", "uneven", "hooks"])
+    parser.add_argument("scenario", choices=["mixin", "mixin3d", "callback", "uneven", "hooks"])
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--batch", type=int, default=4, help="per-process batch size")
     parser.add_argument("--out", type=Path, required=True)
@@ -169,11 +169,13 @@ def main(argv: list[str] | None = None) -> None:
         trainer(args, [RecordLoss(args.out)], max_steps=4).fit(model, loader)
         return
 
-    loader = DataLoader(PairedSlices(n=total), batch_size=args.batch, shuffle=False)
+    dataset = PairedPatches(n=total) if args.scenario == "mixin3d" else PairedSlices(n=total)
+    loader = DataLoader(dataset, batch_size=args.batch, shuffle=False)
     callbacks: list = [SaveGradients(args.out)]
-    if args.scenario == "mixin":
+    if args.scenario in ("mixin", "mixin3d"):
+        unet = UNet3d if args.scenario == "mixin3d" else UNet2d
         model: pl.LightningModule = MoCoV2LRC(
-            UNet2d(width=4, depth=2), lrc=LRCConfig(**LRC_EXACT), queue_size=32,
+            unet(width=4, depth=2), lrc=LRCConfig(**LRC_EXACT), queue_size=32,
             optimizer="sgd", lr=0.1,
             # One key sub-batch per rank: with synchronised BatchNorm its statistics are
             # those of the global batch, as on one process (the permutation is exercised).

@@ -220,3 +220,31 @@ class SoloStyleSimCLR(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class PairedPatches(Dataset):
+    """Real CHAOS (8, 16, 16) patches with 3D supervoxels and two aligned views (view 2:
+    flipped along x, brighter), for 3D Trainer runs."""
+
+    def __init__(self, n: int = 4) -> None:
+        from lrc_lightning.superpixels import felzenszwalb_3d
+
+        arr = sitk.GetArrayFromImage(sitk.ReadImage(str(DEMO / "chaos_t2_001.nii.gz")))
+        arr = arr.astype(np.float32)
+        lo, hi = np.percentile(arr, [0.5, 99.5])
+        vol = torch.from_numpy(np.clip((arr - lo) / (hi - lo), 0, 1).astype(np.float32))
+        vol = F.interpolate(vol[None, None], size=(16, 64, 64), mode="trilinear")[0, 0]
+        starts = [(4 * (i % 2), 16 + 8 * (i % 3), 16 + 8 * (i // 3 % 2)) for i in range(n)]
+        self.images = torch.stack([vol[z : z + 8, y : y + 16, x : x + 16] for z, y, x in starts])
+        self.maps = torch.stack([
+            torch.from_numpy(felzenszwalb_3d(p.numpy(), scale=20, min_size=8)).long()
+            for p in self.images
+        ])  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        image, sv = self.images[i].unsqueeze(0), self.maps[i]
+        return {"image_v1": image, "image_v2": image.flip(-1) * 0.8 + 0.1,
+                "superpixels_v1": sv, "superpixels_v2": sv.flip(-1)}  # fmt: skip

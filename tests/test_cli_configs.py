@@ -13,7 +13,7 @@ from lrc_lightning.models import UNet2d
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs"
-ALL_CONFIGS = ["moco_lrc", "moco", "lrc_only", "supervised_lrc", "finetune"]
+ALL_CONFIGS = ["moco_lrc", "moco", "lrc_only", "supervised_lrc", "finetune", "moco_lrc_3d"]
 
 
 def small_run(config: str, out: Path, cache: Path, *extra: str) -> list[str]:
@@ -60,14 +60,17 @@ def metrics(out: Path) -> list[dict[str, str]]:
     return rows
 
 
-@pytest.mark.parametrize("config", ["moco", "lrc_only", "supervised_lrc"])
+@pytest.mark.parametrize("config", ["moco", "lrc_only", "supervised_lrc", "moco_lrc_3d"])
 def test_pretraining_configs_train_on_real_data(config: str, tmp_path: Path, cache: Path) -> None:
-    assert main(["fit", *small_run(config, tmp_path, cache)]) == 0
+    extra = ["--data.patch_size", "[8, 16, 16]", "--model.init_args.backbone.init_args.depth",
+             "2"] if config.endswith("_3d") else []  # fmt: skip
+    assert main(["fit", *small_run(config, tmp_path, cache), *extra]) == 0
     ckpt = torch.load(last_checkpoint(tmp_path), weights_only=True)
     assert ckpt["global_step"] == 2
     logged = {k for row in metrics(tmp_path) for k, v in row.items() if v}
     expected = {"moco": "train/moco_loss", "lrc_only": "train/lrc_loss_step",
-                "supervised_lrc": "train/lrc_loss_step"}[config]  # fmt: skip
+                "supervised_lrc": "train/lrc_loss_step",
+                "moco_lrc_3d": "train/lrc_loss_step"}[config]  # fmt: skip
     assert expected in logged
     if config == "lrc_only":
         assert not any(k.startswith("key_backbone.") for k in ckpt["state_dict"])

@@ -30,7 +30,7 @@ def run_ddp(scenario: str, out: Path, *extra: str, timeout: int = 240) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
 
 
-@pytest.mark.parametrize("scenario", ["mixin", "callback"])
+@pytest.mark.parametrize("scenario", ["mixin", "mixin3d", "callback"])
 def test_two_ranks_match_one_rank_with_twice_the_batch(scenario: str, tmp_path: Path) -> None:
     """(a) gathered negatives, (c) the callback path, (d) batch norm synchronised over ranks:
     gradients after DDP's all-reduce equal the single-process gradients of the global batch."""

@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lrc_lightning import LocalizedRegionContrastLoss
+from lrc_lightning import DenseProjectionHead, LocalizedRegionContrastLoss
 from lrc_lightning.regions import downsample_superpixels, region_embeddings, select_regions
 
 
 def reference_loss(f1, f2, s1, s2, ids, valid, tau, same_view_negatives=False):
     """Slow loops: masked average pooling per region, InfoNCE per anchor, both directions."""
-    b, _d, _h, _w = f1.shape
+    b = f1.shape[0]  # any number of spatial dims: masks index (D, *spatial) embeddings
     e1, e2 = F.normalize(f1, dim=1), F.normalize(f2, dim=1)
     z1, z2, keep = [], [], []
     for i in range(b):
@@ -333,3 +333,46 @@ def test_bounded_and_sorted_region_selection_agree_and_bad_ids_are_refused() -> 
     assert bounded[1].sum() > 3
     with pytest.raises(RuntimeError, match="ids must be below 256"):
         select_regions(s1 + 300, s2, 4, 1, num_ids=256)
+
+
+def test_volumes_match_the_loop_reference_through_the_same_code() -> None:
+    """(B, C, d, h, w) features with (B, D, H, W) supervoxel maps at twice the resolution."""
+    torch.manual_seed(0)
+    f1 = torch.randn(2, 6, 4, 4, 4, dtype=torch.float64)
+    f2 = torch.randn(2, 6, 4, 4, 4, dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    coarse = torch.randint(0, 6, (2, 2, 2, 2), generator=g)
+    s1 = coarse.repeat_interleave(4, 1).repeat_interleave(4, 2).repeat_interleave(4, 3)
+    s2 = s1.clone()
+    s2[:, :2] = -1
+    loss_fn = LocalizedRegionContrastLoss(temperature=0.2, num_regions=5,
+                                          samples_per_region=None, min_pixels=1)  # fmt: skip
+    loss = loss_fn.contrast(
+        *loss_fn.region_embeddings(f1, f2, s1, s2, torch.Generator().manual_seed(3))
+    )
+    m1, m2 = downsample_superpixels(s1, (4, 4, 4)), downsample_superpixels(s2, (4, 4, 4))
+    ids, valid = select_regions(m1, m2, 5, 1, torch.Generator().manual_seed(3), num_ids=512)
+    ref = reference_loss(f1.float(), f2.float(), m1, m2, ids, valid, 0.2)
+    assert valid.sum() >= 6
+    assert torch.allclose(loss.float(), ref, atol=1e-5), (loss, ref)
+    # Sampled regions and the head take volumes too; gradients reach both views.
+    a, b = f1.float().requires_grad_(True), f2.float().requires_grad_(True)
+    head = DenseProjectionHead(6, out_channels=8)
+    LocalizedRegionContrastLoss(num_regions=5, samples_per_region=4, min_pixels=1)(
+        a, b, s1, s2, projector=head
+    ).backward()
+    assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"\(B, D, H, W\)"):
+        loss_fn(f1, f2, s1[:, 0], s2[:, 0])
+
+
+def test_majority_downsampling_of_volumes_takes_each_blocks_most_frequent_id() -> None:
+    maps = torch.zeros(1, 4, 4, 4, dtype=torch.long)
+    maps[0, :2, :2, :2] = 3
+    maps[0, 0, 0, 0] = 7  # a minority voxel in the first block
+    maps[0, 2:, 2:, 2:] = -1
+    maps[0, 2, 2, 2] = 5  # one id among -1s wins its block
+    out = downsample_superpixels(maps, (2, 2, 2), "majority")
+    assert out[0, 0, 0, 0] == 3 and out[0, 1, 1, 1] == 5 and out[0, 1, 0, 0] == 0
+    nearest = downsample_superpixels(maps, (2, 2, 2), "nearest")
+    assert torch.equal(nearest, maps[:, 1::2, 1::2, 1::2])

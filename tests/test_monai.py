@@ -154,3 +154,44 @@ def test_dice_matches_monai_dice_metric_including_empty_organs(ours, ignore_empt
     default = dice_per_organ(prediction, target, 3)
     assert default[0, 1] == 0 and default[1, 0].isnan()  # ours differs on empty organs
     assert not torch.allclose(default, expected.to(got.dtype), equal_nan=True)
+
+
+def test_monai_3d_network_pretrains_on_ct_volumes_with_the_callback(tmp_path) -> None:
+    """The issue's done-when: a MONAI 3D network in the user's own module, LRC from the
+    callback, on CT volumes with supervoxels."""
+    import pytorch_lightning as pl
+
+    from lrc_lightning import LRCCallback, LRCDataModule
+
+    from .conftest import DEMO_CT
+    from .helpers import MetricHistory, trainer
+
+    class Denoise3d(pl.LightningModule):  # the user's module, unaware of LRC
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = BasicUNet(spatial_dims=3, in_channels=1, out_channels=1,
+                                 features=(4, 4, 8, 16, 32, 4))  # fmt: skip
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x = batch["image_v1"]
+            return (self(x + 0.05 * torch.randn_like(x)) - x).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    data = LRCDataModule([str(DEMO_CT / "example_ct_sm.nii.gz")], cache_dir=str(tmp_path),
+                         modality="ct", image_size=64, spatial_dims=3, patch_size=(16, 32, 32),
+                         batch_size=2, superpixel_scale=50, superpixel_min_size=20)  # fmt: skip
+    cb = LRCCallback(feature_layer="net.upcat_1")
+    history = MetricHistory("train/lrc_loss_step")
+    trainer(max_steps=2, callbacks=[cb, history]).fit(Denoise3d(), data)
+    assert cb.head.in_channels == 4 and cb.extra_forwards == 2  # view 2 is not in its step
+    assert len(history.history["train/lrc_loss_step"]) == 2
+    assert all(v > 0 for v in history.history["train/lrc_loss_step"])
+    backbone = MonaiBackbone(BasicUNet(spatial_dims=3, in_channels=1, out_channels=2,
+                                       features=(4, 4, 8, 16, 32, 4)),
+                             spatial_dims=3, example_size=32)  # fmt: skip
+    assert backbone.decoder_layers[-1] == "upcat_1" and backbone.decoder_channels[-1] == 4

@@ -7,7 +7,7 @@ from lrc_lightning.heads import DenseProjectionHead
 from lrc_lightning.layers import find_feature_layers
 from lrc_lightning.loss import LocalizedRegionContrastLoss
 from lrc_lightning.mixin import LRCMixin
-from lrc_lightning.superpixels import felzenszwalb, felzenszwalb_volume
+from lrc_lightning.superpixels import felzenszwalb, felzenszwalb_3d, felzenszwalb_volume
 from lrc_lightning.term import LRCConfig
 
 __version__ = "0.2.0"
@@ -24,6 +24,7 @@ __all__ = [
     "__version__",
     "batch_format",
     "felzenszwalb",
+    "felzenszwalb_3d",
     "felzenszwalb_volume",
     "find_feature_layers",
 ]

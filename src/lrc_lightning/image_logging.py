@@ -108,7 +108,8 @@ def _cell(value: Any) -> str:
 class SuperpixelViewLogger(pl.Callback):
     """At the first training step and then every ``every_n_steps`` steps, logs the two views
     of a few pre-training slices side by side with their super-pixel boundaries (key
-    ``train/views``): a look at what LRC contrasts before a long run gets under way."""
+    ``train/views``): a look at what LRC contrasts before a long run gets under way. For 3D
+    patches, their middle slice with its supervoxel boundaries."""
 
     def __init__(self, every_n_steps: int = 500, max_images: int = 4) -> None:
         if every_n_steps < 1 or max_images < 1:
@@ -127,10 +128,12 @@ class SuperpixelViewLogger(pl.Callback):
             return
         panels = []
         for i in range(min(self.max_images, batch["image_v1"].shape[0])):
-            views = [
-                overlay_boundaries(batch[f"image_{v}"][i], batch[f"superpixels_{v}"][i])
-                for v in ("v1", "v2")
-            ]
+            views = []
+            for v in ("v1", "v2"):
+                image, maps = batch[f"image_{v}"][i], batch[f"superpixels_{v}"][i]
+                if maps.ndim == 3:  # (D, H, W) patch: its middle slice
+                    image, maps = image[:, maps.shape[0] // 2], maps[maps.shape[0] // 2]
+                views.append(overlay_boundaries(image, maps))
             panels.append(np.concatenate(views, axis=1))
         log_images(trainer, "train/views", panels, step)
 

@@ -48,7 +48,8 @@ class LocalizedRegionContrastLoss(nn.Module):
 
     Shapes:
         features_v1, features_v2: (B, C, h, w) dense features: the embeddings themselves
-        (normalised here per pixel), or the input of ``projector`` when one is given.
+        (normalised here per pixel), or the input of ``projector`` when one is given. 3D:
+        (B, C, d, h, w), with (B, D, H, W) supervoxel maps; the same code path.
         superpixels_v1, superpixels_v2: (B, H, W) or (B, h, w) integer ids, -1 = ignore;
         equal ids in the two views denote the same region.
         Output: scalar.
@@ -116,17 +117,21 @@ class LocalizedRegionContrastLoss(nn.Module):
             z1, z2: (B, N, D) L2-normalised region embeddings (slot n = the same region).
             valid: (B, N) bool.
         """
-        if features_v1.shape != features_v2.shape or features_v1.ndim != 4:
+        if features_v1.shape != features_v2.shape or features_v1.ndim not in (4, 5):
             raise ValueError(
-                "features_v1 and features_v2 must both be (B, C, h, w), got "
-                f"{tuple(features_v1.shape)} and {tuple(features_v2.shape)}"
+                "features_v1 and features_v2 must both be (B, C, h, w) or (B, C, d, h, w), "
+                f"got {tuple(features_v1.shape)} and {tuple(features_v2.shape)}"
             )
-        b, _, h, w = features_v1.shape
+        b, spatial = features_v1.shape[0], tuple(features_v1.shape[2:])
+        layout = "(B, H, W)" if len(spatial) == 2 else "(B, D, H, W)"
         for name, maps in (("superpixels_v1", superpixels_v1), ("superpixels_v2", superpixels_v2)):
-            if maps.ndim != 3 or maps.shape[0] != b:
-                raise ValueError(f"{name} must be (B, H, W) with B={b}, got {tuple(maps.shape)}")
-        maps_v1 = downsample_superpixels(superpixels_v1, (h, w), self.downsample)
-        maps_v2 = downsample_superpixels(superpixels_v2, (h, w), self.downsample)
+            if maps.ndim != len(spatial) + 1 or maps.shape[0] != b:
+                raise ValueError(
+                    f"{name} must be {layout} with B={b} for features "
+                    f"{tuple(features_v1.shape)}, got {tuple(maps.shape)}"
+                )
+        maps_v1 = downsample_superpixels(superpixels_v1, spatial, self.downsample)
+        maps_v2 = downsample_superpixels(superpixels_v2, spatial, self.downsample)
         # Felzenszwalb ids never reach the full-resolution pixel count: a static bound.
         num_ids = max(superpixels_v1[0].numel(), superpixels_v2[0].numel())
         ids, valid = select_regions(

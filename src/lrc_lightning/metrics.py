@@ -99,13 +99,14 @@ def soft_dice_loss(logits: Tensor, target: Tensor, ignore_index: int = -1) -> Te
     """1 - mean soft Dice over the organs present in the batch (background excluded).
 
     Args:
-        logits: (B, C, H, W); target: (B, H, W) class ids, ``ignore_index`` ignored.
+        logits: (B, C, H, W) or (B, C, D, H, W); target: (B, *spatial) class ids,
+            ``ignore_index`` ignored.
     """
     num_classes = logits.shape[1]
     valid = (target != ignore_index).unsqueeze(1)
     probabilities = logits.float().softmax(dim=1) * valid
-    one_hot = F.one_hot(target.clamp(min=0), num_classes).permute(0, 3, 1, 2) * valid
-    dims = (0, 2, 3)
+    one_hot = F.one_hot(target.clamp(min=0), num_classes).movedim(-1, 1) * valid
+    dims = (0, *range(2, logits.ndim))
     intersection = (probabilities * one_hot).sum(dims)[1:]
     denominator = probabilities.sum(dims)[1:] + one_hot.sum(dims)[1:]
     present = one_hot.sum(dims)[1:] > 0

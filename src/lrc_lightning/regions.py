@@ -7,7 +7,9 @@ binary searches, 1-D gathers and 1-D scatters, which have deterministic CUDA ker
 ``torch.use_deterministic_algorithms(True)`` (``Trainer(deterministic=True)``).
 
 Shapes: B images, D channels, (H, W) map resolution, (h, w) feature resolution, N region
-slots per image, M samples per region.
+slots per image, M samples per region. Volumes work the same way: (B, H, W) stands for
+(B, *spatial) with 2 or 3 spatial dims ((B, D, H, W) supervoxel maps, (B, C, d, h, w)
+features), through the same code: pixels are addressed by their flat index.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ DownsampleMode = Literal["nearest", "majority"]
 
 
 def _check_maps(maps: Tensor, name: str) -> None:
-    if maps.ndim != 3:
-        raise ValueError(f"{name} must be (B, H, W), got shape {tuple(maps.shape)}")
+    if maps.ndim not in (3, 4):
+        raise ValueError(f"{name} must be (B, H, W) or (B, D, H, W), got shape {tuple(maps.shape)}")
     if maps.is_floating_point() or maps.is_complex() or maps.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor of region ids, got {maps.dtype}")
 
@@ -55,41 +57,49 @@ def _run_bounds(sorted_values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def downsample_superpixels(
-    maps: Tensor, size: tuple[int, int], mode: DownsampleMode = "nearest"
+    maps: Tensor, size: tuple[int, ...], mode: DownsampleMode = "nearest"
 ) -> Tensor:
-    """Bring (B, H, W) id maps to (B, h, w) without mixing ids.
+    """Bring (B, *spatial) id maps to (B, *size) without mixing ids (2D or 3D).
 
-    * ``"nearest"``: the id at each feature pixel's centre (any H/h ratio).
-    * ``"majority"``: the most frequent id in each (H/h x W/w) block, ignoring -1 unless the
-      whole block is -1; needs integer factors. Ties go to the first id in raster order.
-      One sort per block: memory linear in the map size.
+    * ``"nearest"``: the id at each feature pixel's centre (any ratio).
+    * ``"majority"``: the most frequent id in each block (H/h x W/w, or D/d x H/h x W/w),
+      ignoring -1 unless the whole block is -1; needs integer factors. Ties go to the first
+      id in raster order. One sort per block: memory linear in the map size.
 
     Returns:
-        (B, h, w) int64 map.
+        (B, *size) int64 map.
     """
     _check_maps(maps, "superpixels")
-    b, big_h, big_w = maps.shape
-    h, w = size
+    b, big = maps.shape[0], tuple(maps.shape[1:])
+    size = tuple(int(s) for s in size)
+    if len(size) != len(big):
+        raise ValueError(f"cannot bring a {len(big)}D map {big} to the {len(size)}D size {size}")
     maps = maps.long()
-    if (big_h, big_w) == (h, w):
+    if big == size:
         return maps
     if mode == "nearest":
-        rows = (
-            ((torch.arange(h, device=maps.device) + 0.5) * (big_h / h)).long().clamp_(max=big_h - 1)
-        )
-        cols = (
-            ((torch.arange(w, device=maps.device) + 0.5) * (big_w / w)).long().clamp_(max=big_w - 1)
-        )
-        return maps.index_select(1, rows).index_select(2, cols)
+        for axis, (n_big, n) in enumerate(zip(big, size, strict=True), start=1):
+            index = ((torch.arange(n, device=maps.device) + 0.5) * (n_big / n)).long()
+            maps = maps.index_select(axis, index.clamp_(max=n_big - 1))
+        return maps
     if mode != "majority":
         raise ValueError(f"mode must be 'nearest' or 'majority', got {mode!r}")
-    if big_h % h or big_w % w:
+    if any(n_big % n for n_big, n in zip(big, size, strict=True)):
         raise ValueError(
-            f"majority down-sampling needs integer factors, got {big_h}x{big_w} -> {h}x{w}"
+            "majority down-sampling needs integer factors, got "
+            + "x".join(map(str, big))
+            + " -> "
+            + "x".join(map(str, size))
         )
-    fh, fw = big_h // h, big_w // w
-    area = fh * fw
-    blocks = maps.view(b, h, fh, w, fw).permute(0, 1, 3, 2, 4).reshape(b, h, w, area)
+    factors = [n_big // n for n_big, n in zip(big, size, strict=True)]
+    area = 1
+    for f in factors:
+        area *= f
+    # (B, n0, f0, n1, f1, ...) -> (B, n0, n1, ..., f0 * f1 * ...): one block per row.
+    split = [d for pair in zip(size, factors, strict=True) for d in pair]
+    dims = len(size)
+    order = [0, *range(1, 2 * dims, 2), *range(2, 2 * dims + 1, 2)]
+    blocks = maps.view(b, *split).permute(*order).reshape(b, *size, area)
     # Stable sort: equal ids keep raster order, so a run's first element is its first pixel.
     values, raster = blocks.sort(dim=-1, stable=True)
     _, run_start, run_end = _run_bounds(values)
@@ -223,13 +233,13 @@ def sample_region_pixels(
     Positions of invalid slots are arbitrary (their embeddings are masked later).
 
     Args:
-        maps: (B, h, w) int64 ids (-1 = ignore); ids, valid: (B, N).
+        maps: (B, h, w) (or (B, d, h, w)) int64 ids (-1 = ignore); ids, valid: (B, N).
 
     Returns:
-        (B, N * M) flat pixel indices into h * w, slot-major.
+        (B, N * M) flat pixel indices into h * w (d * h * w), slot-major.
     """
-    b, h, w = maps.shape
-    n, m, hw = ids.shape[1], samples_per_region, h * w
+    b = maps.shape[0]
+    n, m, hw = ids.shape[1], samples_per_region, maps[0].numel()
     slots = region_slots(maps, ids, valid)  # (B, hw), N = unassigned
     counts = _slot_counts(slots, n)
     # Group pixels by slot, in random order inside each group: sort by slot + U[0, 1).
@@ -242,7 +252,7 @@ def sample_region_pixels(
 
 
 def gather_pixels(features: Tensor, pixels: Tensor) -> Tensor:
-    """(B, C, h, w) features at (B, P) flat pixel indices -> (B, C, P).
+    """(B, C, *spatial) features at (B, P) flat pixel indices -> (B, C, P).
 
     A gather from the flattened features (no copy of the map); being 1-D, it has a
     deterministic CUDA backward under ``torch.use_deterministic_algorithms``.
@@ -269,7 +279,7 @@ def average_samples(samples: Tensor, valid: Tensor) -> Tensor:
 
 
 def pool_regions(embeddings: Tensor, maps: Tensor, ids: Tensor, valid: Tensor) -> Tensor:
-    """Masked average pooling of (B, D, h, w) unit embeddings over each drawn region ->
+    """Masked average pooling of (B, D, *spatial) unit embeddings over each drawn region ->
     (B, N, D), normalised; invalid slots become zeros. Sums by ``index_add`` over rows
     (deterministic on CUDA under ``torch.use_deterministic_algorithms``)."""
     b, d = embeddings.shape[:2]
@@ -303,15 +313,14 @@ def region_embeddings(
       (DetCon-style), an ablation.
 
     Args:
-        embeddings: (B, D, h, w) dense embeddings.
-        maps: (B, h, w) int64 ids at the same resolution (-1 = ignore).
+        embeddings: (B, D, *spatial) dense embeddings (2D or 3D).
+        maps: (B, *spatial) int64 ids at the same resolution (-1 = ignore).
         ids, valid: (B, N) from :func:`select_regions`.
 
     Returns:
         (B, N, D) region embeddings (zeros where ``valid`` is False).
     """
-    b, _, h, w = embeddings.shape
-    if maps.shape != (b, h, w):
+    if maps.shape != (embeddings.shape[0], *embeddings.shape[2:]):
         raise ValueError(
             f"superpixels {tuple(maps.shape)} do not match embeddings {tuple(embeddings.shape)}"
         )

@@ -17,6 +17,11 @@ near-equal costs compete. ``tests/test_superpixels.py`` checks adjusted Rand ind
 skimage on real CT and MR slices.
 
 Ids are ``int32`` (never ``uint8``: more than 255 regions are common on 512x512 CT).
+
+:func:`felzenszwalb_3d` runs the same algorithm on the 3D voxel grid (supervoxels: one
+region may span slices), 6- or 26-connected, with smoothing scaled by the voxel spacing.
+Edges are encoded in one int32 (voxel and direction) and their costs sorted as float32
+bit patterns (see its docstring for the memory).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import numpy as np
 __all__ = [
     "IGNORE_INDEX",
     "felzenszwalb",
+    "felzenszwalb_3d",
     "felzenszwalb_volume",
     "suppress_background",
 ]
@@ -95,28 +101,39 @@ def _radix_argsort_u32(keys: np.ndarray) -> np.ndarray:  # pragma: no cover - co
             keys_a[j] = keys[i]
             order_a[j] = i
             j += 1
+    order[n_zero:] = _radix_sort_pairs(keys_a, order_a, max_key)[1]
+    return order
+
+
+@numba.njit(cache=True, nogil=True)
+def _radix_sort_pairs(
+    keys: np.ndarray, values: np.ndarray, max_key: np.uint32
+) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """Stable LSD radix sort of uint32 ``keys`` carrying ``values``: two 15-bit passes when
+    every key is below 2**30, else three 11-bit passes; a pass whose digit is the same for
+    every key is skipped. Sorts into one more pair of buffers; returns the sorted pair."""
+    m = keys.shape[0]
     bits = 15 if max_key < np.uint32(1 << 30) else 11
     n_passes = 2 if bits == 15 else 3
     mask = np.uint32((1 << bits) - 1)
     hist = np.zeros((n_passes, 1 << bits), dtype=np.int64)
     for i in range(m):
-        k = keys_a[i]
+        k = keys[i]
         for p in range(n_passes):
             hist[p, (k >> np.uint32(p * bits)) & mask] += 1
-    keys_b = np.empty_like(keys_a)
-    order_b = np.empty_like(order_a)
+    keys_b = np.empty_like(keys)
+    values_b = np.empty_like(values)
     in_a = True
     for p in range(n_passes):
         if hist[p].max() == m:  # constant digit: the pass would not change the order
             continue
         shift = np.uint32(p * bits)
         if in_a:
-            _radix_pass(keys_a, order_a, keys_b, order_b, hist[p], shift)
+            _radix_pass(keys, values, keys_b, values_b, hist[p], shift)
         else:
-            _radix_pass(keys_b, order_b, keys_a, order_a, hist[p], shift)
+            _radix_pass(keys_b, values_b, keys, values, hist[p], shift)
         in_a = not in_a
-    order[n_zero:] = order_a if in_a else order_b
-    return order
+    return (keys, values) if in_a else (keys_b, values_b)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -261,26 +278,7 @@ def _merge_regions(
         cost = abs(flat[a] - flat[b])
         if cost < min(t0, t1):
             inner[_union(forest, size, s0, s1)] = cost
-    # Post-processing: merge segments smaller than min_size along the cheapest edges first.
-    # Stop as soon as no small segment is left: the remaining edges could not merge anything.
-    n_small = 0
-    for p in range(n_pix):
-        if forest[p] == p and size[p] < min_size:
-            n_small += 1
-    i = 0
-    while n_small > 0 and i < n_edges:
-        e = order[i]
-        i += 1
-        a = e >> 2
-        s0 = _find_root(forest, a)
-        s1 = _find_root(forest, a + step[e & 3])
-        if s0 == s1:
-            continue
-        small0 = size[s0] < min_size
-        small1 = size[s1] < min_size
-        if small0 or small1:
-            new = _union(forest, size, s0, s1)
-            n_small -= int(small0) + int(small1) - int(size[new] < min_size)
+    _merge_small(forest, size, order, n_edges, step, 2, min_size)
     # Ids 0..K-1 in order of each segment's first pixel in raster order (as skimage).
     root_id = np.full(n_pix, -1, dtype=np.int32)
     labels = np.empty(n_pix, dtype=np.int32)
@@ -292,6 +290,40 @@ def _merge_regions(
             next_id += 1
         labels[p] = root_id[root]
     return labels
+
+
+@numba.njit(cache=True, nogil=True)
+def _merge_small(
+    forest: np.ndarray,
+    size: np.ndarray,
+    order: np.ndarray,
+    n_edges: int,
+    step: np.ndarray,
+    shift: int,
+    min_size: int,
+) -> None:  # pragma: no cover - compiled
+    """Post-processing: merge segments smaller than ``min_size`` along the cheapest of the
+    first ``n_edges`` edges of ``order`` (``(pixel << shift) | direction``) first. Stops as
+    soon as no small segment is left: the remaining edges could not merge anything."""
+    direction_mask = (1 << shift) - 1
+    n_small = 0
+    for p in range(forest.shape[0]):
+        if forest[p] == p and size[p] < min_size:
+            n_small += 1
+    i = 0
+    while n_small > 0 and i < n_edges:
+        e = order[i]
+        i += 1
+        a = e >> shift
+        s0 = _find_root(forest, a)
+        s1 = _find_root(forest, a + step[e & direction_mask])
+        if s0 == s1:
+            continue
+        small0 = size[s0] < min_size
+        small1 = size[s1] < min_size
+        if small0 or small1:
+            new = _union(forest, size, s0, s1)
+            n_small -= int(small0) + int(small1) - int(size[new] < min_size)
 
 
 def _segment_graph(smoothed: np.ndarray, scale: float, min_size: int) -> np.ndarray:
@@ -429,3 +461,221 @@ def felzenszwalb_volume(
                 if progress is not None:
                     progress(1)
     return np.moveaxis(out, 0, axis)
+
+
+# ---------------------------------------------------------------------- 3D supervoxels
+def _neighbour_offsets(connectivity: int) -> np.ndarray:
+    """(K, 3) forward neighbour steps (dz, dy, dx): each undirected edge once."""
+    if connectivity == 6:
+        return np.array([[0, 0, 1], [0, 1, 0], [1, 0, 0]], dtype=np.int64)
+    if connectivity == 26:
+        steps = [
+            (dz, dy, dx)
+            for dz in (-1, 0, 1)
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
+            if (dz, dy, dx) > (0, 0, 0)
+        ]
+        return np.array(steps, dtype=np.int64)
+    raise ValueError(f"connectivity must be 6 or 26, got {connectivity}")
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _edge_key3(flat: np.ndarray, p: int, q: int) -> np.uint32:  # pragma: no cover - compiled
+    # Non-negative float32 costs order like their bit patterns read as unsigned integers.
+    return np.float32(abs(flat[p] - flat[q])).view(np.uint32)
+
+
+@numba.njit(cache=True, nogil=True)
+def _edges3(
+    flat: np.ndarray, shape: np.ndarray, offsets: np.ndarray, shift: int
+) -> tuple[np.ndarray, np.uint32]:  # pragma: no cover - compiled
+    """Every edge inside the volume as ``(voxel << shift) | direction``, in index order,
+    and the largest key."""
+    depth, height, width = shape[0], shape[1], shape[2]
+    k = offsets.shape[0]
+    count = 0
+    for z in range(depth):
+        for y in range(height):
+            for x in range(width):
+                for d in range(k):
+                    zz, yy, xx = z + offsets[d, 0], y + offsets[d, 1], x + offsets[d, 2]
+                    if 0 <= zz < depth and 0 <= yy < height and 0 <= xx < width:
+                        count += 1
+    edges = np.empty(count, dtype=np.int32)
+    step = np.empty(k, dtype=np.int64)
+    for d in range(k):
+        step[d] = (offsets[d, 0] * height + offsets[d, 1]) * width + offsets[d, 2]
+    i = 0
+    max_key = np.uint32(0)
+    for z in range(depth):
+        for y in range(height):
+            for x in range(width):
+                p = (z * height + y) * width + x
+                for d in range(k):
+                    zz, yy, xx = z + offsets[d, 0], y + offsets[d, 1], x + offsets[d, 2]
+                    if 0 <= zz < depth and 0 <= yy < height and 0 <= xx < width:
+                        edges[i] = (p << shift) | d
+                        key = _edge_key3(flat, p, p + step[d])
+                        if key > max_key:
+                            max_key = key
+                        i += 1
+    return edges, max_key
+
+
+@numba.njit(cache=True, nogil=True)
+def _sort_edges3(
+    flat: np.ndarray, edges: np.ndarray, step: np.ndarray, shift: int, max_key: np.uint32
+) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """Stable LSD radix sort of ``edges`` by cost: (sorted edges, their uint32 keys).
+
+    The keys are computed once, in edge-index order (memory-friendly: neighbours are close),
+    then ping-pong between two (key, edge) buffers: four int32-sized arrays at the peak."""
+    n = edges.shape[0]
+    direction_mask = (1 << shift) - 1
+    keys = np.empty(n, dtype=np.uint32)
+    for i in range(n):
+        e = edges[i]
+        p = e >> shift
+        keys[i] = _edge_key3(flat, p, p + step[e & direction_mask])
+    sorted_keys, sorted_edges = _radix_sort_pairs(keys, edges, max_key)
+    return sorted_edges, sorted_keys
+
+
+@numba.njit(cache=True, nogil=True)
+def _merge3(
+    n_vox: int,
+    order: np.ndarray,
+    costs: np.ndarray,
+    step: np.ndarray,
+    shift: int,
+    scale: float,
+    min_size: int,
+) -> np.ndarray:  # pragma: no cover - compiled
+    """Greedy merging in increasing cost (``costs``: the sorted keys read as float32), then
+    small-segment removal (as in 2D)."""
+    direction_mask = (1 << shift) - 1
+    forest = np.arange(n_vox, dtype=np.int32)
+    size = np.ones(n_vox, dtype=np.int32)
+    # Each root's merge threshold, internal difference + scale / size rounded to float32,
+    # kept up to date at every union: one read per endpoint instead of two.
+    threshold = np.full(n_vox, np.float32(scale), dtype=np.float32)
+    # Edges refused by the merge test are moved, in order, to the front of ``order``: only
+    # they can join two regions later (an edge inside one region stays inside), so the
+    # small-segment pass reads them alone (in place: the write index never passes the read).
+    refused = 0
+    for i in range(order.shape[0]):
+        e = order[i]
+        a = e >> shift
+        b = a + step[e & direction_mask]
+        s0 = _find_root(forest, a)
+        s1 = _find_root(forest, b)
+        if s0 == s1:
+            continue
+        cost = costs[i]
+        if cost < min(threshold[s0], threshold[s1]):
+            root = _union(forest, size, s0, s1)
+            threshold[root] = np.float32(np.float64(cost) + scale / size[root])
+        else:
+            order[refused] = e
+            refused += 1
+    _merge_small(forest, size, order, refused, step, shift, min_size)
+    # Ids in order of each region's first voxel in raster order. A root's size (>= 1) is
+    # overwritten by -(id + 1) once it has an id: no further per-voxel array.
+    labels = np.empty(n_vox, dtype=np.int32)
+    next_id = 0
+    for p in range(n_vox):
+        root = _find_root(forest, p)
+        if size[root] > 0:
+            size[root] = -(next_id + 1)
+            next_id += 1
+        labels[p] = -size[root] - 1
+    return labels
+
+
+def felzenszwalb_3d(
+    volume: np.ndarray,
+    scale: float = 100.0,
+    sigma: float = 0.8,
+    min_size: int = 50,
+    spacing: tuple[float, float, float] | None = None,
+    connectivity: int = 6,
+    background_threshold: float | None = None,
+) -> np.ndarray:
+    """Felzenszwalb-Huttenlocher segmentation of a volume into supervoxels.
+
+    The 2D algorithm of :func:`felzenszwalb` on the 3D grid: edges join 6- or 26-connected
+    voxels, cost = |intensity difference| after Gaussian smoothing, merged greedily in
+    increasing cost while the cost stays below both regions' internal difference +
+    ``scale`` / size; regions below ``min_size`` voxels are then merged along their cheapest
+    edges. Regions are connected and may span slices.
+
+    Args:
+        volume: (D, H, W) float volume normalised to [0, 1] (as LRCDataModule stores it:
+            LPS (z, y, x)).
+        scale: higher means fewer, larger supervoxels (as in 2D, divided by 255).
+        sigma: Gaussian smoothing width in voxels of the finest axis; with ``spacing`` each
+            axis gets ``sigma * min(spacing) / spacing[axis]`` voxels, i.e. the same width in
+            millimetres (thick slices are smoothed less across slices).
+        min_size: the smallest supervoxel, in voxels.
+        spacing: (z, y, x) voxel spacing in mm; None treats voxels as cubes.
+        connectivity: 6 (faces) or 26 (faces, edges, corners; 13 edges per voxel instead
+            of 3: about 4x the time and memory).
+        background_threshold: regions whose mean intensity is below it get -1
+            (:func:`suppress_background`).
+
+    Returns:
+        (D, H, W) int32 ids 0..K-1 in order of first voxel in raster order (-1: suppressed).
+
+    Raises:
+        ValueError: not a 3D finite float volume, a bad parameter, or too many voxels for
+            int32 edge indices.
+
+    Memory: the float32 volume and its smoothed copy, four 4-byte arrays of edges while
+    sorting (3 edges per voxel with 6-connectivity, 13 with 26) and three per-voxel arrays
+    of the union-find: about 60 bytes per voxel with 6-connectivity
+    (``benchmarks/supervoxels.py`` measures it).
+    """
+    volume = np.asarray(volume)
+    if volume.ndim != 3:
+        raise ValueError(f"volume must be 3D (D, H, W), got shape {volume.shape}")
+    if not np.issubdtype(volume.dtype, np.floating):
+        raise TypeError(
+            f"volume must be float, normalised to [0, 1] (got dtype {volume.dtype}); "
+            "normalise it first (lrc_lightning.data.intensity)"
+        )
+    if not np.all(np.isfinite(volume)):
+        raise ValueError("volume contains NaN or inf values")
+    if scale <= 0 or sigma < 0 or min_size < 0:
+        raise ValueError(
+            f"need scale > 0, sigma >= 0, min_size >= 0; got {scale}, {sigma}, {min_size}"
+        )
+    if spacing is not None and (len(spacing) != 3 or min(spacing) <= 0):
+        raise ValueError(f"spacing must be three positive numbers (z, y, x), got {spacing}")
+    offsets = _neighbour_offsets(connectivity)
+    shift = 2 if connectivity == 6 else 4
+    if (volume.size << shift) >= 2**31:
+        raise ValueError(
+            f"{volume.shape} has too many voxels for int32 edge indices with "
+            f"{connectivity}-connectivity; crop or resample the volume"
+        )
+    data = np.ascontiguousarray(volume, dtype=np.float32)
+    if sigma > 0:
+        from scipy.ndimage import gaussian_filter
+
+        finest = min(spacing) if spacing is not None else 1.0
+        sigmas = [sigma * finest / s for s in spacing] if spacing is not None else sigma
+        data = gaussian_filter(data, sigma=sigmas, mode="reflect", truncate=4.0)
+    flat = data.ravel()
+    shape = np.array(data.shape, dtype=np.int64)
+    edges, max_key = _edges3(flat, shape, offsets, shift)
+    _, h, w = data.shape
+    step = ((offsets[:, 0] * h + offsets[:, 1]) * w + offsets[:, 2]).astype(np.int64)
+    order, keys = _sort_edges3(flat, edges, step, shift, max_key)
+    del edges
+    costs = keys.view(np.float32)  # the keys are the float32 costs' bit patterns
+    labels = _merge3(flat.shape[0], order, costs, step, shift, float(scale) / 255.0, int(min_size))
+    labels = labels.reshape(data.shape)
+    if background_threshold is not None:
+        labels = suppress_background(labels, volume, background_threshold)
+    return labels

@@ -119,9 +119,12 @@ class VolumeCache:
 
     # ---------------------------------------------------------------- keys and paths
     def key(self, case: Case) -> str:
+        config = asdict(self.config)
+        if not config["supervoxels"]:
+            del config["supervoxels"]  # added later: the keys of 2D caches stay as they were
         payload = {
             "version": CACHE_VERSION,
-            "config": asdict(self.config),
+            "config": config,
             "case_id": case.case_id,
             "image": _file_identity(case.image, self.hash_content),
             "label": _file_identity(case.label, self.hash_content) if case.label else None,

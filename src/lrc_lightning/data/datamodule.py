@@ -17,6 +17,7 @@ from lrc_lightning.data.cases import Case, DataError, discover_cases, read_json
 from lrc_lightning.data.datasets import LabelledSlices, PairedViewSlices, Volumes
 from lrc_lightning.data.device_batches import DeviceBatches
 from lrc_lightning.data.intensity import Modality
+from lrc_lightning.data.patches import LabelledPatches, PairedViewPatches, VolumeAugment
 from lrc_lightning.data.splits import Split, split_cases
 from lrc_lightning.data.transforms import GeometryAugment, IntensityAugment
 
@@ -114,6 +115,17 @@ class LRCDataModuleBase:
             ``"solo-learn"`` (``(indexes, [x1, x2], targets, [s1, s2])``); see
             :mod:`lrc_lightning.batches`. Give LRCCallback the same ``batch_format``: it
             hands the module its own 3-item structure.
+        spatial_dims: 2 (slices) or 3: volumes with 3D supervoxels
+            (:func:`~lrc_lightning.superpixels.felzenszwalb_3d`, cached), served as
+            ``patch_size`` patches (:mod:`lrc_lightning.data.patches`): pre-training batches
+            ``image_v1`` (B, 1, D, H, W), ``superpixels_v1`` (B, D, H, W), ...; fine-tuning
+            ``image``/``label`` patches; validation and test whole volumes as in 2D (the
+            model predicts them with sliding windows).
+        patch_size: (D, H, W) voxels of a 3D patch, in the cached grid (``image_size`` and
+            ``spacing`` act in-plane, the slice spacing is kept).
+        foreground_ratio: share of 3D patches centred on foreground (an organ when
+            fine-tuning, else a voxel brighter than ``foreground_threshold``).
+        patches_per_volume: 3D patches per volume and epoch.
     """
 
     def __init__(
@@ -153,8 +165,16 @@ class LRCDataModuleBase:
         device_batches: bool = False,
         channels_last: bool = False,
         batch_format: BatchFormatName = "dict",
+        spatial_dims: Literal[2, 3] = 2,
+        patch_size: tuple[int, int, int] = (32, 96, 96),
+        foreground_ratio: float = 0.5,
+        patches_per_volume: int = 8,
     ) -> None:
         super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        if spatial_dims == 3 and device_batches:
+            raise ValueError("device_batches serves 2D slices; use spatial_dims=2 with it")
         if mode not in ("pretrain", "finetune"):
             raise ValueError(f"mode must be 'pretrain' or 'finetune', got {mode!r}")
         if batch_size < 1:
@@ -178,6 +198,10 @@ class LRCDataModuleBase:
         self.device_batches = device_batches
         self.channels_last = channels_last
         self.batch_format = resolve_batch_format(batch_format)
+        self.spatial_dims = spatial_dims
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.foreground_ratio = foreground_ratio
+        self.patches_per_volume = patches_per_volume
         if self.batch_format.name != "dict" and mode != "pretrain":
             raise ValueError(
                 f"batch_format={batch_format!r} is for pre-training batches; fine-tuning "
@@ -197,6 +221,7 @@ class LRCDataModuleBase:
             superpixel_min_size=superpixel_min_size,
             background_threshold=background_threshold,
             allowed_labels=tuple(labels) if labels is not None else _declared_labels(data),
+            supervoxels=spatial_dims == 3,
         )
         self.cache = VolumeCache(cache_dir, self.config, hash_content=hash_content)
         self.geometry = (
@@ -230,7 +255,8 @@ class LRCDataModuleBase:
                 self.cache.ensure(case)  # normally a no-op after prepare_data
                 self._volumes[case.case_id] = self.cache.load(case)
         on_labelled = self.mode == "finetune" or self.pretrain_on == "labelled"
-        self._check_same_slice_size(self.split.labelled if on_labelled else self.split.pool)
+        if self.spatial_dims == 2:  # 3D patches have one size whatever the volumes' sizes
+            self._check_same_slice_size(self.split.labelled if on_labelled else self.split.pool)
 
     def _check_same_slice_size(self, cases: Sequence[Case]) -> None:
         """Training slices are batched: one slice size, or a clear error before collate."""
@@ -255,8 +281,12 @@ class LRCDataModuleBase:
             raise RuntimeError("call setup() before asking for dataloaders")
         return self.split
 
-    def train_dataset(self) -> PairedViewSlices | LabelledSlices:
+    def train_dataset(
+        self,
+    ) -> PairedViewSlices | LabelledSlices | PairedViewPatches | LabelledPatches:
         split = self._require_split()
+        if self.spatial_dims == 3:
+            return self._patch_dataset(split)
         if self.mode == "pretrain":
             cases = split.labelled if self.pretrain_on == "labelled" else split.pool
             return PairedViewSlices(
@@ -271,9 +301,36 @@ class LRCDataModuleBase:
         intensity = self.intensity if self.augment else None
         return LabelledSlices(self.volumes(split.labelled), geometry, intensity)
 
+    def _patch_dataset(self, split: Split) -> PairedViewPatches | LabelledPatches:
+        fg = self.config.foreground_threshold if self.config.foreground_threshold >= 0 else 0.05
+        sampling = {"foreground_ratio": self.foreground_ratio, "foreground_threshold": fg,
+                    "patches_per_volume": self.patches_per_volume}  # fmt: skip
+        # The 2D crop's area fraction a becomes a volume fraction a**1.5 (same side ratio).
+        geometry = (
+            VolumeAugment(
+                crop_scale=(self.geometry.crop_scale[0] ** 1.5, self.geometry.crop_scale[1]),
+                max_rotation=self.geometry.max_rotation,
+            )
+            if self.augment
+            else VolumeAugment((1.0, 1.0), (0.0, 0.0, 0.0), False, 0.0)
+        )
+        if self.mode == "pretrain":
+            cases = split.labelled if self.pretrain_on == "labelled" else split.pool
+            return PairedViewPatches(
+                self.volumes(cases), self.patch_size, geometry, self.intensity,
+                with_labels=self.pretrain_with_labels, **sampling,
+            )  # fmt: skip
+        if not split.labelled:
+            raise ValueError("fine-tuning with labelled_cases=0: no labelled case to train on")
+        return LabelledPatches(
+            self.volumes(split.labelled), self.patch_size,
+            geometry if self.augment else None, self.intensity if self.augment else None,
+            **sampling,
+        )  # fmt: skip
+
     def example_input(self, count: int = 2) -> torch.Tensor:
-        """(count, 1, H, W) images of the training set: what a network gets (LRCCallback
-        runs one dry forward of it to read a layer's channels)."""
+        """(count, 1, H, W) images (3D: (count, 1, D, H, W) patches) of the training set: what
+        a network gets (LRCCallback runs one dry forward of it to read a layer's channels)."""
         dataset = self.train_dataset()
         key = "image_v1" if self.mode == "pretrain" else "image"
         return torch.stack([dataset[i][key] for i in range(min(count, len(dataset)))])

@@ -36,6 +36,7 @@ from lrc_lightning.data.preprocess import (
     assemble_entry,
     read_case,
     superpixels_of_slices,
+    supervoxels_of_volume,
 )
 
 __all__ = ["precompute_in_pool"]
@@ -75,6 +76,12 @@ def precompute_in_pool(
 
         for case in todo:
             read = read_case(case, config, read_image)
+            if config.supervoxels:  # one graph per volume: parallel across cases only
+                future = pool.submit(supervoxels_of_volume, read.image, read.spacing, config)
+                in_flight.append((read, [future]))
+                if len(in_flight) > processes:
+                    finish_oldest()
+                continue
             block = max(1, -(-len(read.image) // (4 * processes)))  # ~4 blocks per worker
             futures = [
                 pool.submit(superpixels_of_slices, read.image[i : i + block], config)

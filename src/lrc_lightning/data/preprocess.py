@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from lrc_lightning.data.cases import Case, DataError
 from lrc_lightning.data.intensity import Modality, normalise
 from lrc_lightning.data.io import check_same_geometry, read_volume
-from lrc_lightning.superpixels import felzenszwalb
+from lrc_lightning.superpixels import felzenszwalb, felzenszwalb_3d
 
 __all__ = [
     "IGNORE_LABEL",
@@ -48,6 +48,7 @@ __all__ = [
     "choose_slice_axis",
     "read_case",
     "superpixels_of_slices",
+    "supervoxels_of_volume",
 ]
 
 SliceAxis = int | Literal["auto"]
@@ -78,6 +79,9 @@ class PreprocessConfig:
     superpixel_min_size: int = 50
     background_threshold: float | None = None
     allowed_labels: tuple[int, ...] | None = None
+    #: 3D supervoxels (:func:`~lrc_lightning.superpixels.felzenszwalb_3d`, spacing-aware)
+    #: instead of per-slice super-pixels; for LRCDataModule(spatial_dims=3).
+    supervoxels: bool = False
 
     def __post_init__(self) -> None:
         if self.slice_axis not in (0, 1, 2, "auto"):
@@ -211,6 +215,20 @@ def read_case(
     )
 
 
+def supervoxels_of_volume(
+    image: np.ndarray, spacing: list[float], config: PreprocessConfig
+) -> np.ndarray:
+    """Supervoxels of a (S, h, w) volume with its (S, h, w)-axis spacing (numba only)."""
+    return felzenszwalb_3d(
+        image,
+        config.superpixel_scale,
+        config.superpixel_sigma,
+        config.superpixel_min_size,
+        spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
+        background_threshold=config.background_threshold,
+    )
+
+
 def superpixels_of_slices(images: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     """Felzenszwalb super-pixels of (k, h, w) slices (numba only, no torch: pool-safe)."""
     return np.stack(
@@ -254,6 +272,8 @@ def assemble_entry(
     }
     if label_arr is not None:
         arrays["label"] = _pad(label_arr, read.padded_size, IGNORE_LABEL)
+    if config.supervoxels:
+        n_regions = np.array([int(superpixels.max()) + 1])  # ids span the volume
     arrays["meta"] = {
         "case_id": read.case.case_id,
         "image_file": str(read.case.image),
@@ -275,4 +295,6 @@ def assemble_entry(
 def build_entry(case: Case, config: PreprocessConfig) -> dict[str, Any]:
     """Read, normalise, resample and segment one case (no I/O to the cache)."""
     read = read_case(case, config)
+    if config.supervoxels:
+        return assemble_entry(read, supervoxels_of_volume(read.image, read.spacing, config), config)
     return assemble_entry(read, superpixels_of_slices(read.image, config), config)

@@ -6,7 +6,7 @@ from lrc_lightning.models.segmentation import (
     SupervisedSegmentation,
     SupervisedSegmentationLRC,
 )
-from lrc_lightning.models.unet import UNet2d
+from lrc_lightning.models.unet import UNet2d, UNet3d
 from lrc_lightning.models.weights import (
     export_backbone,
     load_backbone_weights,
@@ -21,6 +21,7 @@ __all__ = [
     "SupervisedSegmentation",
     "SupervisedSegmentationLRC",
     "UNet2d",
+    "UNet3d",
     "export_backbone",
     "load_backbone_weights",
     "read_backbone_state",

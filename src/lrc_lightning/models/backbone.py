@@ -37,15 +37,15 @@ def backbone_features(
         dense = None
         if dense_level is not None:
             dense = backbone.decode(bottleneck, skips)[dense_level]  # type: ignore[operator]
-        return bottleneck.mean(dim=(2, 3)), dense
+        return bottleneck.mean(dim=tuple(range(2, bottleneck.ndim))), dense
     out = backbone(x)
-    if not isinstance(out, Tensor) or out.ndim != 4:
+    if not isinstance(out, Tensor) or out.ndim not in (4, 5):
         raise TypeError(
-            f"{type(backbone).__name__} must return a (B, C, h, w) tensor (or define "
-            "encode/decode like UNet2d)"
+            f"{type(backbone).__name__} must return a (B, C, h, w) or (B, C, d, h, w) tensor "
+            "(or define encode/decode like UNet2d)"
             + (f", got shape {tuple(out.shape)}" if isinstance(out, Tensor) else "")
         )
-    return out.mean(dim=(2, 3)), (out if dense_level is not None else None)
+    return out.mean(dim=tuple(range(2, out.ndim))), (out if dense_level is not None else None)
 
 
 #: The model argument that sets each kind of channels explicitly.

@@ -37,7 +37,52 @@ def _full_size(logits: Tensor, images: Tensor) -> Tensor:
     (MONAI's ``UNet`` stops at half size before its output layer) is upsampled."""
     if logits.shape[2:] == images.shape[2:]:
         return logits
-    return F.interpolate(logits, size=images.shape[2:], mode="bilinear", align_corners=False)
+    mode = "bilinear" if logits.ndim == 4 else "trilinear"
+    return F.interpolate(logits, size=images.shape[2:], mode=mode, align_corners=False)
+
+
+def _window_starts(length: int, window: int, overlap: float) -> list[int]:
+    step = max(1, int(window * (1.0 - overlap)))
+    starts = list(range(0, max(length - window, 0) + 1, step))
+    if starts[-1] + window < length:
+        starts.append(length - window)
+    return starts
+
+
+@torch.no_grad()
+def sliding_window_logits(
+    model: nn.Module, volume: Tensor, patch_size: tuple[int, ...], overlap: float = 0.5
+) -> Tensor:
+    """Logits of a whole (1, C, D, H, W) volume from (D', H', W') patches that overlap by
+    ``overlap``, averaged where they overlap (the volume is zero-padded up to one patch).
+
+    Example:
+        >>> import torch
+        >>> conv = torch.nn.Conv3d(1, 2, 1)
+        >>> x = torch.randn(1, 1, 5, 9, 7)
+        >>> torch.allclose(sliding_window_logits(conv, x, (4, 4, 4)), conv(x), atol=1e-6)
+        True
+    """
+    spatial = volume.shape[2:]
+    pad = [max(p - n, 0) for n, p in zip(spatial, patch_size, strict=True)]
+    padded = F.pad(volume, [amount for p in reversed(pad) for amount in (0, p)])
+    size = padded.shape[2:]
+    total: Tensor | None = None
+    counts = torch.zeros((1, 1, *size), device=volume.device)
+    grids = [_window_starts(n, p, overlap) for n, p in zip(size, patch_size, strict=True)]
+    for z in grids[0]:
+        for y in grids[1]:
+            for x in grids[2]:
+                box = (..., slice(z, z + patch_size[0]), slice(y, y + patch_size[1]),
+                       slice(x, x + patch_size[2]))  # fmt: skip
+                logits = model(padded[box]).float()
+                if total is None:
+                    total = torch.zeros((1, logits.shape[1], *size), device=volume.device)
+                total[box] += logits
+                counts[box] += 1
+    assert total is not None
+    out = total / counts
+    return out[..., : spatial[0], : spatial[1], : spatial[2]]
 
 
 def _decoder_features(backbone: nn.Module, images: Tensor) -> list[Tensor]:
@@ -64,7 +109,9 @@ class SupervisedSegmentation(ReferenceModel):
         num_classes: classes including background.
         class_names: organ names for the logs (default ``class_1``...).
         dice_weight: weight of the soft Dice loss next to cross-entropy.
-        eval_batch_size: slices per forward when predicting a volume.
+        eval_batch_size: slices per forward when predicting a volume (2D backbones).
+        eval_patch_size: (D, H, W) patch of the sliding-window prediction of whole volumes
+            with a 3D backbone (:class:`UNet3d`; windows overlap by half).
         empty_organ: Dice where a volume lacks an organ: ``"lrc"`` (this package's
             definition), or MONAI ``DiceMetric``'s ``"ignore"`` (``ignore_empty=True``) /
             ``"one"`` (``ignore_empty=False``); see :func:`lrc_lightning.metrics.dice_per_organ`.
@@ -84,6 +131,7 @@ class SupervisedSegmentation(ReferenceModel):
         eval_batch_size: int = 32,
         ignore_index: int = -1,
         empty_organ: EmptyOrgan = "lrc",
+        eval_patch_size: tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__()
         if empty_organ not in EMPTY_ORGAN_CONVENTIONS:
@@ -102,7 +150,15 @@ class SupervisedSegmentation(ReferenceModel):
             )
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone if backbone is not None else UNet2d()
-        self.head = nn.Conv2d(dense_channels(self.backbone, -1), num_classes, kernel_size=1)
+        self.spatial_dims = int(getattr(self.backbone, "spatial_dims", 2))
+        conv = nn.Conv3d if self.spatial_dims == 3 else nn.Conv2d
+        self.head = conv(dense_channels(self.backbone, -1), num_classes, kernel_size=1)
+        if self.spatial_dims == 3 and eval_patch_size is None:
+            raise ValueError(
+                f"{type(self.backbone).__name__} is 3D: give eval_patch_size=(D, H, W) for "
+                "the sliding-window evaluation of whole volumes"
+            )
+        self.eval_patch_size = tuple(eval_patch_size) if eval_patch_size is not None else None
         self.num_classes = num_classes
         self.organ_names = names[1:]
         self.ignore_index = ignore_index
@@ -114,7 +170,7 @@ class SupervisedSegmentation(ReferenceModel):
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: Tensor) -> Tensor:
-        """(B, C_in, H, W) -> (B, num_classes, H, W) logits."""
+        """(B, C_in, *spatial) -> (B, num_classes, *spatial) logits (2D or 3D)."""
         return _full_size(self.head(_decoder_features(self.backbone, images)[-1]), images)
 
     def segmentation_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
@@ -159,7 +215,12 @@ class SupervisedSegmentation(ReferenceModel):
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def predict_volume(self, volume: Tensor) -> Tensor:
-        """(S, 1, H, W) image -> (S, H, W) class map, ``eval_batch_size`` slices at a time."""
+        """(S, 1, H, W) image -> (S, H, W) class map: ``eval_batch_size`` slices at a time
+        (2D), or sliding ``eval_patch_size`` windows over the volume (3D)."""
+        if self.spatial_dims == 3:
+            assert self.eval_patch_size is not None
+            whole = volume.permute(1, 0, 2, 3).unsqueeze(0)  # (1, 1, S, H, W)
+            return sliding_window_logits(self, whole, self.eval_patch_size)[0].argmax(0)
         size = self.hparams["eval_batch_size"]
         return torch.cat([self(chunk).argmax(1) for chunk in volume.split(size)])
 

@@ -1,4 +1,4 @@
-"""UNet2d: a configurable 2D U-Net that exposes its bottleneck and decoder features."""
+"""UNet2d and UNet3d: configurable U-Nets that expose their bottleneck and decoder features."""
 
 from __future__ import annotations
 
@@ -8,16 +8,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Norm", "UNet2d"]
+__all__ = ["Norm", "UNet2d", "UNet3d"]
 
 Norm = Literal["batch", "instance", "group", "none"]
 
 
-def _norm(kind: Norm, channels: int) -> nn.Module:
+_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+_UP = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+_BATCH_NORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_INSTANCE_NORM = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+_MAX_POOL = {2: F.max_pool2d, 3: F.max_pool3d}
+
+
+def _norm(kind: Norm, channels: int, dims: int = 2) -> nn.Module:
     if kind == "batch":
-        return nn.BatchNorm2d(channels)
+        return _BATCH_NORM[dims](channels)
     if kind == "instance":
-        return nn.InstanceNorm2d(channels, affine=True)
+        return _INSTANCE_NORM[dims](channels, affine=True)
     if kind == "group":
         return nn.GroupNorm(min(8, channels), channels)
     if kind == "none":
@@ -26,16 +33,17 @@ def _norm(kind: Norm, channels: int) -> nn.Module:
 
 
 class ConvBlock(nn.Sequential):
-    """Two (3x3 conv -> norm -> ReLU) layers."""
+    """Two (3x3 (x3) conv -> norm -> ReLU) layers."""
 
-    def __init__(self, in_channels: int, out_channels: int, norm: Norm) -> None:
+    def __init__(self, in_channels: int, out_channels: int, norm: Norm, dims: int = 2) -> None:
         bias = norm == "none"
+        conv = _CONV[dims]
         super().__init__(
-            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias),
-            _norm(norm, out_channels),
+            conv(in_channels, out_channels, 3, padding=1, bias=bias),
+            _norm(norm, out_channels, dims),
             nn.ReLU(inplace=True),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=bias),
-            _norm(norm, out_channels),
+            conv(out_channels, out_channels, 3, padding=1, bias=bias),
+            _norm(norm, out_channels, dims),
             nn.ReLU(inplace=True),
         )
 
@@ -54,10 +62,14 @@ class UNet2d(nn.Module):
         decoder features [(B, decoder_channels[i], H / 2**(depth-1-i), ...)].
     """
 
+    #: 2 for slices, 3 for volumes (:class:`UNet3d`).
+    spatial_dims = 2
+
     def __init__(
         self, in_channels: int = 1, width: int = 32, depth: int = 4, norm: Norm = "batch"
     ) -> None:
         super().__init__()
+        dims = self.spatial_dims
         if in_channels < 1 or width < 1:
             raise ValueError(f"in_channels and width must be >= 1, got {in_channels}, {width}")
         if depth < 1:
@@ -66,16 +78,15 @@ class UNet2d(nn.Module):
         self.in_channels, self.width, self.depth, self.norm = in_channels, width, depth, norm
         widths = [width * 2**i for i in range(depth + 1)]
         self.encoders = nn.ModuleList(
-            ConvBlock(c_in, c_out, norm)
+            ConvBlock(c_in, c_out, norm, dims)
             for c_in, c_out in zip([in_channels, *widths[:-2]], widths[:-1], strict=True)
         )
-        self.bottleneck = ConvBlock(widths[-2], widths[-1], norm)
+        self.bottleneck = ConvBlock(widths[-2], widths[-1], norm, dims)
         self.upsamplers = nn.ModuleList(
-            nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2)
-            for i in reversed(range(depth))
+            _UP[dims](widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(depth))
         )
         self.decoders = nn.ModuleList(
-            ConvBlock(2 * widths[i], widths[i], norm) for i in reversed(range(depth))
+            ConvBlock(2 * widths[i], widths[i], norm, dims) for i in reversed(range(depth))
         )
         self.bottleneck_channels = widths[-1]
         self.decoder_channels = [widths[i] for i in reversed(range(depth))]
@@ -92,14 +103,17 @@ class UNet2d(nn.Module):
 
     def _check_input(self, x: Tensor) -> None:
         multiple = 2**self.depth
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
+        name, dims = type(self).__name__, self.spatial_dims
+        layout = "H, W" if dims == 2 else "D, H, W"
+        if x.ndim != dims + 2 or x.shape[1] != self.in_channels:
             raise ValueError(
-                f"UNet2d expects (B, {self.in_channels}, H, W) input, got {tuple(x.shape)}"
+                f"{name} expects (B, {self.in_channels}, {layout}) input, got {tuple(x.shape)}"
             )
-        if x.shape[-2] % multiple or x.shape[-1] % multiple:
+        if any(n % multiple for n in x.shape[2:]):
             raise ValueError(
-                f"UNet2d(depth={self.depth}) needs H and W divisible by {multiple}, "
-                f"got {tuple(x.shape[-2:])}; resize (LRCDataModule image_size) or lower depth"
+                f"{name}(depth={self.depth}) needs {layout} divisible by {multiple}, got "
+                f"{tuple(x.shape[2:])}; resize (LRCDataModule image_size / patch_size) or "
+                "lower depth"
             )
 
     def encode(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -109,7 +123,7 @@ class UNet2d(nn.Module):
         for block in self.encoders:
             x = block(x)
             skips.append(x)
-            x = F.max_pool2d(x, 2)
+            x = _MAX_POOL[self.spatial_dims](x, 2)
         return self.bottleneck(x), skips
 
     def decode(self, bottleneck: Tensor, skips: list[Tensor]) -> list[Tensor]:
@@ -126,3 +140,21 @@ class UNet2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_features(x)[1][-1]
+
+
+class UNet3d(UNet2d):
+    """The same U-Net on volumes: 3x3x3 convolutions, 2x2x2 pooling and up-sampling.
+
+    Shapes:
+        forward: (B, in_channels, D, H, W) -> (B, width, D, H, W), each of D, H, W divisible
+        by 2**depth; features as :class:`UNet2d`'s with a depth axis.
+
+    Example:
+        >>> import torch
+        >>> net = UNet3d(width=4, depth=2)
+        >>> bottleneck, levels = net.forward_features(torch.zeros(1, 1, 8, 16, 16))
+        >>> tuple(bottleneck.shape), [tuple(f.shape) for f in levels]
+        ((1, 16, 2, 4, 4), [(1, 8, 4, 8, 8), (1, 4, 8, 16, 16)])
+    """
+
+    spatial_dims = 3

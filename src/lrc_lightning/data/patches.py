@@ -1,0 +1,235 @@
+"""3D patches: paired views of a volume with their supervoxels, and labelled patches.
+
+A training item is a patch of ``patch_size`` (D, H, W) voxels of a cached volume: its centre
+is a foreground voxel with probability ``foreground_ratio`` (a labelled organ when the case
+has labels and ``labels_for_centres``, else a voxel brighter than the foreground
+threshold), anywhere otherwise. Pre-training warps the patch twice (:class:`VolumeAugment`:
+a random resized crop, flips, quarter turns and a small rotation in the (y, x) plane), each
+warp moving image (trilinear), supervoxel map and label (nearest) together: outside the
+volume the map is -1 and the label -1 (ignored). Intensity changes touch the image only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from lrc_lightning.data.cache import CachedVolume
+from lrc_lightning.data.transforms import IntensityAugment
+
+__all__ = [
+    "LabelledPatches",
+    "PairedViewPatches",
+    "VolumeAugment",
+    "random_affine_3d",
+    "warp_volume",
+]
+
+
+@dataclass
+class VolumeAugment:
+    """Random resized crop (fraction of the patch's volume), flips per axis (z, y, x),
+    quarter turns and a small rotation (degrees) in the (y, x) plane."""
+
+    crop_scale: tuple[float, float] = (0.4, 1.0)
+    flip: tuple[float, float, float] = (0.0, 0.5, 0.5)
+    quarter_turns: bool = True
+    max_rotation: float = 10.0
+
+
+def random_affine_3d(aug: VolumeAugment, generator: torch.Generator | None = None) -> Tensor:
+    """A (3, 4) ``affine_grid`` matrix (output -> input, (x, y, z) coordinates)."""
+    u = torch.rand(9, generator=generator).tolist()
+    fraction = aug.crop_scale[0] + (aug.crop_scale[1] - aug.crop_scale[0]) * u[0]
+    side = min(1.0, fraction ** (1.0 / 3.0))
+    scale = [side, side, side]  # (x, y, z)
+    centre = [(2 * u[1 + i] - 1) * (1 - side) for i in range(3)]
+    for axis, probability in zip((2, 1, 0), aug.flip, strict=True):  # flip is (z, y, x)
+        if u[4 + axis] < probability:
+            scale[axis] = -scale[axis]
+    turns = int(u[7] * 4) % 4 if aug.quarter_turns else 0
+    angle = turns * math.pi / 2 + math.radians((2 * u[8] - 1) * aug.max_rotation)
+    cos, sin = math.cos(angle), math.sin(angle)
+    sx, sy, sz = scale
+    cx, cy, cz = centre
+    return torch.tensor(
+        [[cos * sx, -sin * sy, 0.0, cx], [sin * sx, cos * sy, 0.0, cy], [0.0, 0.0, sz, cz]],
+        dtype=torch.float32,
+    )
+
+
+def warp_volume(
+    theta: Tensor, image: Tensor, maps: dict[str, Tensor], size: tuple[int, int, int]
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Warp (N, C, D, H, W) images (trilinear, 0 outside) and (N, D, H, W) integer maps
+    (nearest, -1 outside; -1 stays -1) with (N, 3, 4) matrices onto ``size``."""
+    n = image.shape[0]
+    grid = F.affine_grid(theta, [n, 1, *size], align_corners=False)
+    warped = F.grid_sample(image.float(), grid, mode="bilinear", padding_mode="zeros",
+                           align_corners=False)  # fmt: skip
+    out = {}
+    for key, value in maps.items():
+        # Shifted by one so that the zero padding of grid_sample becomes -1.
+        shifted = (value.unsqueeze(1) + 1).float()
+        sampled = F.grid_sample(shifted, grid, mode="nearest", padding_mode="zeros",
+                                align_corners=False)  # fmt: skip
+        out[key] = sampled.squeeze(1).round().long() - 1
+    return warped, out
+
+
+def _box(volume: CachedVolume, centre: np.ndarray, size: tuple[int, int, int]) -> tuple:
+    """Slices of the patch around ``centre`` (clipped) and where they land in the patch."""
+    source, target = [], []
+    for axis, n in enumerate(size):
+        start = int(centre[axis]) - n // 2
+        lo, hi = max(start, 0), min(start + n, volume.image.shape[axis])
+        source.append(slice(lo, hi))
+        target.append(slice(lo - start, hi - start))
+    return tuple(source), tuple(target)
+
+
+class _Patches(Dataset):
+    """Shared sampling: ``patches_per_volume`` items per volume and epoch, centres biased
+    towards foreground."""
+
+    def __init__(
+        self,
+        volumes: list[CachedVolume],
+        patch_size: tuple[int, int, int],
+        foreground_ratio: float,
+        foreground_threshold: float,
+        patches_per_volume: int,
+        labels_for_centres: bool,
+    ) -> None:
+        if not volumes:
+            raise ValueError("no volume to draw 3D patches from")
+        if len(patch_size) != 3 or min(patch_size) < 1:
+            raise ValueError(f"patch_size must be three positive sizes (D, H, W), got {patch_size}")
+        if not 0.0 <= foreground_ratio <= 1.0:
+            raise ValueError(f"foreground_ratio must be in [0, 1], got {foreground_ratio}")
+        self.volumes = volumes
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.foreground_ratio = foreground_ratio
+        self.patches_per_volume = patches_per_volume
+        self.foreground = [
+            self._foreground_voxels(v, foreground_threshold, labels_for_centres) for v in volumes
+        ]
+
+    @staticmethod
+    def _foreground_voxels(volume: CachedVolume, threshold: float, use_labels: bool) -> np.ndarray:
+        """Up to 4096 (z, y, x) foreground voxels, found on a 1:4 in-plane grid."""
+        if use_labels and volume.label is not None:
+            mask = np.isin(volume.label[:, ::4, ::4], (0, 255), invert=True)
+        else:
+            mask = np.asarray(volume.image[:, ::4, ::4], dtype=np.float32) > threshold
+        found = np.argwhere(mask) * np.array([1, 4, 4])
+        if len(found) > 4096:
+            found = found[np.random.default_rng(0).choice(len(found), 4096, replace=False)]
+        return found
+
+    def __len__(self) -> int:
+        return len(self.volumes) * self.patches_per_volume
+
+    def _centre(self, v: int) -> np.ndarray:
+        candidates = self.foreground[v]
+        if len(candidates) and float(torch.rand(())) < self.foreground_ratio:
+            return candidates[int(torch.randint(len(candidates), ()))]
+        shape = self.volumes[v].image.shape
+        return np.array([int(torch.randint(n, ())) for n in shape])
+
+    def _patch(self, i: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(1, D, H, W) image, (D, H, W) supervoxels (-1 outside), (D, H, W) label or None."""
+        volume = self.volumes[i // self.patches_per_volume]
+        source, target = _box(volume, self._centre(i // self.patches_per_volume),
+                              self.patch_size)  # fmt: skip
+        image = np.zeros(self.patch_size, dtype=np.float32)
+        image[target] = volume.image[source]
+        maps = np.full(self.patch_size, -1, dtype=np.int64)
+        maps[target] = volume.superpixels[source]
+        label = None
+        if volume.label is not None:
+            label_np = np.full(self.patch_size, -1, dtype=np.int64)
+            label_np[target] = volume.label_ids(source)
+            label = torch.from_numpy(label_np)
+        return torch.from_numpy(image).unsqueeze(0), torch.from_numpy(maps), label
+
+
+class PairedViewPatches(_Patches):
+    """Pre-training items: ``image_v1``, ``image_v2`` (1, D, H, W), ``superpixels_v1``,
+    ``superpixels_v2`` (D, H, W) int64 (-1 outside), optionally ``label_v1``/``label_v2``."""
+
+    def __init__(
+        self,
+        volumes: list[CachedVolume],
+        patch_size: tuple[int, int, int],
+        geometry: VolumeAugment | None = None,
+        intensity: IntensityAugment | None = None,
+        foreground_ratio: float = 0.5,
+        foreground_threshold: float = 0.05,
+        patches_per_volume: int = 8,
+        with_labels: bool = False,
+    ) -> None:
+        super().__init__(volumes, patch_size, foreground_ratio, foreground_threshold,
+                         patches_per_volume, labels_for_centres=False)  # fmt: skip
+        self.geometry = geometry if geometry is not None else VolumeAugment()
+        self.intensity = intensity if intensity is not None else IntensityAugment()
+        self.with_labels = with_labels and all(v.label is not None for v in volumes)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        image, maps, label = self._patch(i)
+        wanted = {"superpixels": maps}
+        if self.with_labels and label is not None:
+            wanted["label"] = label
+        item: dict[str, Tensor] = {}
+        for view in ("v1", "v2"):
+            theta = random_affine_3d(self.geometry).unsqueeze(0)
+            warped, warped_maps = warp_volume(
+                theta, image.unsqueeze(0), {k: m.unsqueeze(0) for k, m in wanted.items()},
+                self.patch_size,
+            )  # fmt: skip
+            # (1, D, H, W) as (C=D, H, W): one intensity draw for the whole view.
+            item[f"image_{view}"] = self.intensity(warped[0, 0]).unsqueeze(0)
+            for key, value in warped_maps.items():
+                item[f"{key}_{view}"] = value[0]
+        return item
+
+
+class LabelledPatches(_Patches):
+    """Fine-tuning items: ``image`` (1, D, H, W) and ``label`` (D, H, W) int64 (-1 ignored),
+    centred on a labelled organ with probability ``foreground_ratio``; one random warp when
+    ``geometry`` is given."""
+
+    def __init__(
+        self,
+        volumes: list[CachedVolume],
+        patch_size: tuple[int, int, int],
+        geometry: VolumeAugment | None = None,
+        intensity: IntensityAugment | None = None,
+        foreground_ratio: float = 0.5,
+        foreground_threshold: float = 0.05,
+        patches_per_volume: int = 8,
+    ) -> None:
+        missing = [v.case_id for v in volumes if v.label is None]
+        if missing:
+            raise ValueError(f"fine-tuning cases without a label: {missing}")
+        super().__init__(volumes, patch_size, foreground_ratio, foreground_threshold,
+                         patches_per_volume, labels_for_centres=True)  # fmt: skip
+        self.geometry, self.intensity = geometry, intensity
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        image, _, label = self._patch(i)
+        assert label is not None
+        if self.geometry is not None:
+            theta = random_affine_3d(self.geometry).unsqueeze(0)
+            warped, maps = warp_volume(theta, image.unsqueeze(0), {"label": label.unsqueeze(0)},
+                                       self.patch_size)  # fmt: skip
+            image, label = warped[0], maps["label"][0]
+        if self.intensity is not None:
+            image = self.intensity(image[0]).unsqueeze(0)
+        return {"image": image, "label": label}

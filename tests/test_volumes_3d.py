@@ -1,0 +1,136 @@
+"""LRC on volumes: 3D views keep supervoxels aligned, the data module serves 3D patches from
+real volumes, UNet3d pre-trains with MoCo + LRC and fine-tunes with sliding windows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from lrc_lightning import LRCCallback, LRCDataModule
+from lrc_lightning.data.patches import VolumeAugment, random_affine_3d, warp_volume
+from lrc_lightning.image_logging import SuperpixelViewLogger
+from lrc_lightning.models import FineTuneSegmentation, MoCoV2LRC, UNet3d
+from lrc_lightning.models.segmentation import sliding_window_logits
+
+from .conftest import DEMO_MR
+from .helpers import MetricHistory, trainer
+
+PATCH = (8, 16, 16)
+
+
+def test_supervoxels_stay_aligned_with_3d_views() -> None:
+    torch.manual_seed(0)
+    d, h, w = 12, 20, 20
+    z, y, x = torch.meshgrid(torch.arange(d), torch.arange(h), torch.arange(w), indexing="ij")
+    ids = (z * h + y) * w + x  # one id per voxel: its position can be read back from it
+    # Trilinear warping of a linear ramp is exact; the ones channel marks voxels whose
+    # eight trilinear neighbours all lie inside the input.
+    image = torch.stack([z, y, x, torch.ones_like(z)]).float().unsqueeze(0)
+    aug = VolumeAugment(crop_scale=(0.3, 0.9), flip=(0.5, 0.5, 0.5), max_rotation=15)
+    for _ in range(10):
+        theta = random_affine_3d(aug).unsqueeze(0)
+        warped, maps = warp_volume(theta, image, {"superpixels": ids[None], "label": ids[None] % 3},
+                                   (d, h, w))  # fmt: skip
+        sp, (rz, ry, rx, inside) = maps["superpixels"][0], warped[0]
+        interior = (sp >= 0) & (inside > 1 - 1e-5)
+        assert interior.float().mean() > 0.3
+        # The nearest-neighbour id sits within half a voxel of the trilinear position.
+        for read, ramp in ((sp // (h * w), rz), (sp // w % h, ry), (sp % w, rx)):
+            assert (read[interior].float() - ramp[interior]).abs().max() <= 0.5 + 1e-4
+        assert torch.equal(maps["label"][0][interior], sp[interior] % 3)
+        assert (sp[inside == 0] == -1).all()  # outside the volume: -1, never a real id
+
+
+def _data(tmp_path: Path, **kwargs) -> LRCDataModule:
+    return LRCDataModule(str(DEMO_MR), cache_dir=str(tmp_path / "cache"), image_size=32,
+                         spatial_dims=3, patch_size=PATCH, batch_size=2, test_cases=1,
+                         val_cases=1, seed=0, **kwargs)  # fmt: skip
+
+
+def test_data_module_serves_3d_paired_patches_with_cached_supervoxels(tmp_path) -> None:
+    data = _data(tmp_path)
+    data.prepare_data()
+    data.setup("fit")
+    volume = data.volumes(data.split.pool)[0]
+    assert volume.meta["regions_per_slice"]["min"] == int(volume.superpixels.max()) + 1
+    # Supervoxels span slices: some id occurs on more than one slice.
+    sv = np.asarray(volume.superpixels)
+    spans = [np.unique(np.nonzero(sv == r)[0]).size for r in range(0, int(sv.max()) + 1, 7)]
+    assert max(spans) > 1
+    batch = next(iter(data.train_dataloader()))
+    assert batch["image_v1"].shape == (2, 1, *PATCH) and batch["superpixels_v2"].shape == (
+        2,
+        *PATCH,
+    )
+    ids = [[set(batch[f"superpixels_{v}"][i].unique().tolist()) for v in ("v1", "v2")]
+           for i in range(2)]  # fmt: skip
+    shared = [(a & b) - {-1} for a, b in ids]
+    assert all(len(s) >= 2 for s in shared)  # the views overlap in several supervoxels
+    assert data.example_input().shape == (2, 1, *PATCH)
+    # A 2D cache of the same data is another entry (keys differ), and 2D keys are unchanged.
+    flat = LRCDataModule(str(DEMO_MR), cache_dir=str(tmp_path / "cache"), image_size=32)
+    case = data.cases()[0]
+    assert flat.cache.key(case) != data.cache.key(case)
+    with pytest.raises(ValueError, match="device_batches"):
+        _data(tmp_path, device_batches=True)
+
+
+def test_unet3d_moco_lrc_pretrains_and_the_callback_takes_3d_layers(tmp_path) -> None:
+    pl.seed_everything(0)
+    model = MoCoV2LRC(UNet3d(width=4, depth=2), queue_size=16)
+    history = MetricHistory("train/lrc_loss_step")
+    views = SuperpixelViewLogger(every_n_steps=1)  # logs the patches' middle slices
+    trainer(max_steps=3, callbacks=[history, views]).fit(model, _data(tmp_path))
+    assert len(history.history["train/lrc_loss_step"]) == 3
+    assert all(v > 0 for v in history.history["train/lrc_loss_step"])
+
+    class Reconstruction(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = UNet3d(width=4, depth=2)
+            self.out = torch.nn.Conv3d(4, 1, 1)
+
+        def forward(self, x):
+            return self.out(self.net(x))
+
+        def training_step(self, batch, batch_idx):
+            return (self(batch["image_v1"]) - batch["image_v1"]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    cb, history = LRCCallback(feature_layer="net.decoders.1"), MetricHistory("train/lrc_loss_step")
+    trainer(max_steps=2, callbacks=[cb, history]).fit(Reconstruction(), _data(tmp_path))
+    assert cb.head.in_channels == 4 and len(history.history["train/lrc_loss_step"]) == 2
+
+
+def test_3d_fine_tuning_and_sliding_window_evaluation(tmp_path) -> None:
+    conv = torch.nn.Conv3d(1, 3, 3, padding=1)
+    x = torch.randn(1, 1, 11, 19, 21)
+    # A sliding window over overlapping patches equals the whole forward away from the
+    # patch borders' zero padding; with 1x1x1 convolutions, everywhere.
+    point = torch.nn.Conv3d(1, 3, 1)
+    assert torch.allclose(sliding_window_logits(point, x, PATCH), point(x), atol=1e-6)
+    assert sliding_window_logits(conv, x, PATCH).shape == (1, 3, 11, 19, 21)
+    data = _data(tmp_path, mode="finetune", labelled_cases=1)
+    model = FineTuneSegmentation(UNet3d(width=4, depth=2), num_classes=5, eval_patch_size=PATCH)
+    fit = trainer(max_steps=2, num_sanity_val_steps=0)
+    fit.fit(model, data)
+    batch = next(iter(data.train_dataloader()))
+    assert batch["image"].shape == (2, 1, *PATCH) and batch["label"].shape == (2, *PATCH)
+    assert (batch["label"] > 0).any()  # centred on organs half of the time
+    (result,) = fit.validate(model, data, verbose=False)
+    assert set(result) >= {"val/dice_mean", "val/dice_class_1"}
+    volume = data.volumes(data.split.val)[0]
+    assert (
+        model.predict_volume(
+            torch.from_numpy(np.asarray(volume.image, dtype=np.float32)).unsqueeze(1)
+        ).shape
+        == volume.image.shape
+    )
+    with pytest.raises(ValueError, match="eval_patch_size"):
+        FineTuneSegmentation(UNet3d(width=4, depth=2), num_classes=5)
