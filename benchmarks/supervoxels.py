@@ -69,6 +69,17 @@ def _child(method: str, volume_path: str, spacing: list[float]) -> None:
                       "regions": regions}))  # fmt: skip
 
 
+def _source_state() -> str:
+    """The commit the code was at, and whether src/ differed from it."""
+
+    def git(*words: str) -> str:
+        done = subprocess.run(["git", *words], cwd=ROOT, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else "?"
+
+    dirty = git("status", "--porcelain", "src")
+    return f"commit {git('rev-parse', '--short', 'HEAD')}" + (" + changes in src/" if dirty else "")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ct", type=Path, default=DEFAULT_CT)
@@ -112,8 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join(lines)
     print(text)
     if args.out is not None:
-        args.out.write_text(text + "\n\ncommand: python benchmarks/supervoxels.py "
-                            + " ".join(argv if argv is not None else sys.argv[1:]) + "\n")
+        command = " ".join(argv if argv is not None else sys.argv[1:])
+        args.out.write_text(f"{text}\n\ncommand: python benchmarks/supervoxels.py {command}\n"
+                            f"code: {_source_state()}\n")  # fmt: skip
     print(json.dumps({"shape": args.shape, "voxels": voxels, "rows": rows}))
 
 
