@@ -134,3 +134,20 @@ def test_3d_fine_tuning_and_sliding_window_evaluation(tmp_path) -> None:
     )
     with pytest.raises(ValueError, match="eval_patch_size"):
         FineTuneSegmentation(UNet3d(width=4, depth=2), num_classes=5)
+
+
+def test_slice_spacing_resamples_through_the_slices(tmp_path) -> None:
+    """CHAOS T2 has 7.7 mm slices: slice_spacing=3.85 doubles them (labels nearest)."""
+    plain, finer = _data(tmp_path), _data(tmp_path, slice_spacing=3.85)
+    for data in (plain, finer):
+        data.prepare_data()
+        data.setup("fit")
+    case = plain.split.pool[0]
+    before, after = plain.volumes([case])[0], finer.volumes([case])[0]
+    assert after.image.shape[0] == round(before.image.shape[0] * before.meta["spacing"][0] / 3.85)
+    assert after.meta["spacing"][0] == pytest.approx(3.85, rel=0.02)
+    assert after.image.shape[1:] == before.image.shape[1:]
+    assert set(np.unique(after.label)) <= set(np.unique(before.label))
+    assert int(after.superpixels.max()) >= 1
+    with pytest.raises(ValueError, match="slice_spacing"):
+        _data(tmp_path, slice_spacing=0.0)

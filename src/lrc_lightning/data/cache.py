@@ -40,6 +40,9 @@ from lrc_lightning.data.preprocess import IGNORE_LABEL, PreprocessConfig, build_
 
 __all__ = ["CACHE_VERSION", "CachedVolume", "PreprocessConfig", "VolumeCache", "parse_shard"]
 
+#: PreprocessConfig options added after CACHE_VERSION 2, hashed only when set.
+_ADDED_LATER = {"supervoxels": False, "slice_spacing": None}
+
 CACHE_VERSION = 2  # 2: aspect-preserving image_size (padding), slice_axis "auto"
 _TMP_PREFIX = ".tmp-"
 _STALE_TMP_SECONDS = 6 * 3600
@@ -120,8 +123,9 @@ class VolumeCache:
     # ---------------------------------------------------------------- keys and paths
     def key(self, case: Case) -> str:
         config = asdict(self.config)
-        if not config["supervoxels"]:
-            del config["supervoxels"]  # added later: the keys of 2D caches stay as they were
+        for name, default in _ADDED_LATER.items():
+            if config[name] == default:
+                del config[name]  # the keys of caches made before the option stay as they were
         payload = {
             "version": CACHE_VERSION,
             "config": config,

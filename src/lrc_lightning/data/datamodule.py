@@ -122,7 +122,9 @@ class LRCDataModuleBase:
             ``image``/``label`` patches; validation and test whole volumes as in 2D (the
             model predicts them with sliding windows).
         patch_size: (D, H, W) voxels of a 3D patch, in the cached grid (``image_size`` and
-            ``spacing`` act in-plane, the slice spacing is kept).
+            ``spacing`` set it in-plane, ``slice_spacing`` through the slices).
+        slice_spacing: through-plane target spacing in mm (e.g. the in-plane spacing, for
+            near-isotropic 3D patches); None keeps each file's slices.
         foreground_ratio: share of 3D patches centred on foreground (an organ when
             fine-tuning, else a voxel brighter than ``foreground_threshold``).
         patches_per_volume: 3D patches per volume and epoch.
@@ -166,6 +168,7 @@ class LRCDataModuleBase:
         channels_last: bool = False,
         batch_format: BatchFormatName = "dict",
         spatial_dims: Literal[2, 3] = 2,
+        slice_spacing: float | None = None,
         patch_size: tuple[int, int, int] = (32, 96, 96),
         foreground_ratio: float = 0.5,
         patches_per_volume: int = 8,
@@ -222,6 +225,7 @@ class LRCDataModuleBase:
             background_threshold=background_threshold,
             allowed_labels=tuple(labels) if labels is not None else _declared_labels(data),
             supervoxels=spatial_dims == 3,
+            slice_spacing=slice_spacing,
         )
         self.cache = VolumeCache(cache_dir, self.config, hash_content=hash_content)
         self.geometry = (

@@ -82,6 +82,9 @@ class PreprocessConfig:
     #: 3D supervoxels (:func:`~lrc_lightning.superpixels.felzenszwalb_3d`, spacing-aware)
     #: instead of per-slice super-pixels; for LRCDataModule(spatial_dims=3).
     supervoxels: bool = False
+    #: Through-plane target spacing in mm: the slices are resampled to it (linear for the
+    #: image, nearest for labels) before super-pixels; None keeps the file's slices.
+    slice_spacing: float | None = None
 
     def __post_init__(self) -> None:
         if self.slice_axis not in (0, 1, 2, "auto"):
@@ -93,6 +96,8 @@ class PreprocessConfig:
         ):
             raise ValueError(f"spacing must be two positive values (rows, columns), got "
                              f"{self.spacing}")  # fmt: skip
+        if self.slice_spacing is not None and self.slice_spacing <= 0:
+            raise ValueError(f"slice_spacing must be > 0 mm, got {self.slice_spacing}")
 
 
 def choose_slice_axis(spacing_zyx: tuple[float, ...], shape_zyx: tuple[int, ...]) -> int:
@@ -140,6 +145,20 @@ def _read_label(case: Case, image: sitk.Image, config: PreprocessConfig) -> np.n
                 f"{list(config.allowed_labels)}"
             )
     return label_arr.astype(np.uint8)
+
+
+def _resample_slices(volume: np.ndarray, count: int, label: bool) -> np.ndarray:
+    """(S, h, w) -> (count, h, w) along the slice axis: nearest for label maps, linear
+    (between slice centres) otherwise."""
+    if len(volume) == count:
+        return volume
+    t = torch.from_numpy(np.ascontiguousarray(volume))[None, None].float()
+    size = (count, *volume.shape[1:])
+    if label:
+        out = F.interpolate(t, size=size, mode="nearest-exact")
+        return np.ascontiguousarray(out[0, 0].numpy().astype(volume.dtype))
+    out = F.interpolate(t, size=size, mode="trilinear", align_corners=False)
+    return np.ascontiguousarray(np.clip(out[0, 0].numpy(), 0.0, 1.0))
 
 
 def _resize(slices: np.ndarray, size: tuple[int, int], label: bool) -> np.ndarray:
@@ -204,12 +223,19 @@ def read_case(
     norm = _resize(norm, size, label=False)
     if label_arr is not None:
         label_arr = np.ascontiguousarray(_resize(label_arr, size, label=True))
+    slice_spacing = float(spacing_zyx[axis])
+    if config.slice_spacing is not None:
+        count = max(1, round(len(norm) * slice_spacing / config.slice_spacing))
+        slice_spacing = slice_spacing * len(norm) / count
+        norm = _resample_slices(norm, count, label=False)
+        if label_arr is not None:
+            label_arr = _resample_slices(label_arr, count, label=True)
     padded = (config.image_size, config.image_size) if config.image_size is not None else None
     return ReadCase(
         case=case,
         image=np.ascontiguousarray(norm, dtype=np.float32),
         label=label_arr,
-        spacing=[float(spacing_zyx[axis]), sy, sx],
+        spacing=[slice_spacing, sy, sx],
         slice_axis=axis,
         padded_size=padded,
     )
