@@ -238,3 +238,47 @@ def test_non_axial_and_mixed_sets_pre_train(tmp_path: Path) -> None:
     trainer.fit(MoCoV2LRC(UNet2d(width=4, depth=2), queue_size=16), dm)
     assert trainer.global_step == 2
     assert dm.volumes(dm.cases())[0].meta["slice_axis"] == 2  # the sagittal stack's own axis
+
+
+def test_3d_mode_on_a_sagittal_stack_and_mixed_sizes_without_image_size(tmp_path: Path) -> None:
+    """Supervoxels and 3D patches need no common size: a sagittal MR stack, the CT and the
+    axial MR (three sizes, three spacings) pre-train UNet3d together; the sagittal stack's
+    supervoxels are computed on its native grid, the same voxels as the axial file's."""
+    from lrc_lightning.models import MoCoV2LRC, UNet3d
+
+    array, (sx, sy, sz) = _axial()
+    sagittal = _write(array.transpose(1, 2, 0), (sz, sx, sy), np.eye(3), tmp_path / "sag.nii.gz")
+    data = tmp_path / "cases.csv"
+    data.write_text(f"image,id\n{sagittal},sagittal\n{CT},ct\n{MR},mr\n")
+    dm = LRCDataModule(str(data), cache_dir=str(tmp_path / "cache"), spatial_dims=3,
+                       patch_size=(8, 32, 32), batch_size=4, superpixel_scale=50,
+                       superpixel_min_size=100)  # fmt: skip
+    dm.prepare_data()
+    dm.setup("fit")  # no "different sizes" error in 3D
+    sag, ct, mr = dm.volumes(dm.cases())
+    assert {sag.image.shape, ct.image.shape, mr.image.shape} == {(37, 256, 256), (30, 101, 122)}
+    assert sag.meta["slice_axis"] == 2 and np.array_equal(sag.image, mr.image)
+    assert np.array_equal(sag.superpixels, mr.superpixels)  # the same voxels, the same grid
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(MoCoV2LRC(UNet3d(width=4, depth=2), queue_size=16), dm)
+    assert trainer.global_step == 2
+
+
+def test_3d_fine_tuning_on_ct_with_other_labels(tmp_path: Path) -> None:
+    """TotalSegmentator's label values (up to 104, with gaps): patches centred on labelled
+    voxels, label values kept, padding ignored."""
+    csv = tmp_path / "ct.csv"
+    csv.write_text(f"image,label,id\n{CT},{CT_SEG},ct\n")
+    dm = LRCDataModule(str(csv), cache_dir=str(tmp_path / "cache"), modality="ct",
+                       spatial_dims=3, patch_size=(16, 64, 64), batch_size=4,
+                       mode="finetune", labelled_cases=1, foreground_ratio=1.0,
+                       augment=False)  # fmt: skip
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    truth = set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(CT_SEG)))).tolist())
+    values = set(batch["label"].unique().tolist())
+    assert values - {-1} <= truth and len(values - {-1, 0}) >= 3
+    centre = batch["label"][:, 8, 32, 32]
+    assert (centre > 0).all()  # every patch centred on a labelled voxel
