@@ -71,6 +71,8 @@ def test_ready_batch_formats_read_views_and_hand_the_module_its_own_structure() 
     assert from_callable.inputs({"p": x1, "q": x2, "r": s1, "s": s2}).superpixels_2 is s2
     with pytest.raises(ValueError, match="ready formats are"):
         batch_format("simclr")
+    with pytest.raises(ValueError, match=r"must return \(view_1, view_2.*got 2 values"):
+        batch_format(lambda b: (b["p"], b["q"])).inputs({"p": x1, "q": x2})
     with pytest.raises(KeyError, match=r"'3\.0'.*tuple\[list\[Tensor"):
         batch_format("lightly").inputs(([x1, x2], torch.tensor([-1, -1]), ["a", "b"]))
 
@@ -90,6 +92,13 @@ def test_data_module_emits_lightly_and_solo_learn_batches_from_real_volumes(tmp_
         assert (batch[1 if fmt == "lightly" else 2] == -1).all()  # unlabelled targets
     with pytest.raises(ValueError, match="pre-training batches"):
         _data(tmp_path, "lightly", mode="finetune")
+    # Device batches take the same structure, every tensor on the batches' device.
+    dm = _data(tmp_path, "solo-learn", device_batches=True)
+    dm.prepare_data()
+    dm.setup("fit")
+    indexes, views, targets, maps = next(iter(dm.train_dataloader()))
+    assert views[0].shape == (4, 1, 32, 32) and maps[1].shape == (4, 32, 32)
+    assert {t.device for t in (indexes, targets, views[0], maps[0])} == {views[0].device}
 
 
 def test_lightly_module_unmodified_gets_lrc_without_an_extra_forward(tmp_path) -> None:
@@ -217,6 +226,16 @@ def test_too_coarse_features_warn_once(loader) -> None:
     cb = LRCCallback(feature_layer="pool")
     with pytest.warns(UserWarning, match=r"spatial size \(2, 2\).*region"):
         trainer(max_steps=2, callbacks=[cb]).fit(_Coarse(), loader)
+
+
+def test_under_ddp_unknown_channels_are_a_clear_error() -> None:
+    """DDP wraps the module before the first step: a lazy head would be too late."""
+    from types import SimpleNamespace
+
+    cb = LRCCallback(feature_layer="net.decoder")
+    with pytest.raises(ValueError, match=r"before DDP wraps it: give feature_channels"):
+        cb._channels(TinySupervisedLike(), None, SimpleNamespace(world_size=2))
+    assert cb._channels(TinySupervisedLike(), None, SimpleNamespace(world_size=1)) is None
 
 
 def test_head_channels_are_inferred_without_any_example(loader) -> None:

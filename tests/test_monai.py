@@ -81,6 +81,10 @@ def test_paired_views_move_image_and_map_together_and_follow_the_random_state() 
     views = [PairedViewsd().set_random_state(7)({"image": image, "superpixels": maps})
              for _ in range(2)]  # fmt: skip
     assert torch.equal(views[0]["superpixels_v2"], views[1]["superpixels_v2"])
+    with pytest.raises(ValueError, match=r"channel-first \(C, H, W\) or \(C, H, W, D\)"):
+        Superpixelsd(keys="image")({"image": image[0]})
+    with pytest.raises(ValueError, match="one image key"):
+        Superpixelsd(keys=["image", "label"])
     with pytest.raises(ValueError, match=r"\(1, H, W\).*RandSpatialCropd"):
         PairedViewsd()({"image": volume["image"], "superpixels": volume["superpixels"]})
 

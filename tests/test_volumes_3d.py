@@ -11,7 +11,9 @@ import pytorch_lightning as pl
 import torch
 
 from lrc_lightning import LRCCallback, LRCDataModule
+from lrc_lightning.data import DataError, PreprocessConfig
 from lrc_lightning.data.patches import VolumeAugment, random_affine_3d, warp_volume
+from lrc_lightning.data.preprocess import supervoxels_of_volume
 from lrc_lightning.image_logging import SuperpixelViewLogger
 from lrc_lightning.models import FineTuneSegmentation, MoCoV2LRC, UNet3d
 from lrc_lightning.models.segmentation import sliding_window_logits
@@ -151,3 +153,17 @@ def test_slice_spacing_resamples_through_the_slices(tmp_path) -> None:
     assert int(after.superpixels.max()) >= 1
     with pytest.raises(ValueError, match="slice_spacing"):
         _data(tmp_path, slice_spacing=0.0)
+
+
+def test_parallel_supervoxel_precompute_matches_serial_and_errors_name_the_file(tmp_path) -> None:
+    serial, parallel = _data(tmp_path / "a"), _data(tmp_path / "b", precompute_workers=2)
+    for data in (serial, parallel):
+        data.prepare_data()
+        data.setup("fit")
+    for a, b in zip(serial.volumes(serial.cases()), parallel.volumes(parallel.cases()),
+                    strict=True):  # fmt: skip
+        assert np.array_equal(a.superpixels, b.superpixels)
+    # 2**29 voxels (refused before anything is allocated: the size is checked first).
+    huge = np.broadcast_to(np.float32(0.5), (512, 1024, 1024))
+    with pytest.raises(DataError, match=r"big\.nii\.gz: supervoxels: .*too many voxels"):
+        supervoxels_of_volume(huge, [1.0, 1.0, 1.0], PreprocessConfig(), "big.nii.gz")

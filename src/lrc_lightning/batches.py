@@ -170,7 +170,8 @@ class _LightlyBatch(KeyPathBatch):
 
     def pack(self, batch: Mapping[str, Any]) -> Any:
         views = [batch["image_v1"], batch["image_v2"]]
-        targets = torch.full((len(views[0]),), -1, dtype=torch.long)  # unlabelled
+        # Unlabelled; on the views' device (LRCDataModule's device batches live there).
+        targets = torch.full((len(views[0]),), -1, dtype=torch.long, device=views[0].device)
         return (views, targets, _names(batch), [batch["superpixels_v1"], batch["superpixels_v2"]])
 
 
@@ -182,9 +183,10 @@ class _SoloLearnBatch(KeyPathBatch):
         views = [batch["image_v1"], batch["image_v2"]]
         b = len(views[0])
         # solo-learn's online classifier ignores target -1 (cross_entropy ignore_index=-1).
-        targets = torch.full((b,), -1, dtype=torch.long)
+        device = views[0].device
+        targets = torch.full((b,), -1, dtype=torch.long, device=device)
         maps = [batch["superpixels_v1"], batch["superpixels_v2"]]
-        return (torch.arange(b), views, targets, maps)
+        return (torch.arange(b, device=device), views, targets, maps)
 
 
 class CallableBatch(BatchFormat):

@@ -644,6 +644,13 @@ def felzenszwalb_3d(
             f"volume must be float, normalised to [0, 1] (got dtype {volume.dtype}); "
             "normalise it first (lrc_lightning.data.intensity)"
         )
+    offsets = _neighbour_offsets(connectivity)
+    shift = 2 if connectivity == 6 else 4
+    if (volume.size << shift) >= 2**31:
+        raise ValueError(
+            f"{volume.shape} has too many voxels for int32 edge indices with "
+            f"{connectivity}-connectivity; crop or resample the volume"
+        )
     if not np.all(np.isfinite(volume)):
         raise ValueError("volume contains NaN or inf values")
     if scale <= 0 or sigma < 0 or min_size < 0:
@@ -652,13 +659,6 @@ def felzenszwalb_3d(
         )
     if spacing is not None and (len(spacing) != 3 or min(spacing) <= 0):
         raise ValueError(f"spacing must be three positive numbers (z, y, x), got {spacing}")
-    offsets = _neighbour_offsets(connectivity)
-    shift = 2 if connectivity == 6 else 4
-    if (volume.size << shift) >= 2**31:
-        raise ValueError(
-            f"{volume.shape} has too many voxels for int32 edge indices with "
-            f"{connectivity}-connectivity; crop or resample the volume"
-        )
     data = np.ascontiguousarray(volume, dtype=np.float32)
     if sigma > 0:
         from scipy.ndimage import gaussian_filter

@@ -77,7 +77,8 @@ def precompute_in_pool(
         for case in todo:
             read = read_case(case, config, read_image)
             if config.supervoxels:  # one graph per volume: parallel across cases only
-                future = pool.submit(supervoxels_of_volume, read.image, read.spacing, config)
+                future = pool.submit(supervoxels_of_volume, read.image, read.spacing, config,
+                                     str(case.image))  # fmt: skip
                 in_flight.append((read, [future]))
                 if len(in_flight) > processes:
                     finish_oldest()

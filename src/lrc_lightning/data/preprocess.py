@@ -242,17 +242,24 @@ def read_case(
 
 
 def supervoxels_of_volume(
-    image: np.ndarray, spacing: list[float], config: PreprocessConfig
+    image: np.ndarray, spacing: list[float], config: PreprocessConfig, source: str = "volume"
 ) -> np.ndarray:
-    """Supervoxels of a (S, h, w) volume with its (S, h, w)-axis spacing (numba only)."""
-    return felzenszwalb_3d(
-        image,
-        config.superpixel_scale,
-        config.superpixel_sigma,
-        config.superpixel_min_size,
-        spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
-        background_threshold=config.background_threshold,
-    )
+    """Supervoxels of a (S, h, w) volume with its (S, h, w)-axis spacing (numba only).
+
+    Raises:
+        DataError: the volume cannot be segmented (e.g. too many voxels); names ``source``.
+    """
+    try:
+        return felzenszwalb_3d(
+            image,
+            config.superpixel_scale,
+            config.superpixel_sigma,
+            config.superpixel_min_size,
+            spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
+            background_threshold=config.background_threshold,
+        )
+    except ValueError as err:
+        raise DataError(f"{source}: supervoxels: {err}") from err
 
 
 def superpixels_of_slices(images: np.ndarray, config: PreprocessConfig) -> np.ndarray:
@@ -322,5 +329,6 @@ def build_entry(case: Case, config: PreprocessConfig) -> dict[str, Any]:
     """Read, normalise, resample and segment one case (no I/O to the cache)."""
     read = read_case(case, config)
     if config.supervoxels:
-        return assemble_entry(read, supervoxels_of_volume(read.image, read.spacing, config), config)
+        supervoxels = supervoxels_of_volume(read.image, read.spacing, config, str(case.image))
+        return assemble_entry(read, supervoxels, config)
     return assemble_entry(read, superpixels_of_slices(read.image, config), config)
