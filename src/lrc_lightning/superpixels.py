@@ -279,16 +279,24 @@ def _merge_regions(
         if cost < min(t0, t1):
             inner[_union(forest, size, s0, s1)] = cost
     _merge_small(forest, size, order, n_edges, step, 2, min_size)
-    # Ids 0..K-1 in order of each segment's first pixel in raster order (as skimage).
-    root_id = np.full(n_pix, -1, dtype=np.int32)
-    labels = np.empty(n_pix, dtype=np.int32)
+    return _first_appearance_ids(forest, size)
+
+
+@numba.njit(cache=True, nogil=True)
+def _first_appearance_ids(forest: np.ndarray, size: np.ndarray) -> np.ndarray:  # pragma: no cover
+    """Ids 0..K-1 in order of each region's first pixel in raster order (as skimage).
+
+    Consumes ``size``: a root's size (>= 1) is overwritten by -(id + 1) once it has an id,
+    so no further per-pixel array is needed.
+    """
+    labels = np.empty(forest.shape[0], dtype=np.int32)
     next_id = 0
-    for p in range(n_pix):
+    for p in range(forest.shape[0]):
         root = _find_root(forest, p)
-        if root_id[root] < 0:
-            root_id[root] = next_id
+        if size[root] > 0:
+            size[root] = -(next_id + 1)
             next_id += 1
-        labels[p] = root_id[root]
+        labels[p] = -size[root] - 1
     return labels
 
 
@@ -580,17 +588,7 @@ def _merge3(
             order[refused] = e
             refused += 1
     _merge_small(forest, size, order, refused, step, shift, min_size)
-    # Ids in order of each region's first voxel in raster order. A root's size (>= 1) is
-    # overwritten by -(id + 1) once it has an id: no further per-voxel array.
-    labels = np.empty(n_vox, dtype=np.int32)
-    next_id = 0
-    for p in range(n_vox):
-        root = _find_root(forest, p)
-        if size[root] > 0:
-            size[root] = -(next_id + 1)
-            next_id += 1
-        labels[p] = -size[root] - 1
-    return labels
+    return _first_appearance_ids(forest, size)
 
 
 def felzenszwalb_3d(

@@ -17,7 +17,12 @@ from lrc_lightning.data.cases import Case, DataError, discover_cases, read_json
 from lrc_lightning.data.datasets import LabelledSlices, PairedViewSlices, Volumes
 from lrc_lightning.data.device_batches import DeviceBatches
 from lrc_lightning.data.intensity import Modality
-from lrc_lightning.data.patches import LabelledPatches, PairedViewPatches, VolumeAugment
+from lrc_lightning.data.patches import (
+    LabelledPatches,
+    PairedViewPatches,
+    PatchSampling,
+    VolumeAugment,
+)
 from lrc_lightning.data.splits import Split, split_cases
 from lrc_lightning.data.transforms import GeometryAugment, IntensityAugment
 
@@ -202,9 +207,13 @@ class LRCDataModuleBase:
         self.channels_last = channels_last
         self.batch_format = resolve_batch_format(batch_format)
         self.spatial_dims = spatial_dims
-        self.patch_size = tuple(int(p) for p in patch_size)
-        self.foreground_ratio = foreground_ratio
-        self.patches_per_volume = patches_per_volume
+        threshold = foreground_threshold if skip_empty_slices else 0.05
+        self.patch_sampling = PatchSampling(
+            patch_size=(int(patch_size[0]), int(patch_size[1]), int(patch_size[2])),
+            foreground_ratio=foreground_ratio,
+            foreground_threshold=threshold,
+            patches_per_volume=patches_per_volume,
+        )
         if self.batch_format.name != "dict" and mode != "pretrain":
             raise ValueError(
                 f"batch_format={batch_format!r} is for pre-training batches; fine-tuning "
@@ -306,9 +315,6 @@ class LRCDataModuleBase:
         return LabelledSlices(self.volumes(split.labelled), geometry, intensity)
 
     def _patch_dataset(self, split: Split) -> PairedViewPatches | LabelledPatches:
-        fg = self.config.foreground_threshold if self.config.foreground_threshold >= 0 else 0.05
-        sampling = {"foreground_ratio": self.foreground_ratio, "foreground_threshold": fg,
-                    "patches_per_volume": self.patches_per_volume}  # fmt: skip
         # The 2D crop's area fraction a becomes a volume fraction a**1.5 (same side ratio).
         geometry = (
             VolumeAugment(
@@ -321,15 +327,14 @@ class LRCDataModuleBase:
         if self.mode == "pretrain":
             cases = split.labelled if self.pretrain_on == "labelled" else split.pool
             return PairedViewPatches(
-                self.volumes(cases), self.patch_size, geometry, self.intensity,
-                with_labels=self.pretrain_with_labels, **sampling,
+                self.volumes(cases), self.patch_sampling, geometry, self.intensity,
+                with_labels=self.pretrain_with_labels,
             )  # fmt: skip
         if not split.labelled:
             raise ValueError("fine-tuning with labelled_cases=0: no labelled case to train on")
         return LabelledPatches(
-            self.volumes(split.labelled), self.patch_size,
+            self.volumes(split.labelled), self.patch_sampling,
             geometry if self.augment else None, self.intensity if self.augment else None,
-            **sampling,
         )  # fmt: skip
 
     def example_input(self, count: int = 2) -> torch.Tensor:

@@ -26,6 +26,7 @@ from lrc_lightning.data.transforms import IntensityAugment
 __all__ = [
     "LabelledPatches",
     "PairedViewPatches",
+    "PatchSampling",
     "VolumeAugment",
     "random_affine_3d",
     "warp_volume",
@@ -41,6 +42,30 @@ class VolumeAugment:
     flip: tuple[float, float, float] = (0.0, 0.5, 0.5)
     quarter_turns: bool = True
     max_rotation: float = 10.0
+
+
+@dataclass
+class PatchSampling:
+    """Where 3D patches come from: ``patch_size`` (D, H, W) voxels, centred on foreground
+    with probability ``foreground_ratio`` (a labelled organ when the dataset centres on
+    labels, else a voxel brighter than ``foreground_threshold``), ``patches_per_volume``
+    items per volume and epoch."""
+
+    patch_size: tuple[int, int, int] = (32, 96, 96)
+    foreground_ratio: float = 0.5
+    foreground_threshold: float = 0.05
+    patches_per_volume: int = 8
+
+    def __post_init__(self) -> None:
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(
+                f"patch_size must be three positive sizes (D, H, W), got {self.patch_size}"
+            )
+        if not 0.0 <= self.foreground_ratio <= 1.0:
+            raise ValueError(f"foreground_ratio must be in [0, 1], got {self.foreground_ratio}")
+        if self.patches_per_volume < 1:
+            raise ValueError(f"patches_per_volume must be >= 1, got {self.patches_per_volume}")
+        self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
 
 
 def random_affine_3d(aug: VolumeAugment, generator: torch.Generator | None = None) -> Tensor:
@@ -98,27 +123,25 @@ class _Patches(Dataset):
     """Shared sampling: ``patches_per_volume`` items per volume and epoch, centres biased
     towards foreground."""
 
+    #: Centre patches on labelled voxels (fine-tuning) instead of bright ones.
+    labels_for_centres = False
+
     def __init__(
         self,
         volumes: list[CachedVolume],
-        patch_size: tuple[int, int, int],
-        foreground_ratio: float,
-        foreground_threshold: float,
-        patches_per_volume: int,
-        labels_for_centres: bool,
+        sampling: PatchSampling,
+        geometry: VolumeAugment | None,
+        intensity: IntensityAugment | None,
     ) -> None:
         if not volumes:
             raise ValueError("no volume to draw 3D patches from")
-        if len(patch_size) != 3 or min(patch_size) < 1:
-            raise ValueError(f"patch_size must be three positive sizes (D, H, W), got {patch_size}")
-        if not 0.0 <= foreground_ratio <= 1.0:
-            raise ValueError(f"foreground_ratio must be in [0, 1], got {foreground_ratio}")
         self.volumes = volumes
-        self.patch_size = tuple(int(p) for p in patch_size)
-        self.foreground_ratio = foreground_ratio
-        self.patches_per_volume = patches_per_volume
+        self.sampling = sampling
+        self.patch_size = sampling.patch_size
+        self.geometry, self.intensity = geometry, intensity
         self.foreground = [
-            self._foreground_voxels(v, foreground_threshold, labels_for_centres) for v in volumes
+            self._foreground_voxels(v, sampling.foreground_threshold, self.labels_for_centres)
+            for v in volumes
         ]
 
     @staticmethod
@@ -134,20 +157,20 @@ class _Patches(Dataset):
         return found
 
     def __len__(self) -> int:
-        return len(self.volumes) * self.patches_per_volume
+        return len(self.volumes) * self.sampling.patches_per_volume
 
     def _centre(self, v: int) -> np.ndarray:
         candidates = self.foreground[v]
-        if len(candidates) and float(torch.rand(())) < self.foreground_ratio:
+        if len(candidates) and float(torch.rand(())) < self.sampling.foreground_ratio:
             return candidates[int(torch.randint(len(candidates), ()))]
         shape = self.volumes[v].image.shape
         return np.array([int(torch.randint(n, ())) for n in shape])
 
     def _patch(self, i: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """(1, D, H, W) image, (D, H, W) supervoxels (-1 outside), (D, H, W) label or None."""
-        volume = self.volumes[i // self.patches_per_volume]
-        source, target = _box(volume, self._centre(i // self.patches_per_volume),
-                              self.patch_size)  # fmt: skip
+        v = i // self.sampling.patches_per_volume
+        source, target = _box(self.volumes[v], self._centre(v), self.patch_size)
+        volume = self.volumes[v]
         image = np.zeros(self.patch_size, dtype=np.float32)
         image[target] = volume.image[source]
         maps = np.full(self.patch_size, -1, dtype=np.int64)
@@ -167,18 +190,13 @@ class PairedViewPatches(_Patches):
     def __init__(
         self,
         volumes: list[CachedVolume],
-        patch_size: tuple[int, int, int],
+        sampling: PatchSampling,
         geometry: VolumeAugment | None = None,
         intensity: IntensityAugment | None = None,
-        foreground_ratio: float = 0.5,
-        foreground_threshold: float = 0.05,
-        patches_per_volume: int = 8,
         with_labels: bool = False,
     ) -> None:
-        super().__init__(volumes, patch_size, foreground_ratio, foreground_threshold,
-                         patches_per_volume, labels_for_centres=False)  # fmt: skip
-        self.geometry = geometry if geometry is not None else VolumeAugment()
-        self.intensity = intensity if intensity is not None else IntensityAugment()
+        super().__init__(volumes, sampling, geometry or VolumeAugment(),
+                         intensity or IntensityAugment())  # fmt: skip
         self.with_labels = with_labels and all(v.label is not None for v in volumes)
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
@@ -188,6 +206,7 @@ class PairedViewPatches(_Patches):
             wanted["label"] = label
         item: dict[str, Tensor] = {}
         for view in ("v1", "v2"):
+            assert self.geometry is not None and self.intensity is not None
             theta = random_affine_3d(self.geometry).unsqueeze(0)
             warped, warped_maps = warp_volume(
                 theta, image.unsqueeze(0), {k: m.unsqueeze(0) for k, m in wanted.items()},
@@ -205,22 +224,19 @@ class LabelledPatches(_Patches):
     centred on a labelled organ with probability ``foreground_ratio``; one random warp when
     ``geometry`` is given."""
 
+    labels_for_centres = True
+
     def __init__(
         self,
         volumes: list[CachedVolume],
-        patch_size: tuple[int, int, int],
+        sampling: PatchSampling,
         geometry: VolumeAugment | None = None,
         intensity: IntensityAugment | None = None,
-        foreground_ratio: float = 0.5,
-        foreground_threshold: float = 0.05,
-        patches_per_volume: int = 8,
     ) -> None:
         missing = [v.case_id for v in volumes if v.label is None]
         if missing:
             raise ValueError(f"fine-tuning cases without a label: {missing}")
-        super().__init__(volumes, patch_size, foreground_ratio, foreground_threshold,
-                         patches_per_volume, labels_for_centres=True)  # fmt: skip
-        self.geometry, self.intensity = geometry, intensity
+        super().__init__(volumes, sampling, geometry, intensity)
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         image, _, label = self._patch(i)
