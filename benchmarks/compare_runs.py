@@ -8,7 +8,7 @@ error and bootstrap interval of ``A - B`` (``--readout probe``: the linear-probe
 Example, the run-to-run noise: LRC alone with lambda 0.3 against LRC
 alone with lambda 1, the same recipe up to rounding under Adam:
 
-    python benchmarks/compare_runs.py benchmarks/results/label_efficiency.json lrc_only \\
+    python benchmarks/compare_runs.py benchmarks/results/label_efficiency_cpu64.json lrc_only \\
         benchmarks/results/label_efficiency_lambda1.json lrc_only
 """
 

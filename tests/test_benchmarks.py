@@ -37,7 +37,8 @@ def test_label_efficiency_outputs_and_resumes(tmp_path: Path) -> None:
     args = ["benchmarks/label_efficiency.py", "--data", str(DEMO_MR), "--out", str(tmp_path),
             "--work-dir", str(tmp_path / "work"), "--cache-dir", str(tmp_path / "cache"),
             "--size", "32", "--width", "4", "--depth", "2", "--batch-size", "4",
-            "--pretrain-steps", "2", "--finetune-steps", "2", "--seeds", "0", "--ks", "1",
+            "--pretrain-steps", "2", "--finetune-steps", "2", "--val-every", "1",
+            "--seeds", "0", "--ks", "1",
             "--arms", "random", "moco_lrc", "--test-cases", "1", "--val-cases", "1"]  # fmt: skip
     run(*args)
     result = json.loads((tmp_path / "label_efficiency.json").read_text())
@@ -49,10 +50,11 @@ def test_label_efficiency_outputs_and_resumes(tmp_path: Path) -> None:
     text = (tmp_path / "label_efficiency.md").read_text()
     assert "| moco_lrc |" in text
     expected = result["summary"]["moco_lrc|1"]["mean"] - result["summary"]["random|1"]["mean"]
-    assert f"| moco_lrc - random | {expected:+.3f} |" in text
+    assert f"| moco_lrc - random | 1 | {expected:+.3f} | - (n=1) |" in text
     table = str(tmp_path / "label_efficiency.json")
     compared = run("benchmarks/compare_runs.py", table, "moco_lrc", table, "random")
-    assert f"| {expected:+.3f} | k=1: {expected:+.3f} | {int(expected > 0)}/1 |" in compared
+    won = int(expected > 0)
+    assert f"| {expected:+.3f} | - (n=1) | - | - | {won}/1 | k=1: {expected:+.3f} |" in compared
     assert (tmp_path / "label_efficiency.png").stat().st_size > 1000
     runs = sorted((tmp_path / "label_efficiency_runs").glob("*.json"))
     assert len(runs) == 2
@@ -61,14 +63,14 @@ def test_label_efficiency_outputs_and_resumes(tmp_path: Path) -> None:
     out = run(*args)  # resumed: nothing is recomputed
     assert "pre-trained" not in out
     assert [p.stat().st_mtime_ns for p in runs] == stamps
-    run(*args[:-1], "1", "--finetune-steps", "3")  # other options: new runs, none reused
+    run(*args[:-1], "1", "--finetune-steps", "4")  # other options: new runs, none reused
     assert len(list((tmp_path / "label_efficiency_runs").glob("*.json"))) == 4
 
     # Another LRC recipe (lambda): the LRC arm runs again, random init is reused.
     run(*args, "--lrc-weight", "0.5")
     names = sorted(p.name for p in (tmp_path / "label_efficiency_runs").glob("*.json"))
     assert len(names) == 5
-    # (each arm also has the run with --finetune-steps 3 from above)
+    # (each arm also has the run with --finetune-steps 4 from above)
     assert sum(n.startswith("test_moco_lrc_k1_s0-") for n in names) == 3
     assert sum(n.startswith("test_random_k1_s0-") for n in names) == 2
 
@@ -128,3 +130,50 @@ def test_step_overhead_prints_headline_json() -> None:
     assert summary["headline"] == "cpu_32_b2"
     assert summary["step_time_ratio"] > 0 and summary["step_time_ratio_vs_encoder_only"] > 0
 
+
+
+def test_benchmark_progress_grid_arm_and_sigterm_keeps_finished_runs(tmp_path: Path) -> None:
+    """Progress lines, the moco_lrc_grid arm, and SIGTERM: the benchmark stops within
+    seconds with 128 + 15, every finished run intact, no half-written file."""
+    import signal
+    import time
+
+    args = ["benchmarks/label_efficiency.py", "--data", str(DEMO_MR), "--out", str(tmp_path),
+            "--work-dir", str(tmp_path / "work"), "--cache-dir", str(tmp_path / "cache"),
+            "--size", "32", "--width", "4", "--depth", "2", "--batch-size", "4",
+            "--pretrain-steps", "2", "--finetune-steps", "2", "--val-every", "1",
+            "--probe-pixels", "64", "--probe-levels", "bottleneck", "-1", "--grid-cell", "8",
+            "--ks", "1", "--arms", "moco_lrc", "moco_lrc_grid", "--test-cases", "1",
+            "--val-cases", "1", "--seeds"]  # fmt: skip
+    out = run(*args, "0")
+    assert "0 of 2 runs already done; 2 to run" in out
+    assert "[1/2] test_moco_lrc_k1_s0" in out and "[2/2] test_moco_lrc_grid_k1_s0" in out
+    assert "min left for the rest" in out  # an estimate once a run has finished
+    result = json.loads((tmp_path / "label_efficiency.json").read_text())
+    assert set(result["probe_levels_summary"]) == {"bottleneck"}
+    assert "moco_lrc - moco_lrc_grid" in result["comparisons"]["finetune"]
+    grid = json.loads(next((tmp_path / "label_efficiency_runs").glob("*grid*")).read_text())
+    assert grid["variant"]["regions"] == "grid" and grid["variant"]["grid_cell"] == 8
+    runs = sorted((tmp_path / "label_efficiency_runs").glob("*.json"))
+    before = {p.name: p.read_bytes() for p in runs}
+
+    process = subprocess.Popen(
+        [sys.executable, *args, "0", "1"], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, encoding="utf-8", errors="replace",
+    )  # fmt: skip
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "pre-training moco_lrc seed 1" in line:
+            break
+    assert "2 of 4 runs already done; 2 to run\n" in lines
+    start = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert time.monotonic() - start < 20
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in err and "run the same command again to resume" in err
+    after = {p.name: p.read_bytes() for p in (tmp_path / "label_efficiency_runs").iterdir()}
+    assert after == before  # finished runs kept as they were, nothing half-written
+    assert not list((tmp_path / "work").glob("*s1*"))  # no weights of the stopped run

@@ -41,7 +41,8 @@ from lrc_lightning.data.preprocess import IGNORE_LABEL, PreprocessConfig, build_
 __all__ = ["CACHE_VERSION", "CachedVolume", "PreprocessConfig", "VolumeCache", "parse_shard"]
 
 #: PreprocessConfig options added after CACHE_VERSION 2, hashed only when set.
-_ADDED_LATER = {"supervoxels": False, "slice_spacing": None}
+_ADDED_LATER = {"supervoxels": False, "slice_spacing": None, "regions": "felzenszwalb",
+                "grid_cell": 16}  # fmt: skip
 
 CACHE_VERSION = 2  # 2: aspect-preserving image_size (padding), slice_axis "auto"
 _TMP_PREFIX = ".tmp-"

@@ -14,7 +14,12 @@ from lrc_lightning.batches import BatchFormat, BatchFormatName
 from lrc_lightning.batches import batch_format as resolve_batch_format
 from lrc_lightning.data.cache import CachedVolume, PreprocessConfig, VolumeCache
 from lrc_lightning.data.cases import Case, DataError, discover_cases, read_json
-from lrc_lightning.data.datasets import LabelledSlices, PairedViewSlices, Volumes
+from lrc_lightning.data.datasets import (
+    LabelledSlices,
+    PairedViewSlices,
+    Volumes,
+    foreground_sampler,
+)
 from lrc_lightning.data.device_batches import DeviceBatches
 from lrc_lightning.data.intensity import Modality
 from lrc_lightning.data.patches import (
@@ -23,8 +28,9 @@ from lrc_lightning.data.patches import (
     PatchSampling,
     VolumeAugment,
 )
+from lrc_lightning.data.preprocess import RegionMethod
 from lrc_lightning.data.splits import Split, split_cases
-from lrc_lightning.data.transforms import GeometryAugment, IntensityAugment
+from lrc_lightning.data.transforms import GeometryAugment, IntensityAugment, MirrorLabels
 
 __all__ = ["LRCDataModule", "LRCDataModuleBase"]
 
@@ -43,6 +49,49 @@ def _declared_labels(data: Any) -> tuple[int, ...] | None:
             except ValueError as err:
                 raise DataError(f"{path}: 'labels' keys must be integers ({err})") from err
     return None
+
+
+def _label_names(data: Any) -> dict[str, int]:
+    """Label name -> value from dataset.json's ``labels`` ({} without one)."""
+    if data is None or isinstance(data, (list, tuple)):
+        return {}
+    path = Path(data)
+    path = path / "dataset.json" if path.is_dir() else path
+    if path.suffix != ".json" or not path.is_file():
+        return {}
+    labels = read_json(path).get("labels")
+    return {str(v): int(k) for k, v in labels.items()} if isinstance(labels, dict) else {}
+
+
+def mirror_label_pairs(
+    pairs: Sequence[Sequence[str | int]] | None, data: Any = None
+) -> MirrorLabels | None:
+    """:class:`MirrorLabels` from pairs of label names (dataset.json's ``labels``) or values.
+
+    Raises:
+        ValueError: a name that dataset.json does not declare (the known names are listed),
+            or a malformed pair.
+    """
+    if not pairs:
+        return None
+    names = _label_names(data)
+    resolved = []
+    for pair in pairs:
+        if isinstance(pair, str) or len(pair) != 2:
+            raise ValueError(f"mirror_labels takes pairs such as ('right_kidney', "
+                             f"'left_kidney') or (2, 3), got {pair!r}")  # fmt: skip
+        values = []
+        for item in pair:
+            if isinstance(item, str) and not item.lstrip("-").isdigit():
+                if item not in names:
+                    known = sorted(names, key=names.__getitem__) or "none (give values)"
+                    raise ValueError(f"mirror_labels: unknown label name {item!r}; the "
+                                     f"declared names are {known}")  # fmt: skip
+                values.append(names[item])
+            else:
+                values.append(int(item))
+        resolved.append((values[0], values[1]))
+    return MirrorLabels(tuple(resolved))
 
 
 class _PackedCollate:
@@ -101,6 +150,9 @@ class LRCDataModuleBase:
         skip_empty_slices: pre-train on slices with at least ``min_foreground_fraction`` of
             pixels brighter than ``foreground_threshold`` only.
         superpixel_*: Felzenszwalb parameters; ``background_threshold`` suppresses dark regions.
+        regions: ``"felzenszwalb"`` (the paper's super-pixels) or ``"grid"``: squares
+            (cubes) of ``grid_cell`` pixels, the ablation that asks whether LRC needs
+            regions that follow anatomy.
         labels: allowed label values (default: the ``labels`` of dataset.json).
         test_cases, val_cases, labelled_cases, seed: patient-level split (counts draw from
             a seeded permutation, lists name case ids).
@@ -130,8 +182,16 @@ class LRCDataModuleBase:
             ``spacing`` set it in-plane, ``slice_spacing`` through the slices).
         slice_spacing: through-plane target spacing in mm (e.g. the in-plane spacing, for
             near-isotropic 3D patches); None keeps each file's slices.
-        foreground_ratio: share of 3D patches centred on foreground (an organ when
-            fine-tuning, else a voxel brighter than ``foreground_threshold``).
+        foreground_ratio: share of training items drawn from foreground, the rest drawn
+            uniformly: 3D patches centred on an organ (fine-tuning; else on a voxel brighter
+            than ``foreground_threshold``), 2D fine-tuning slices that hold an organ.
+        mirror_labels: label pairs that are mirror images, by name (dataset.json) or value,
+            e.g. ``[("right_kidney", "left_kidney")]``. Wherever labels are served
+            (fine-tuning, ``pretrain_with_labels``), a left-right flip swaps them; without
+            pairs those batches get no flip at all, since a flipped right kidney labelled
+            "right" lies on the patient's left (and no other flip, which would mirror the
+            body). Assumes the columns are the patient's left-right (axial and coronal
+            slices, LPS order). Pre-training without labels keeps its flips.
         patches_per_volume: 3D patches per volume and epoch.
     """
 
@@ -156,6 +216,8 @@ class LRCDataModuleBase:
         superpixel_sigma: float = 0.8,
         superpixel_min_size: int = 50,
         background_threshold: float | None = None,
+        regions: RegionMethod = "felzenszwalb",
+        grid_cell: int = 16,
         labels: list[int] | None = None,
         test_cases: int | list[str] = 0,
         val_cases: int | list[str] = 0,
@@ -164,6 +226,7 @@ class LRCDataModuleBase:
         pretrain_with_labels: bool = False,
         pretrain_on: Literal["pool", "labelled"] = "pool",
         augment: bool = True,
+        mirror_labels: list[tuple[str | int, str | int]] | None = None,
         crop_scale: tuple[float, float] = (0.5, 1.0),
         max_rotation: float = 10.0,
         precompute_workers: int = 1,
@@ -232,6 +295,8 @@ class LRCDataModuleBase:
             superpixel_sigma=superpixel_sigma,
             superpixel_min_size=superpixel_min_size,
             background_threshold=background_threshold,
+            regions=regions,
+            grid_cell=grid_cell,
             allowed_labels=tuple(labels) if labels is not None else _declared_labels(data),
             supervoxels=spatial_dims == 3,
             slice_spacing=slice_spacing,
@@ -246,6 +311,10 @@ class LRCDataModuleBase:
             IntensityAugment() if augment else IntensityAugment(0.0, 0.0, (1.0, 1.0), 0.0, 0.0)
         )
         self.augment = augment
+        self.mirror = mirror_label_pairs(mirror_labels, data)
+        # Batches that carry labels: flips only where the mirror pairs can be swapped.
+        self.label_geometry = self.geometry.for_labels(self.mirror is not None)
+        self.foreground_ratio = foreground_ratio
         self.split: Split | None = None
         self._volumes: dict[str, CachedVolume] = {}
 
@@ -304,15 +373,16 @@ class LRCDataModuleBase:
             cases = split.labelled if self.pretrain_on == "labelled" else split.pool
             return PairedViewSlices(
                 self.volumes(cases),
-                self.geometry,
+                self.label_geometry if self.pretrain_with_labels else self.geometry,
                 self.intensity,
                 with_labels=self.pretrain_with_labels,
+                mirror=self.mirror,
             )
         if not split.labelled:
             raise ValueError("fine-tuning with labelled_cases=0: no labelled case to train on")
-        geometry = self.geometry if self.augment else None
+        geometry = self.label_geometry if self.augment else None
         intensity = self.intensity if self.augment else None
-        return LabelledSlices(self.volumes(split.labelled), geometry, intensity)
+        return LabelledSlices(self.volumes(split.labelled), geometry, intensity, self.mirror)
 
     def _patch_dataset(self, split: Split) -> PairedViewPatches | LabelledPatches:
         # The 2D crop's area fraction a becomes a volume fraction a**1.5 (same side ratio).
@@ -324,17 +394,20 @@ class LRCDataModuleBase:
             if self.augment
             else VolumeAugment((1.0, 1.0), (0.0, 0.0, 0.0), False, 0.0)
         )
+        labelled_geometry = geometry.for_labels(self.mirror is not None)
         if self.mode == "pretrain":
             cases = split.labelled if self.pretrain_on == "labelled" else split.pool
             return PairedViewPatches(
-                self.volumes(cases), self.patch_sampling, geometry, self.intensity,
-                with_labels=self.pretrain_with_labels,
+                self.volumes(cases), self.patch_sampling,
+                labelled_geometry if self.pretrain_with_labels else geometry, self.intensity,
+                with_labels=self.pretrain_with_labels, mirror=self.mirror,
             )  # fmt: skip
         if not split.labelled:
             raise ValueError("fine-tuning with labelled_cases=0: no labelled case to train on")
         return LabelledPatches(
             self.volumes(split.labelled), self.patch_sampling,
-            geometry if self.augment else None, self.intensity if self.augment else None,
+            labelled_geometry if self.augment else None,
+            self.intensity if self.augment else None, mirror=self.mirror,
         )  # fmt: skip
 
     def example_input(self, count: int = 2) -> torch.Tensor:
@@ -363,7 +436,17 @@ class LRCDataModuleBase:
             batches = self._device_batches()
             return _PackedBatches(batches, self.batch_format) if packed else batches
         collate = _PackedCollate(self.batch_format) if packed else None
-        return self._loader(self.train_dataset(), True, self.batch_size, collate)
+        dataset = self.train_dataset()
+        if isinstance(dataset, LabelledSlices):
+            sampler = foreground_sampler(len(dataset), dataset.organ_slices(),
+                                         self.foreground_ratio)  # fmt: skip
+            if sampler is not None:
+                return DataLoader(
+                    dataset, batch_size=self.batch_size, sampler=sampler,
+                    num_workers=self.num_workers, persistent_workers=self.persistent_workers,
+                    drop_last=len(dataset) > self.batch_size,
+                )  # fmt: skip
+        return self._loader(dataset, True, self.batch_size, collate)
 
     def _device_batches(self) -> DeviceBatches:
         split = self._require_split()
@@ -374,9 +457,12 @@ class LRCDataModuleBase:
         cases = split.pool if pretrain and self.pretrain_on == "pool" else split.labelled
         if not cases:
             raise ValueError("no training case: check test_cases, val_cases, labelled_cases")
+        labelled = not pretrain or self.pretrain_with_labels
+        geometry = self.label_geometry if labelled else self.geometry
         return DeviceBatches(
             self.volumes(cases), self.batch_size, mode=self.mode,
-            geometry=self.geometry if pretrain or self.augment else None,
+            geometry=geometry if pretrain or self.augment else None, mirror=self.mirror,
+            foreground_ratio=self.foreground_ratio,
             intensity=self.intensity if pretrain or self.augment else None,
             with_labels=self.pretrain_with_labels, device=device, seed=self.seed + rank,
             channels_last=self.channels_last,

@@ -5,12 +5,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, WeightedRandomSampler
 
 from lrc_lightning.data.cache import CachedVolume
-from lrc_lightning.data.transforms import GeometryAugment, IntensityAugment, apply_affine
+from lrc_lightning.data.transforms import (
+    GeometryAugment,
+    IntensityAugment,
+    MirrorLabels,
+    apply_affine,
+    is_reflection,
+)
 
-__all__ = ["LabelledSlices", "PairedViewSlices", "Volumes"]
+__all__ = ["LabelledSlices", "PairedViewSlices", "Volumes", "foreground_sampler"]
 
 
 def _slice_index(volumes: list[CachedVolume], kept_only: bool) -> list[tuple[int, int]]:
@@ -38,7 +44,8 @@ class PairedViewSlices(_SliceDataset):
 
     Items: ``image_v1``/``image_v2`` (1, H, W) float32, ``superpixels_v1``/``_v2`` (H, W)
     int64 (-1 = outside/ignored), plus ``label_v1``/``label_v2`` when labels exist and
-    ``with_labels`` is set, and ``case_id``/``slice_index``.
+    ``with_labels`` is set, and ``case_id``/``slice_index``. ``mirror`` swaps its label
+    pairs in a view whose warp is a reflection.
     """
 
     def __init__(
@@ -47,6 +54,7 @@ class PairedViewSlices(_SliceDataset):
         geometry: GeometryAugment | None = None,
         intensity: IntensityAugment | None = None,
         with_labels: bool = False,
+        mirror: MirrorLabels | None = None,
     ) -> None:
         self.volumes = volumes
         self.index = _slice_index(volumes, kept_only=True)
@@ -55,6 +63,7 @@ class PairedViewSlices(_SliceDataset):
         self.geometry = geometry if geometry is not None else GeometryAugment()
         self.intensity = intensity if intensity is not None else IntensityAugment()
         self.with_labels = with_labels and all(v.label is not None for v in volumes)
+        self.mirror = mirror
 
     def __getitem__(self, i: int) -> dict[str, Tensor | str | int]:
         v, s = self.index[i]
@@ -65,7 +74,10 @@ class PairedViewSlices(_SliceDataset):
             maps["label"] = torch.from_numpy(vol.label_ids(s))
         item: dict[str, Tensor | str | int] = {"case_id": vol.case_id, "slice_index": s}
         for view in ("v1", "v2"):
-            warped, warped_maps = apply_affine(self.geometry.sample(), image, maps)
+            theta = self.geometry.sample()
+            warped, warped_maps = apply_affine(theta, image, maps)
+            if "label" in warped_maps and self.mirror is not None:
+                warped_maps["label"] = self.mirror.apply(warped_maps["label"], is_reflection(theta))
             item[f"image_{view}"] = self.intensity(warped)
             for key, m in warped_maps.items():
                 item[f"{key}_{view}"] = m
@@ -73,13 +85,15 @@ class PairedViewSlices(_SliceDataset):
 
 
 class LabelledSlices(_SliceDataset):
-    """Image + label slices (all slices of labelled cases), optionally augmented."""
+    """Image + label slices (all slices of labelled cases), optionally augmented;
+    ``mirror`` swaps its label pairs in a slice whose warp is a reflection."""
 
     def __init__(
         self,
         volumes: list[CachedVolume],
         geometry: GeometryAugment | None = None,
         intensity: IntensityAugment | None = None,
+        mirror: MirrorLabels | None = None,
     ) -> None:
         missing = [v.case_id for v in volumes if v.label is None]
         if missing:
@@ -88,6 +102,15 @@ class LabelledSlices(_SliceDataset):
         self.index = _slice_index(volumes, kept_only=False)
         self.geometry = geometry
         self.intensity = intensity
+        self.mirror = mirror
+
+    def organ_slices(self) -> list[int]:
+        """Dataset indexes of the slices that hold a labelled organ (a value > 0)."""
+        organ = {}
+        for v, vol in enumerate(self.volumes):
+            labels = vol.label_ids()
+            organ[v] = (labels > 0).reshape(len(labels), -1).any(1)
+        return [i for i, (v, s) in enumerate(self.index) if organ[v][s]]
 
     def __getitem__(self, i: int) -> dict[str, Tensor | str | int]:
         v, s = self.index[i]
@@ -95,11 +118,33 @@ class LabelledSlices(_SliceDataset):
         image = _slice(vol.image, s, np.float32).unsqueeze(0)
         label = torch.from_numpy(vol.label_ids(s))
         if self.geometry is not None:
-            image, maps = apply_affine(self.geometry.sample(), image, {"label": label})
+            theta = self.geometry.sample()
+            image, maps = apply_affine(theta, image, {"label": label})
             label = maps["label"]
+            if self.mirror is not None:
+                label = self.mirror.apply(label, is_reflection(theta))
         if self.intensity is not None:
             image = self.intensity(image)
         return {"image": image, "label": label, "case_id": vol.case_id, "slice_index": s}
+
+
+def foreground_sampler(
+    length: int, organ_indexes: list[int], foreground_ratio: float
+) -> WeightedRandomSampler | None:
+    """Draws ``length`` items per epoch: with probability ``foreground_ratio`` one of
+    ``organ_indexes`` (uniformly), else any item (uniformly), as nnU-Net oversamples
+    foreground. None (plain shuffling) when there is nothing to oversample.
+
+    Few labelled patients give few organ slices among many empty ones; drawn uniformly, a
+    small organ appears in a handful of batches and the fine-tuned network learns to
+    predict background there.
+    """
+    if foreground_ratio <= 0 or not organ_indexes or len(organ_indexes) == length:
+        return None
+    weights = torch.full((length,), (1.0 - foreground_ratio) / length, dtype=torch.float64)
+    weights[organ_indexes] += foreground_ratio / len(organ_indexes)
+    # The global generator: seeded by seed_everything like the loader's shuffling.
+    return WeightedRandomSampler(weights.tolist(), length, replacement=True)
 
 
 class Volumes(Dataset):

@@ -26,6 +26,8 @@ from lrc_lightning.data.cache import CachedVolume
 from lrc_lightning.data.transforms import (
     GeometryAugment,
     IntensityAugment,
+    MirrorLabels,
+    is_reflection,
     random_affines,
     warp_batch,
 )
@@ -49,6 +51,10 @@ class DeviceBatches:
         device: where slices are kept and batches made.
         seed: seeds the device generator of shuffling and augmentation.
         channels_last: images in ``torch.channels_last`` memory format.
+        mirror: label pairs swapped in samples whose warp is a reflection.
+        foreground_ratio: fine-tuning: share of slices drawn from those that hold an organ
+            (the rest uniformly, with replacement), as
+            :func:`~lrc_lightning.data.datasets.foreground_sampler` draws them.
 
     Raises:
         ValueError: no slice to draw from, or slices of different sizes.
@@ -65,6 +71,8 @@ class DeviceBatches:
         device: torch.device | str = "cpu",
         seed: int = 0,
         channels_last: bool = False,
+        mirror: MirrorLabels | None = None,
+        foreground_ratio: float = 0.0,
     ) -> None:
         if mode not in ("pretrain", "finetune"):
             raise ValueError(f"mode must be 'pretrain' or 'finetune', got {mode!r}")
@@ -79,6 +87,7 @@ class DeviceBatches:
         self.intensity = intensity
         self.device = torch.device(device)
         self.channels_last = channels_last
+        self.mirror = mirror
         labels = mode == "finetune" or (
             with_labels and all(v.label is not None for v in volumes)
         )  # fmt: skip
@@ -100,12 +109,23 @@ class DeviceBatches:
         self.superpixels = torch.cat(maps).to(self.device) if maps else None
         self.labels = torch.cat(label_maps).to(self.device) if label_maps else None
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.weights: Tensor | None = None
+        if mode == "finetune" and foreground_ratio > 0 and self.labels is not None:
+            organ = (self.labels > 0).flatten(1).any(1).double()
+            if 0 < int(organ.sum()) < len(organ):
+                self.weights = (1 - foreground_ratio) / len(organ) + (
+                    foreground_ratio * organ / organ.sum()
+                )
 
     def __len__(self) -> int:
         return len(self.images) // self.batch_size
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        order = torch.randperm(len(self.images), generator=self.generator, device=self.device)
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, len(self) * self.batch_size, replacement=True,
+                                      generator=self.generator)  # fmt: skip
+        else:
+            order = torch.randperm(len(self.images), generator=self.generator, device=self.device)
         for i in range(len(self)):
             yield self.batch(order[i * self.batch_size : (i + 1) * self.batch_size])
 
@@ -114,6 +134,8 @@ class DeviceBatches:
         if self.geometry is not None:
             theta = random_affines(self.geometry, len(index), self.generator, self.device)
             images, maps = warp_batch(theta, images, maps)
+            if "label" in maps and self.mirror is not None:
+                maps["label"] = self.mirror.apply(maps["label"], is_reflection(theta))
         else:
             maps = {k: m.long() for k, m in maps.items()}
         if self.intensity is not None:

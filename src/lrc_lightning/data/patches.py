@@ -12,7 +12,7 @@ volume the map is -1 and the label -1 (ignored). Intensity changes touch the ima
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from lrc_lightning.data.cache import CachedVolume
-from lrc_lightning.data.transforms import IntensityAugment
+from lrc_lightning.data.transforms import IntensityAugment, MirrorLabels, is_reflection
 
 __all__ = [
     "LabelledPatches",
@@ -42,6 +42,12 @@ class VolumeAugment:
     flip: tuple[float, float, float] = (0.0, 0.5, 0.5)
     quarter_turns: bool = True
     max_rotation: float = 10.0
+
+    def for_labels(self, mirror_pairs: bool) -> VolumeAugment:
+        """The augmentation of patches that carry labels: the left-right (x) flip only
+        when mirror pairs can be swapped, no z or y flip (see
+        :meth:`~lrc_lightning.data.transforms.GeometryAugment.for_labels`)."""
+        return replace(self, flip=(0.0, 0.0, self.flip[2] if mirror_pairs else 0.0))
 
 
 @dataclass
@@ -194,10 +200,12 @@ class PairedViewPatches(_Patches):
         geometry: VolumeAugment | None = None,
         intensity: IntensityAugment | None = None,
         with_labels: bool = False,
+        mirror: MirrorLabels | None = None,
     ) -> None:
         super().__init__(volumes, sampling, geometry or VolumeAugment(),
                          intensity or IntensityAugment())  # fmt: skip
         self.with_labels = with_labels and all(v.label is not None for v in volumes)
+        self.mirror = mirror
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         image, maps, label = self._patch(i)
@@ -212,6 +220,8 @@ class PairedViewPatches(_Patches):
                 theta, image.unsqueeze(0), {k: m.unsqueeze(0) for k, m in wanted.items()},
                 self.patch_size,
             )  # fmt: skip
+            if "label" in warped_maps and self.mirror is not None:
+                warped_maps["label"] = self.mirror.apply(warped_maps["label"], is_reflection(theta))
             # (1, D, H, W) as (C=D, H, W): one intensity draw for the whole view.
             item[f"image_{view}"] = self.intensity(warped[0, 0]).unsqueeze(0)
             for key, value in warped_maps.items():
@@ -222,7 +232,7 @@ class PairedViewPatches(_Patches):
 class LabelledPatches(_Patches):
     """Fine-tuning items: ``image`` (1, D, H, W) and ``label`` (D, H, W) int64 (-1 ignored),
     centred on a labelled organ with probability ``foreground_ratio``; one random warp when
-    ``geometry`` is given."""
+    ``geometry`` is given (``mirror`` swaps its label pairs when the warp reflects)."""
 
     labels_for_centres = True
 
@@ -232,11 +242,13 @@ class LabelledPatches(_Patches):
         sampling: PatchSampling,
         geometry: VolumeAugment | None = None,
         intensity: IntensityAugment | None = None,
+        mirror: MirrorLabels | None = None,
     ) -> None:
         missing = [v.case_id for v in volumes if v.label is None]
         if missing:
             raise ValueError(f"fine-tuning cases without a label: {missing}")
         super().__init__(volumes, sampling, geometry, intensity)
+        self.mirror = mirror
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         image, _, label = self._patch(i)
@@ -245,6 +257,8 @@ class LabelledPatches(_Patches):
             theta = random_affine_3d(self.geometry).unsqueeze(0)
             warped, maps = warp_volume(theta, image.unsqueeze(0), {"label": label.unsqueeze(0)},
                                        self.patch_size)  # fmt: skip
+            if self.mirror is not None:
+                maps["label"] = self.mirror.apply(maps["label"], is_reflection(theta))
             image, label = warped[0], maps["label"][0]
         if self.intensity is not None:
             image = self.intensity(image[0]).unsqueeze(0)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from lrc_lightning.data.cases import Case, DataError
 from lrc_lightning.data.intensity import Modality, normalise
 from lrc_lightning.data.io import check_same_geometry, read_volume
-from lrc_lightning.superpixels import felzenszwalb, felzenszwalb_3d
+from lrc_lightning.superpixels import felzenszwalb, felzenszwalb_3d, grid_regions
 
 __all__ = [
     "IGNORE_LABEL",
@@ -52,6 +52,9 @@ __all__ = [
 ]
 
 SliceAxis = int | Literal["auto"]
+#: How regions are made: Felzenszwalb's graph (the paper), or a fixed grid (the ablation).
+RegionMethod = Literal["felzenszwalb", "grid"]
+REGION_METHODS = ("felzenszwalb", "grid")
 
 #: Stored label value of padded (and ignored) pixels; batches carry it as -1.
 IGNORE_LABEL = 255
@@ -85,6 +88,10 @@ class PreprocessConfig:
     #: Through-plane target spacing in mm: the slices are resampled to it (linear for the
     #: image, nearest for labels) before super-pixels; None keeps the file's slices.
     slice_spacing: float | None = None
+    #: "grid": square regions of ``grid_cell`` pixels instead of Felzenszwalb's
+    #: (:func:`~lrc_lightning.superpixels.grid_regions`; the superpixel_* options unused).
+    regions: RegionMethod = "felzenszwalb"
+    grid_cell: int = 16
 
     def __post_init__(self) -> None:
         if self.slice_axis not in (0, 1, 2, "auto"):
@@ -98,6 +105,10 @@ class PreprocessConfig:
                              f"{self.spacing}")  # fmt: skip
         if self.slice_spacing is not None and self.slice_spacing <= 0:
             raise ValueError(f"slice_spacing must be > 0 mm, got {self.slice_spacing}")
+        if self.regions not in REGION_METHODS:
+            raise ValueError(f"regions must be one of {REGION_METHODS}, got {self.regions!r}")
+        if self.grid_cell < 1:
+            raise ValueError(f"grid_cell must be >= 1 pixel, got {self.grid_cell}")
 
 
 def choose_slice_axis(spacing_zyx: tuple[float, ...], shape_zyx: tuple[int, ...]) -> int:
@@ -249,6 +260,8 @@ def supervoxels_of_volume(
     Raises:
         DataError: the volume cannot be segmented (e.g. too many voxels); names ``source``.
     """
+    if config.regions == "grid":
+        return grid_regions(image, config.grid_cell, config.background_threshold)
     try:
         return felzenszwalb_3d(
             image,
@@ -263,7 +276,11 @@ def supervoxels_of_volume(
 
 
 def superpixels_of_slices(images: np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    """Felzenszwalb super-pixels of (k, h, w) slices (numba only, no torch: pool-safe)."""
+    """Felzenszwalb super-pixels (or grid regions) of (k, h, w) slices (numba only, no
+    torch: pool-safe)."""
+    if config.regions == "grid":
+        return np.stack([grid_regions(s, config.grid_cell, config.background_threshold)
+                         for s in images])  # fmt: skip
     return np.stack(
         [
             felzenszwalb(

@@ -4,7 +4,14 @@ Geometric transforms (random resized crop, flip, small rotation) are composed in
 affine map and applied with ``grid_sample``: bilinear for the image, nearest for label and
 super-pixel maps (ids survive unchanged; pixels from outside the image get -1 in the
 super-pixel map and 0 in the label; padded or ignored pixels, -1, stay -1). Intensity
-transforms (brightness, contrast, gamma, noise, blur) touch the image only. Everything also
+transforms (brightness, contrast, gamma, noise, blur) touch the image only.
+
+A left-right flip mirrors anatomy: a flipped right kidney lies on the patient's left and
+looks like a left kidney. Wherever labels travel with the image (fine-tuning, supervised
+pre-training), the only flip drawn is the left-right one (:meth:`GeometryAugment.for_labels`),
+and only when mirror-image label pairs are declared: a warp that reflects
+(:func:`is_reflection`; rotations never do) then swaps them (:class:`MirrorLabels`), so
+that every label stays on its side of the body. Everything also
 runs batched, with one random draw per sample, on the device that holds the data
 (:func:`random_affines`, :func:`warp_batch`, :meth:`IntensityAugment.batch`).
 """
@@ -12,7 +19,7 @@ runs batched, with one random draw per sample, on the device that holds the data
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +28,9 @@ from torch import Tensor
 __all__ = [
     "GeometryAugment",
     "IntensityAugment",
+    "MirrorLabels",
     "apply_affine",
+    "is_reflection",
     "random_affine",
     "random_affines",
     "warp_batch",
@@ -40,6 +49,82 @@ class GeometryAugment:
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
         return random_affine(self, generator)
+
+
+    def for_labels(self, mirror_pairs: bool) -> GeometryAugment:
+        """The augmentation of batches that carry labels: left-right flips (columns: the
+        patient's left-right in LPS axial and coronal slices) only when mirror pairs can
+        be swapped, and never an anterior-posterior flip, which would mirror the body
+        while every organ stays on its side."""
+        return replace(self, vertical_flip=0.0,
+                       horizontal_flip=self.horizontal_flip if mirror_pairs else 0.0)  # fmt: skip
+
+
+def is_reflection(theta: Tensor) -> Tensor:
+    """(..., n, n + 1) ``affine_grid`` matrices (2D or 3D) -> (...) bool: the warp mirrors
+    the image (an odd number of flips; its linear part has a negative determinant).
+
+    Example:
+        >>> import torch
+        >>> flip = torch.tensor([[-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+        >>> turn = torch.tensor([[-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])  # 180 degrees
+        >>> is_reflection(torch.stack([flip, turn])).tolist()
+        [True, False]
+    """
+    n = theta.shape[-2]
+    return torch.linalg.det(theta[..., :n, :n].float()) < 0
+
+
+@dataclass(frozen=True)
+class MirrorLabels:
+    """Label values that are mirror images of each other (right/left kidney, lung, adrenal,
+    hippocampus), swapped where a warp reflects the image so that every label stays on its
+    side of the body.
+
+    Args:
+        pairs: ``((right_value, left_value), ...)``; each value in at most one pair.
+
+    Raises:
+        ValueError: a value in two pairs, a value paired with itself, or outside 0..254.
+
+    Example:
+        >>> import torch
+        >>> mirror = MirrorLabels(((2, 3),))
+        >>> labels = torch.tensor([[0, 2, 3, -1], [0, 2, 3, -1]])
+        >>> mirror.apply(labels, torch.tensor([True, False])).tolist()
+        [[0, 3, 2, -1], [0, 2, 3, -1]]
+    """
+
+    pairs: tuple[tuple[int, int], ...]
+
+    def __post_init__(self) -> None:
+        seen: list[int] = []
+        for pair in self.pairs:
+            if len(pair) != 2 or pair[0] == pair[1]:
+                raise ValueError(f"mirror label pairs are two different values, got {pair}")
+            seen += [int(v) for v in pair]
+        if len(set(seen)) != len(seen):
+            raise ValueError(f"a label value appears in two mirror pairs: {self.pairs}")
+        if any(not 0 <= v < 255 for v in seen):
+            raise ValueError(f"mirror label values must lie in 0..254, got {self.pairs}")
+
+    def table(self, device: torch.device | str | None = None) -> Tensor:
+        """(256,) int64 lookup: value -> its mirror partner (itself when unpaired)."""
+        lut = torch.arange(256, device=device)
+        for a, b in self.pairs:
+            lut[a], lut[b] = b, a
+        return lut
+
+    def apply(self, labels: Tensor, reflected: Tensor | bool) -> Tensor:
+        """Swap the pairs in the (B, ...) ``labels`` of the samples where ``reflected``
+        ((B,) bool, or one bool for all); -1 (ignored) stays -1."""
+        if not self.pairs:
+            return labels
+        swapped = self.table(labels.device)[labels.clamp(min=0)]
+        swapped = torch.where(labels < 0, labels, swapped)
+        flag = torch.as_tensor(reflected, device=labels.device)
+        flag = flag.view(*flag.shape, *([1] * (labels.ndim - flag.ndim)))
+        return torch.where(flag, swapped, labels)
 
 
 def _uniform(lo: float, hi: float, generator: torch.Generator | None) -> float:

@@ -44,9 +44,11 @@ import hashlib
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -56,6 +58,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import EarlyStopping
 
 from lrc_lightning import __version__
 from lrc_lightning.data import LRCDataModule, discover_cases
@@ -75,7 +78,7 @@ from lrc_lightning.term import LRCConfig
 
 __all__ = ["ARMS", "READOUTS", "Benchmark", "Variant", "class_names", "main"]
 
-ARMS = ("random", "moco", "moco_lrc", "lrc_only", "supervised_lrc")
+ARMS = ("random", "moco", "moco_lrc", "moco_lrc_grid", "lrc_only", "supervised_lrc")
 READOUTS = ("finetune", "probe")
 #: Offset of the readout seed in the noise-floor repeat.
 NOISE_SEED_OFFSET = 1000
@@ -90,6 +93,9 @@ class Variant:
     superpixel_scale: float = 100.0
     superpixel_min_size: int = 50
     name: str = ""
+    #: "grid": LRC on square regions of ``grid_cell`` pixels (the ``moco_lrc_grid`` arm).
+    regions: str = "felzenszwalb"
+    grid_cell: int = 16
 
     @property
     def label(self) -> str:
@@ -101,8 +107,11 @@ class Variant:
         that a changed default never reuses runs made with the old one."""
         if self.arm in ("random", "moco"):
             return ""
-        recipe = {"lrc": asdict(self.lrc), "superpixel_scale": self.superpixel_scale,
-                  "superpixel_min_size": self.superpixel_min_size}  # fmt: skip
+        recipe: dict[str, Any] = {"lrc": asdict(self.lrc),
+                                   "superpixel_scale": self.superpixel_scale,
+                                   "superpixel_min_size": self.superpixel_min_size}  # fmt: skip
+        if self.regions != "felzenszwalb":  # hashed only when set: earlier keys stay
+            recipe.update(regions=self.regions, grid_cell=self.grid_cell)
         blob = json.dumps(recipe, sort_keys=True).encode()
         return "-" + hashlib.blake2b(blob, digest_size=3).hexdigest()
 
@@ -167,27 +176,75 @@ RESULT_OPTIONS = (
 #: Options added later, hashed only when set, so that earlier runs keep their keys.
 OPTIONAL_RESULT_OPTIONS = {"spacing": None, "device_batches": False, "channels_last": False}
 
+#: Version 2 of the readouts: fine-tuning until the validation patients plateau with the
+#: checkpoint they choose, foreground-biased slices, flips only with mirror-label swaps,
+#: the probe on several levels. Its options always enter the key: no run of version 1 (a
+#: readout that did not train) is ever reused.
+READOUT_OPTIONS = ("val_every", "patience", "foreground_ratio", "mirror_labels",
+                   "probe_levels")  # fmt: skip
+
 
 def settings_key(args: argparse.Namespace) -> str:
     settings = {k: getattr(args, k) for k in RESULT_OPTIONS}
+    settings["readout"] = {k: getattr(args, k) for k in READOUT_OPTIONS}
     settings.update({k: getattr(args, k) for k, default in OPTIONAL_RESULT_OPTIONS.items()
                      if getattr(args, k, default) != default})  # fmt: skip
     settings["data"] = Path(args.data).name
     return hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=4).hexdigest()
 
 
-class StepTimer(pl.Callback):
-    """Wall time spent inside training steps (forward, backward, optimizer)."""
+class BenchmarkStopped(Exception):
+    """SIGINT or SIGTERM: stop now; every finished run is already on disk."""
 
-    def __init__(self) -> None:
+
+class StepTimer(pl.Callback):
+    """Wall time spent inside training steps (forward, backward, optimizer), and a line of
+    progress every ``every`` seconds (a phase of a long run is minutes on a CPU)."""
+
+    def __init__(self, phase: str = "", every: float = 60.0) -> None:
         self.seconds = 0.0
         self._start = 0.0
+        self.phase = phase
+        self.every = every
+        self._began = self._last = time.perf_counter()
 
     def on_train_batch_start(self, *args: Any) -> None:
         self._start = time.perf_counter()
 
-    def on_train_batch_end(self, *args: Any) -> None:
-        self.seconds += time.perf_counter() - self._start
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        now = time.perf_counter()
+        self.seconds += now - self._start
+        if self.phase and now - self._last >= self.every:
+            self._last = now
+            print(f"    {self.phase}: step {trainer.global_step}/{trainer.max_steps} "
+                  f"({now - self._began:.0f} s)", flush=True)  # fmt: skip
+
+
+class BestOnValidation(pl.Callback):
+    """Keeps the weights of the best validation Dice (in memory) and the validation curve;
+    the readout is then scored with those weights. Chosen on the validation patients only.
+    """
+
+    def __init__(self, monitor: str = "val/dice_mean", verbose: bool = True) -> None:
+        self.monitor = monitor
+        self.verbose = verbose
+        self.best = -float("inf")
+        self.best_step = -1
+        self.state: dict[str, torch.Tensor] | None = None
+        self.curve: list[tuple[int, float]] = []
+
+    def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None or trainer.sanity_checking:
+            return
+        score = float(value)
+        self.curve.append((trainer.global_step, round(score, 4)))
+        if score > self.best:
+            self.best, self.best_step = score, trainer.global_step
+            self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        if self.verbose:
+            print(f"    validation Dice {score:.3f} at step {trainer.global_step} (best "
+                  f"{self.best:.3f} at step {self.best_step})", flush=True)  # fmt: skip
 
 
 def _volume_means(per_volume: dict[str, list[float]]) -> dict[str, float]:
@@ -216,11 +273,36 @@ class Benchmark:
         self.work = Path(args.work_dir)
         self.train_seconds = 0.0
         self.run_seconds = 0.0
+        self.finished_seconds: list[float] = []
+        self.total = self.done_before = self.started = 0
+        self.mirror_labels = [tuple(args.mirror_labels[i : i + 2])
+                              for i in range(0, len(args.mirror_labels or []), 2)]  # fmt: skip
+        if args.mirror_labels and len(args.mirror_labels) % 2:
+            raise DataError(f"--mirror-labels takes pairs, got {args.mirror_labels}")
         cases = discover_cases(args.data)
+        needed = args.test_cases + args.val_cases + max(args.ks)
+        if len(cases) < needed:
+            raise DataError(
+                f"{args.data}: {len(cases)} cases, but {args.test_cases} test + "
+                f"{args.val_cases} validation + k={max(args.ks)} labelled patients need "
+                f"{needed}; lower --test-cases, --val-cases or --ks"
+            )
+        if args.val_cases < 1:
+            raise DataError("--val-cases must be >= 1: the validation patients choose the "
+                            "fine-tuned checkpoint (the test patients never do)")  # fmt: skip
         split = split_cases(cases, args.test_cases, args.val_cases, None, args.split_seed)
+        unlabelled = [c.case_id for c in [*split.test, *split.val, *split.pool] if c.label is None]
+        scored = {c.case_id for c in [*split.test, *split.val]}
+        if scored & set(unlabelled) or len(split.pool) - len(unlabelled) < max(args.ks):
+            raise DataError(
+                f"{args.data}: cases without a label: {unlabelled}. Test and validation "
+                f"patients need labels, and the pool needs k={max(args.ks)} labelled ones: "
+                "add the label files or leave the unlabelled cases out"
+            )
         self.test = [c.case_id for c in split.test]
         self.val = [c.case_id for c in split.val]
         self.pool = sorted(c.case_id for c in split.pool)
+        self.labelled_pool = sorted(c.case_id for c in split.pool if c.label is not None)
         if max(args.ks) > len(self.pool):
             raise DataError(
                 f"{args.data}: k={max(args.ks)} labelled patients asked for, but the pool "
@@ -230,14 +312,25 @@ class Benchmark:
         print(f"classes {self.organs}\ntest patients {self.test}\nvalidation patients "
               f"{self.val}\npool ({len(self.pool)}) {self.pool}", flush=True)  # fmt: skip
 
+    def check_data(self, variants: Any) -> None:
+        """Read every case once before any training: a bad file or label value is a
+        DataError now, not after hours of pre-training (fills the caches the runs use)."""
+        self.phase("checking and caching every case (labels against the classes)")
+        self.datamodule(None, []).prepare_data()
+        for variant in variants:
+            if variant.regions != "felzenszwalb":
+                self.datamodule(variant, []).prepare_data()
+
     # ------------------------------------------------------------------ building blocks
     @property
     def num_classes(self) -> int:
         return len(self.organs) + 1
 
     def labelled(self, seed: int, k: int) -> list[str]:
-        order = np.random.default_rng(1000 + seed).permutation(len(self.pool))
-        return [self.pool[i] for i in order[:k]]
+        """The k labelled patients of ``seed``: the first k of a seeded permutation of the
+        pool's labelled cases (nested in k)."""
+        order = np.random.default_rng(1000 + seed).permutation(len(self.labelled_pool))
+        return [self.labelled_pool[i] for i in order[:k]]
 
     def datamodule(self, variant: Variant | None, labelled: list[str], **kw: Any) -> LRCDataModule:
         a = self.args
@@ -252,6 +345,9 @@ class Benchmark:
             test_cases=self.test, val_cases=self.val, labelled_cases=labelled,
             superpixel_scale=variant.superpixel_scale if variant else 100.0,
             superpixel_min_size=variant.superpixel_min_size if variant else 50,
+            regions=variant.regions if variant else "felzenszwalb",  # type: ignore[arg-type]
+            grid_cell=variant.grid_cell if variant else 16,
+            mirror_labels=self.mirror_labels, foreground_ratio=a.foreground_ratio,
             num_workers=a.num_workers, persistent_workers=a.num_workers > 0,
             precompute_workers=a.precompute_workers, **kw,
         )  # fmt: skip
@@ -259,20 +355,37 @@ class Benchmark:
     def backbone(self) -> UNet2d:
         return UNet2d(width=self.args.width, depth=self.args.depth)
 
-    def trainer(self, steps: int, timer: StepTimer | None = None) -> pl.Trainer:
+    def trainer(
+        self, steps: int, callbacks: Sequence[pl.Callback] = (), val_every: int = 0
+    ) -> pl.Trainer:
+        validate = dict(val_check_interval=val_every, check_val_every_n_epoch=None)
         return pl.Trainer(
             accelerator=self.args.accelerator, devices=1, max_steps=steps, max_epochs=-1,
             logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-            precision=self.args.precision, callbacks=[timer] if timer else None,
+            enable_model_summary=False, num_sanity_val_steps=0,
+            precision=self.args.precision, callbacks=list(callbacks),
+            **(validate if val_every else {"limit_val_batches": 0}),  # type: ignore[arg-type]
         )  # fmt: skip
 
-    def _fit(self, steps: int, model: pl.LightningModule, datamodule: LRCDataModule) -> None:
+    def _fit(
+        self,
+        steps: int,
+        model: pl.LightningModule,
+        datamodule: LRCDataModule,
+        phase: str = "",
+        callbacks: Sequence[pl.Callback] = (),
+        val_every: int = 0,
+    ) -> None:
         if self.args.channels_last:
             model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        timer = StepTimer()
-        self.trainer(steps, timer).fit(model, datamodule)
+        self.phase(phase)
+        timer = StepTimer(phase)
+        self.trainer(steps, [timer, *callbacks], val_every).fit(model, datamodule)
         self.train_seconds += timer.seconds
+
+    def phase(self, text: str) -> None:
+        if text:
+            print(f"  {text}", flush=True)
 
     def weights_path(self, variant: Variant, seed: int, labelled: list[str]) -> Path:
         """Where the pre-trained backbone of ``variant`` and ``seed`` is kept."""
@@ -290,7 +403,7 @@ class Benchmark:
         if variant.arm == "moco":
             model: pl.LightningModule = MoCoV2(self.backbone(), queue_size=a.queue_size,
                                                key_bn_groups=a.key_bn_groups, **common)  # fmt: skip
-        elif variant.arm in ("moco_lrc", "lrc_only"):
+        elif variant.arm in ("moco_lrc", "moco_lrc_grid", "lrc_only"):
             model = MoCoV2LRC(self.backbone(), lrc=variant.lrc, queue_size=a.queue_size,
                               global_weight=0.0 if variant.arm == "lrc_only" else 1.0,
                               key_bn_groups=a.key_bn_groups, **common)  # fmt: skip
@@ -302,7 +415,8 @@ class Benchmark:
         extra = ({"pretrain_with_labels": True, "pretrain_on": "labelled"}
                  if variant.arm == "supervised_lrc" else {})  # fmt: skip
         start = time.perf_counter()
-        self._fit(a.pretrain_steps, model, self.datamodule(variant, labelled, **extra))
+        self._fit(a.pretrain_steps, model, self.datamodule(variant, labelled, **extra),
+                  phase=f"pre-training {variant.label} seed {seed} ({a.pretrain_steps} steps)")
         self.work.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save(model.backbone.state_dict(), tmp)  # type: ignore[union-attr]
@@ -312,7 +426,14 @@ class Benchmark:
 
     def finetune(
         self, weights: Path | None, seed: int, labelled: list[str], stage: str
-    ) -> dict[str, list[float]]:
+    ) -> tuple[dict[str, list[float]], dict[str, Any]]:
+        """Fine-tune on the labelled patients and score ``stage``'s volumes with the weights
+        that the *validation* patients choose (Dice + CE, foreground-biased slices, flips
+        only with mirror-label swaps, validation every ``--val-every`` steps, stopped after
+        ``--patience`` validations without a better Dice or at ``--finetune-steps``).
+
+        Returns the per-volume Dice table and the validation record (curve, best step).
+        """
         pl.seed_everything(seed, workers=True)
         a = self.args
         model = FineTuneSegmentation(
@@ -321,7 +442,20 @@ class Benchmark:
             warmup_steps=a.finetune_steps // 10,
         )  # fmt: skip
         datamodule = self.datamodule(None, labelled, mode="finetune")
-        self._fit(a.finetune_steps, model, datamodule)
+        best = BestOnValidation()
+        callbacks: list[pl.Callback] = [best]
+        if a.patience:
+            callbacks.append(EarlyStopping("val/dice_mean", mode="max", patience=a.patience,
+                                           check_on_train_epoch_end=False))  # fmt: skip
+        self._fit(a.finetune_steps, model, datamodule, callbacks=callbacks,
+                  phase=f"fine-tuning on {len(labelled)} patient(s), seed {seed} (up to "
+                        f"{a.finetune_steps} steps, validation every {a.val_every})",
+                  val_every=a.val_every)  # fmt: skip
+        stopped = int(model.global_step)
+        if best.state is not None:
+            model.load_state_dict(best.state)
+        self.phase(f"scoring the {stage} patients (weights of step {best.best_step}, "
+                   f"validation Dice {best.best:.3f})")  # fmt: skip
         evaluator = pl.Trainer(accelerator=a.accelerator, devices=1, logger=False,
                                enable_progress_bar=False, enable_model_summary=False,
                                precision=a.precision)  # fmt: skip
@@ -329,7 +463,9 @@ class Benchmark:
         evaluate(model, datamodule, verbose=False)
         if not model.last_dice_table:
             raise RuntimeError(f"no {stage} volume was evaluated")
-        return dict(model.last_dice_table)
+        record = {"best_step": best.best_step, "best_val_dice": round(best.best, 4),
+                  "stopped_step": stopped, "curve": best.curve}  # fmt: skip
+        return dict(model.last_dice_table), record
 
     def probe(
         self,
@@ -380,37 +516,75 @@ class Benchmark:
             print(f"[missing] {run_id}", file=sys.stderr)
             return None
         labelled = self.labelled(seed, k)
+        self.started += 1
+        print(f"[{self.done_before + self.started}/{self.total}] {run_id}{self.eta()}",
+              flush=True)  # fmt: skip
         start = time.perf_counter()
         weights = None if variant.arm == "random" else self.pretrain(variant, seed, labelled)
         readout_seed = seed + readout_offset
-        finetuned = _readout_record(
-            self.finetune(weights, readout_seed, labelled, stage), self.organs
-        )
-        probed = _readout_record(self.probe(weights, readout_seed, labelled, stage), self.organs)
+        table, validation = self.finetune(weights, readout_seed, labelled, stage)
+        finetuned = _readout_record(table, self.organs)
+        levels = {}
+        for level in self.args.probe_levels:
+            self.phase(f"linear probe on level {level}")
+            levels[str(level)] = _readout_record(
+                self.probe(weights, readout_seed, labelled, stage, level), self.organs
+            )
+        # "probe" stays the finest decoder level (-1), as in the earlier run files.
+        probed = levels.get("-1") or next(iter(levels.values()))
         seconds = time.perf_counter() - start
         self.run_seconds += seconds
+        self.finished_seconds.append(seconds)
         result = {
             "run": run_id, "arm": variant.label, "k": k, "seed": seed, "stage": stage,
             "readout_offset": readout_offset, "labelled": labelled, "classes": self.organs,
-            **finetuned, "probe": probed,
+            **finetuned, "finetune_validation": validation, "probe": probed,
+            "probe_levels": levels,
             "variant": {"arm": variant.arm, "lrc": asdict(variant.lrc),
                         "superpixel_scale": variant.superpixel_scale,
-                        "superpixel_min_size": variant.superpixel_min_size},
+                        "superpixel_min_size": variant.superpixel_min_size,
+                        "regions": variant.regions, "grid_cell": variant.grid_cell},
             "seconds": round(seconds, 1),
         }  # fmt: skip
         atomic_json(path, result)
-        print(f"{run_id}: mean Dice fine-tuned {result['mean_dice']:.3f}, probe "
+        low = min(finetuned["per_organ"].values())
+        print(f"{run_id}: mean Dice fine-tuned {result['mean_dice']:.3f} (lowest organ "
+              f"{low:.3f}, best validation step {validation['best_step']}), probe "
               f"{probed['mean_dice']:.3f} ({result['seconds']:.0f} s)", flush=True)  # fmt: skip
         return result
+
+    def eta(self) -> str:
+        """' (about N min left)' from the runs finished in this invocation."""
+        if not self.finished_seconds:
+            return ""
+        left = (self.total - self.done_before - self.started + 1) * statistics.fmean(
+            self.finished_seconds
+        )
+        return f" (about {left / 60:.0f} min left for the rest)"
+
+    def missing(self, planned: Sequence[tuple[Variant, int, int, str, int]]) -> int:
+        """How many of ``planned`` (variant, k, seed, stage, offset) runs are not on disk."""
+        count = 0
+        for variant, k, seed, stage, offset in planned:
+            repeat = f"_r{offset}" if offset else ""
+            run_id = f"{stage}_{variant.label}_k{k}_s{seed}{repeat}"
+            count += not (self.runs / f"{run_id}-{self.key}{variant.key}.json").is_file()
+        return count
 
 
 def summarise(
     results: Sequence[dict[str, Any] | None], organs: list[str], readout: str = "finetune"
 ) -> dict[str, Any]:
-    """Per (arm, k): mean ± std over seeds of one readout, and the runs behind it."""
+    """Per (arm, k): mean ± std over seeds of one readout, and the runs behind it.
+
+    ``readout``: ``"finetune"``, ``"probe"`` (the finest level) or ``"probe@LEVEL"``.
+    """
     table: dict[str, Any] = {}
     for r in filter(None, results):
-        record = r if readout == "finetune" else r.get(readout)
+        if readout.startswith("probe@"):
+            record = (r.get("probe_levels") or {}).get(readout.split("@", 1)[1])
+        else:
+            record = r if readout == "finetune" else r.get(readout)
         if record is not None:
             table.setdefault(f"{r['arm']}|{r['k']}", []).append((r, record))
     summary = {}
@@ -423,6 +597,7 @@ def summarise(
             "std": statistics.stdev(means) if len(means) > 1 else 0.0,
             "per_organ": {o: float(np.nanmean([rec["per_organ"][o] for _, rec in runs]))
                           for o in organs},
+            "lowest_organ": min(min(rec["per_organ"].values()) for _, rec in runs),
             "runs": [{"seed": r["seed"], "mean_dice": rec["mean_dice"], "labelled": r["labelled"],
                       "per_organ": rec["per_organ"],
                       "per_volume_mean": rec.get("per_volume_mean")} for r, rec in runs],
@@ -470,6 +645,15 @@ def header(
     }  # fmt: skip
 
 
+#: Printed beside every probe table: what the probe can and cannot say.
+PROBE_CAVEAT = (
+    "Diagnostic, not the headline. MoCo's loss never reaches the decoder (its decoder stays "
+    "at random init, BatchNorm statistics included), so on decoder levels 'MoCo+LRC - MoCo' "
+    "largely measures whether the decoder was trained at all. The bottleneck is the one "
+    "level that both arms train."
+)
+
+
 def markdown(
     summaries: dict[str, dict[str, Any]],
     head: dict[str, Any],
@@ -478,23 +662,37 @@ def markdown(
     organs: list[str],
     noise: dict[str, dict[str, Any] | None] | None = None,
 ) -> str:
+    """The tables of one benchmark: the fine-tuned readout first (the headline), then the
+    probe on each level with its caveat, then the noise floor."""
     lines = [f"# {title}", "", f"`{head['command']}`", "",
              f"versions: {head['versions']}  ", f"hardware: {head['hardware']}", ""]  # fmt: skip
     for readout, summary in summaries.items():
         ks = sorted({v["k"] for v in summary.values()})
         if not ks:
             continue
-        what = {"finetune": "fine-tuned", "probe": "frozen features, linear probe"}[readout]
-        lines += [f"## Readout: {readout} ({what})", "",
-                  "Mean 3D Dice over organs, mean ± std over seeds (n seeds in brackets).", "",
-                  "| arm | " + " | ".join(f"k={k}" for k in ks) + " |",
-                  "|---|" + "---|" * len(ks)]  # fmt: skip
+        if readout == "finetune":
+            what = ("fine-tuned; weights chosen on the validation patients; the headline: "
+                    "seed-level paired differences")  # fmt: skip
+        elif readout == "probe":
+            what = "frozen features, linear probe on the finest decoder level"
+        else:
+            what = f"frozen features, linear probe on level {readout.split('@', 1)[1]}"
+        lines += [f"## Readout: {readout} ({what})", ""]
+        if readout.startswith("probe"):
+            lines += [PROBE_CAVEAT, ""]
+        lines += ["Mean 3D Dice over organs, mean ± std over seeds (n seeds in brackets); "
+                  "the lowest organ Dice of any run in the last column.", "",
+                  "| arm | " + " | ".join(f"k={k}" for k in ks) + " | lowest organ |",
+                  "|---|" + "---|" * (len(ks) + 1)]  # fmt: skip
         for arm in arms:
             cells = []
+            lowest = [s["lowest_organ"] for k in ks if (s := summary.get(f"{arm}|{k}"))
+                      and "lowest_organ" in s]  # fmt: skip
             for k in ks:
                 s = summary.get(f"{arm}|{k}")
                 cells.append(f"{s['mean']:.3f} ± {s['std']:.3f} ({s['n_seeds']})" if s else "-")
-            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+            low = f"{min(lowest):.3f}" if lowest else "-"
+            lines.append(f"| {arm} | " + " | ".join(cells) + f" | {low} |")
         lines += ["", "Per organ (mean over seeds):", "",
                   "| arm | k | " + " | ".join(organs) + " |",
                   "|---|---|" + "---|" * len(organs)]  # fmt: skip
@@ -509,20 +707,33 @@ def markdown(
     if noise:
         lines += ["## Noise floor of each readout", "",
                   "The same pre-trained weights and labelled patients read out twice with "
-                  "another readout seed (fine-tuning seed; probe pixel sample):", "",
+                  "another readout seed (fine-tuning seed; probe pixel sample); a readout "
+                  "that trains to its plateau centres on 0:", "",
                   *paired_table([(f"{readout}: repeat - original", d)
                                  for readout, d in noise.items()]), ""]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
-def paired_section(summary: dict[str, Any], arms: list[str]) -> list[str]:
-    """Each arm against random init and against MoCo, paired by (k, seed)."""
+def paired_rows(
+    summary: dict[str, Any], arms: list[str]
+) -> list[tuple[str, dict[str, Any] | None]]:
+    """Each arm against random init and against MoCo (and the grid arm against MoCo+LRC:
+    do the super-pixels themselves matter?), with the seed as the unit."""
     pairs = [(arm, ref) for ref in ("random", "moco") for arm in arms if arm not in (ref, "random")]
-    rows = [(f"{a} - {r}", paired_differences(summary, a, summary, r)) for a, r in pairs]
+    if "moco_lrc_grid" in arms and "moco_lrc" in arms:
+        pairs.append(("moco_lrc", "moco_lrc_grid"))
+    return [(f"{a} - {r}", paired_differences(summary, a, summary, r)) for a, r in pairs]
+
+
+def paired_section(summary: dict[str, Any], arms: list[str]) -> list[str]:
+    """Markdown of :func:`paired_rows`."""
+    rows = paired_rows(summary, arms)
     if not any(d for _, d in rows):
         return []
-    return ["", "Paired differences of mean Dice (same k, seed and labelled patients; the "
-            "interval resamples seeds and test volumes):", "", *paired_table(rows)]  # fmt: skip
+    return ["", "Paired differences of mean Dice with the seed as the unit: per seed, the mean "
+            "over k of the difference (same labelled patients and test volumes); mean over "
+            "seeds with a t interval on seeds - 1 degrees of freedom; the bootstrap resamples "
+            "whole seeds and the shared test patients:", "", *paired_table(rows)]  # fmt: skip
 
 
 def plot(summaries: dict[str, dict[str, Any]], arms: list[str], path: Path) -> None:
@@ -574,6 +785,10 @@ def ablation_variants(base: LRCConfig) -> list[Variant]:
         Variant("moco_lrc", ref, superpixel_min_size=12, name="min_size=12"),
         Variant("moco_lrc", ref, superpixel_min_size=3, name="min_size=3"),
     ]  # fmt: skip
+
+
+def _probe_level(value: str) -> FeatureLevel:
+    return "bottleneck" if value == "bottleneck" else int(value)
 
 
 def _slice_axis(value: str) -> int | str:
@@ -629,7 +844,24 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
     parser.add_argument("--queue-size", type=int, default=1024)
     parser.add_argument("--key-bn-groups", type=int, default=2, help="MoCo shuffle-BN groups")
     parser.add_argument("--pretrain-steps", type=int, default=250)
-    parser.add_argument("--finetune-steps", type=int, default=150)
+    parser.add_argument("--finetune-steps", type=int, default=1500,
+                        help="most fine-tuning steps (early stopping may end sooner)")
+    parser.add_argument("--val-every", type=int, default=100,
+                        help="fine-tuning: validation Dice every N steps; its best weights "
+                             "are the readout's")
+    parser.add_argument("--patience", type=int, default=5,
+                        help="fine-tuning: stop after N validations without a better Dice "
+                             "(0: run all steps)")
+    parser.add_argument("--foreground-ratio", type=float, default=0.5,
+                        help="fine-tuning: share of slices drawn from those with an organ")
+    parser.add_argument("--mirror-labels", nargs="+", default=None, metavar="NAME",
+                        help="pairs of mirror-image labels swapped on flips, e.g. "
+                             "right_kidney left_kidney (without: no flips when fine-tuning)")
+    parser.add_argument("--probe-levels", type=_probe_level, nargs="+", default=[-1],
+                        help="linear probe on these levels: 'bottleneck' and/or decoder "
+                             "levels -1 (finest), -2, ...")
+    parser.add_argument("--grid-cell", type=int, default=16,
+                        help="moco_lrc_grid: side of the square regions in pixels")
     parser.add_argument(
         "--probe-pixels",
         type=int,
@@ -655,6 +887,8 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
         help="repeat the readouts of --noise-arm with another readout seed",
     )
     parser.add_argument("--noise-arm", default="moco", choices=ARMS)
+    parser.add_argument("--noise-seeds", type=int, nargs="+", default=None,
+                        help="seeds of the noise-floor repeat (default: all)")
     parser.add_argument("--ablations", action="store_true")
     parser.add_argument("--ablation-k", type=int, default=1)
     parser.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1])
@@ -676,13 +910,34 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
     return parser  # fmt: skip
 
 
+def _stop(signum: int, frame: Any) -> None:
+    raise BenchmarkStopped(signal.Signals(signum).name)
+
+
 def main(argv: Sequence[str] | None = None, defaults: dict[str, Any] | None = None) -> int:
-    """Run the protocol; bad data exits with status 2 and a message naming the file."""
+    """Run the protocol; bad data exits with status 2 and a message naming the file.
+
+    SIGINT (Ctrl-C) and SIGTERM stop it within seconds: the run in progress is dropped,
+    every finished run is on disk (written atomically), and the same command resumes.
+    Exit status 128 + the signal's number.
+    """
     parser = build_parser(defaults)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # signals reach it only
+        previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return _run(parser, argv)
     except DataError as err:
         parser.exit(2, f"lrc-lightning benchmark: error: {err}\n")
+    except BenchmarkStopped as stop:
+        name = str(stop)
+        print(f"\nlrc-lightning benchmark: stopped by {name}; every finished run is saved "
+              "under the output folder: run the same command again to resume", file=sys.stderr,
+              flush=True)  # fmt: skip
+        return 128 + int(getattr(signal, name))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
@@ -711,21 +966,49 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         saved = out / f"{name}.json"
         if args.report_only and saved.is_file():
             return {k: v for k, v in json.loads(saved.read_text()).items()
-                    if k not in ("summary", "probe_summary", "noise_floor")}  # fmt: skip
+                    if k not in ("summary", "probe_summary", "noise_floor",
+                                 "probe_levels_summary", "comparisons")}  # fmt: skip
         seconds = {"wall": round(time.perf_counter() - wall, 1),
                    "training_steps": round(bench.train_seconds, 1)}  # fmt: skip
         return header(args, command, commit, seconds)
 
+    variants = {arm: Variant(arm, base) for arm in ARMS}
+    variants["moco_lrc_grid"] = Variant("moco_lrc_grid", base, regions="grid",
+                                        grid_cell=args.grid_cell)  # fmt: skip
+    noise_seeds = args.noise_seeds if args.noise_seeds is not None else args.seeds
+    planned: list[tuple[Variant, int, int, str, int]] = []
     if not args.skip_main:
-        variants = {arm: Variant(arm, base) for arm in ARMS}
-        results = [bench.run(variants[arm], k, seed)
-                   for seed in args.seeds for k in args.ks for arm in args.arms]  # fmt: skip
-        summaries = {r: summarise(results, bench.organs, r) for r in READOUTS}
+        # Seed by seed, so that an interrupted run leaves whole seeds (the unit) behind.
+        for seed in args.seeds:
+            planned += [(variants[arm], k, seed, "test", 0) for k in args.ks for arm in args.arms]
+            if args.noise_floor and seed in noise_seeds:
+                planned += [(variants[args.noise_arm], k, seed, "test", NOISE_SEED_OFFSET)
+                            for k in args.ks]  # fmt: skip
+    if args.ablations:
+        planned += [(v, args.ablation_k, seed, "val", 0)
+                    for seed in args.ablation_seeds for v in ablation_variants(base)]  # fmt: skip
+    bench.total = len(planned)
+    bench.done_before = bench.total - bench.missing(planned)
+    if not args.report_only:
+        print(f"{bench.done_before} of {bench.total} runs already done; "
+              f"{bench.total - bench.done_before} to run", flush=True)  # fmt: skip
+        if bench.done_before < bench.total:
+            bench.check_data(variants[a] for a in args.arms)
+
+    if not args.skip_main:
+        results = []
+        repeats = []
+        for variant, k, seed, stage, offset in planned:
+            if stage != "test":
+                continue
+            (repeats if offset else results).append(
+                bench.run(variant, k, seed, stage, readout_offset=offset)
+            )
+        level_readouts = [f"probe@{lv}" for lv in args.probe_levels if str(lv) != "-1"]
+        summaries = {r: summarise(results, bench.organs, r)
+                     for r in (*READOUTS, *level_readouts)}  # fmt: skip
         noise = None
         if args.noise_floor:
-            repeats = [bench.run(variants[args.noise_arm], k, seed,
-                                 readout_offset=NOISE_SEED_OFFSET)
-                       for seed in args.seeds for k in args.ks]  # fmt: skip
             noise = {}
             for readout in READOUTS:
                 rep = summarise([dict(r, arm="repeat") for r in repeats if r], bench.organs,
@@ -735,16 +1018,21 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         name = f"label_efficiency{args.tag}"
         main_head = header_of(name)
         payload = {**main_head, "classes": bench.organs, "summary": summaries["finetune"],
-                   "probe_summary": summaries["probe"], "noise_floor": noise}  # fmt: skip
+                   "probe_summary": summaries["probe"],
+                   "probe_levels_summary": {r.split("@", 1)[1]: summaries[r]
+                                            for r in level_readouts},
+                   "comparisons": {r: dict(paired_rows(summaries[r], args.arms))
+                                   for r in summaries},
+                   "noise_floor": noise}  # fmt: skip
         atomic_json(out / f"{name}.json", payload)
         title = f"Label efficiency on {Path(args.data).name} (test patients)"
         text = markdown(summaries, main_head, title, args.arms, bench.organs, noise)
         (out / f"{name}.md").write_text(text)
-        plot(summaries, args.arms, out / f"{name}.png")
+        plot({r: summaries[r] for r in READOUTS}, args.arms, out / f"{name}.png")
         print(text)
 
     if args.ablations:
-        variants_ab = ablation_variants(base)
+        variants_ab = ablation_variants(base)  # the same list as planned
         results = [bench.run(v, args.ablation_k, seed, stage="val")
                    for seed in args.ablation_seeds for v in variants_ab]  # fmt: skip
         summaries = {r: summarise(results, bench.organs, r) for r in READOUTS}

@@ -1,0 +1,48 @@
+"""The fine-tuning readout: weights chosen on the validation patients, foreground slices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lrc_lightning.data import LRCDataModule
+from lrc_lightning.data.datasets import foreground_sampler
+from lrc_lightning.evaluation.label_efficiency import Benchmark, build_parser
+from tests.conftest import DEMO_MR
+
+
+def test_readout_scores_the_weights_the_validation_patients_chose(tmp_path: Path) -> None:
+    args = build_parser().parse_args([
+        "--data", str(DEMO_MR), "--out", str(tmp_path), "--work-dir", str(tmp_path / "w"),
+        "--cache-dir", str(tmp_path / "cache"), "--size", "32", "--width", "4", "--depth", "2",
+        "--batch-size", "4", "--finetune-steps", "6", "--val-every", "2", "--patience", "0",
+        "--test-cases", "1", "--val-cases", "1", "--ks", "1",
+    ])  # fmt: skip
+    bench = Benchmark(args)
+    table, record = bench.finetune(None, 0, bench.labelled(0, 1), "val")
+    assert [step for step, _ in record["curve"]] == [2, 4, 6]
+    best_step, best = max(record["curve"], key=lambda point: (point[1], -point[0]))
+    assert record["best_step"] == best_step and record["stopped_step"] == 6
+    # Scoring the validation patient again with the chosen weights gives its best Dice.
+    rows = np.array(list(table.values()))
+    assert float(np.nanmean(np.nanmean(rows, axis=0))) == pytest.approx(best, abs=1e-4)
+    assert list(table) == bench.val
+
+
+def test_foreground_sampler_draws_organ_slices_at_the_ratio(tmp_path: Path) -> None:
+    dm = LRCDataModule(DEMO_MR, cache_dir=str(tmp_path / "cache"), image_size=32,
+                       mode="finetune", labelled_cases=None, foreground_ratio=0.8)  # fmt: skip
+    dm.prepare_data()
+    dm.setup("fit")
+    dataset = dm.train_dataset()
+    organ = set(dataset.organ_slices())  # type: ignore[union-attr]
+    natural = len(organ) / len(dataset)
+    assert 0.2 < natural < 0.9  # real volumes: slices above and below the organs
+    sampler = foreground_sampler(len(dataset), sorted(organ), 0.8)
+    assert sampler is not None
+    drawn = [i for _ in range(20) for i in sampler]
+    share = np.mean([i in organ for i in drawn])
+    assert share == pytest.approx(0.8 + 0.2 * natural, abs=0.03)
+    assert foreground_sampler(len(dataset), sorted(organ), 0.0) is None
