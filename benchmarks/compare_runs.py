@@ -3,8 +3,9 @@
     python benchmarks/compare_runs.py A.json ARM_A B.json ARM_B
 
 Pairs the runs of ``ARM_A`` in table ``A.json`` with those of ``ARM_B`` in ``B.json`` by
-(k, seed) (the same labelled patients) and prints mean, per-k, pairs won, sd, standard
-error and bootstrap interval of ``A - B`` (``--readout probe``: the linear-probe readout).
+(k, seed) (the same labelled patients) and prints ``A - B`` with the seed as the unit: the
+per-seed mean over k, then mean, 95% t interval, s.e., sd, seeds won, per k and a whole-seed
+bootstrap (``--readout probe``: the linear-probe readout).
 Example, the run-to-run noise: LRC alone with lambda 0.3 against LRC
 alone with lambda 1, the same recipe up to rounding under Adam:
 

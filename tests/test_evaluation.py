@@ -155,17 +155,22 @@ def test_benchmark_with_device_batches_and_channels_last(tmp_path: Path) -> None
     assert len(list((tmp_path / "out" / "label_efficiency_runs").glob("*.json"))) == 4
 
 
-def test_options_added_later_keep_earlier_runs_keys() -> None:
-    """Runs are found by a hash of their options: spacing, device batches and channels-last
-    enter it only when set, so runs made before they existed keep their keys."""
+def test_run_keys_version_one_never_reused_and_later_options_only_when_set() -> None:
+    """Runs are found by a hash of their options. The readout options of version 2 always
+    enter it, so no run of the earlier fine-tuning readout (one that did not train) is
+    reused; spacing, device batches and channels-last enter it only when set."""
     from lrc_lightning.evaluation.label_efficiency import build_parser, settings_key
 
     base = ("--data ../shared/data/chaos-t2 --size 128 --width 8 --depth 4 --pretrain-steps 400 "
             "--finetune-steps 150 --slice-axis 0").split()  # fmt: skip
     plain = settings_key(build_parser().parse_args(base))
-    # The key of the committed CPU 128 runs, made before these options existed.
-    assert plain == "11eacfe1"
     runs = Path(__file__).resolve().parents[1] / "benchmarks/results/label_efficiency_runs"
-    assert list(runs.glob(f"test_moco_k1_s0-{plain}.json"))
-    for extra in (["--spacing", "1.5", "1.5"], ["--device-batches"], ["--channels-last"]):
-        assert settings_key(build_parser().parse_args([*base, *extra])) != plain
+    # 11eacfe1: the key these options had with the version-1 readout (committed runs).
+    assert list(runs.glob("test_moco_k1_s0-11eacfe1.json")) and plain != "11eacfe1"
+    assert not list(runs.glob(f"*-{plain}*.json"))
+    for extra in (["--spacing", "1.5", "1.5"], ["--device-batches"], ["--channels-last"],
+                  ["--patience", "2"], ["--val-every", "50"], ["--foreground-ratio", "0.3"],
+                  ["--mirror-labels", "right_kidney", "left_kidney"],
+                  ["--probe-levels", "bottleneck"]):  # fmt: skip
+        assert settings_key(build_parser().parse_args([*base, *extra])) != plain, extra
+    assert settings_key(build_parser().parse_args([*base, "--threads", "1"])) == plain
