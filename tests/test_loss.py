@@ -9,7 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from lrc_lightning import DenseProjectionHead, LocalizedRegionContrastLoss
-from lrc_lightning.regions import downsample_superpixels, region_embeddings, select_regions
+from lrc_lightning.regions import (
+    _id_counts,
+    downsample_superpixels,
+    region_embeddings,
+    select_regions,
+)
 
 
 def reference_loss(f1, f2, s1, s2, ids, valid, tau, same_view_negatives=False):
@@ -331,8 +336,13 @@ def test_bounded_and_sorted_region_selection_agree_and_bad_ids_are_refused() -> 
         for i in range(3):
             assert set(ids_a[i][valid_a[i]].tolist()) == set(ids_b[i][valid_b[i]].tolist())
     assert bounded[1].sum() > 3
-    with pytest.raises(RuntimeError, match="ids must be below 256"):
+    with pytest.raises(ValueError, match=r"superpixels_v1: super-pixel id 30\d is not below 256"):
         select_regions(s1 + 300, s2, 4, 1, num_ids=256)
+    # Where the maps are not read back (accelerators), an id beyond the bound is counted
+    # nowhere: not clamped onto id 255 (a merge), not out of range (a device assert).
+    big = torch.full((1, 4, 4), 255)
+    big[0, :2] = 300
+    assert _id_counts(big, 256)[0, 255] == 8 and _id_counts(big, 256).sum() == 8
 
 
 def test_volumes_match_the_loop_reference_through_the_same_code() -> None:

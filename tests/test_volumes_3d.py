@@ -34,7 +34,7 @@ def test_supervoxels_stay_aligned_with_3d_views() -> None:
     image = torch.stack([z, y, x, torch.ones_like(z)]).float().unsqueeze(0)
     aug = VolumeAugment(crop_scale=(0.3, 0.9), flip=(0.5, 0.5, 0.5), max_rotation=15)
     for _ in range(10):
-        theta = random_affine_3d(aug).unsqueeze(0)
+        theta = random_affine_3d(aug, (d, h, w)).unsqueeze(0)
         warped, maps = warp_volume(theta, image, {"superpixels": ids[None], "label": ids[None] % 3},
                                    (d, h, w))  # fmt: skip
         sp, (rz, ry, rx, inside) = maps["superpixels"][0], warped[0]
