@@ -40,7 +40,8 @@ __all__ = [
 @dataclass
 class VolumeAugment:
     """Random resized crop (fraction of the patch's volume), flips per axis (z, y, x),
-    quarter turns and a small rotation (degrees) in the (y, x) plane."""
+    quarter turns (half turns when H != W) and a small rotation (degrees) in the (y, x)
+    plane, all in voxel units: content keeps its proportions on non-square patches."""
 
     crop_scale: tuple[float, float] = (0.4, 1.0)
     flip: tuple[float, float, float] = (0.0, 0.5, 0.5)
