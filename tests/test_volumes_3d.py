@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from lrc_lightning import LocalizedRegionContrastLoss, LRCCallback, LRCDataModule
 from lrc_lightning.data import DataError, PreprocessConfig
@@ -208,6 +209,19 @@ def test_full_ct_with_fine_supervoxels_trains_on_small_patches(tmp_path) -> None
     trainer(max_steps=2, callbacks=[history]).fit(model, data)
     assert len(history.history["train/lrc_loss_step"]) == 2
     assert all(v > 0 for v in history.history["train/lrc_loss_step"])
+    # The volume's own numbering in a patch: refused with the bound and what to do, by the
+    # loss and (on the first batch, wherever the maps are) by the model's LRC term.
+    raw = torch.from_numpy(np.asarray(volume.superpixels[-8:, -16:, -16:], dtype=np.int64))
+    assert int(raw.max()) >= bound
+    image = torch.from_numpy(np.asarray(volume.image[-8:, -16:, -16:], dtype=np.float32))
+    item = {"image_v1": image[None], "image_v2": image[None], "superpixels_v1": raw,
+            "superpixels_v2": raw}  # fmt: skip
+    loader = DataLoader([item, item], batch_size=2)
+    batch = next(iter(loader))
+    with pytest.raises(ValueError, match=r"superpixels_v1: super-pixel id \d+ is not below 2048"):
+        loss_fn(features, features, batch["superpixels_v1"], batch["superpixels_v2"])
+    with pytest.raises(ValueError, match=r"MoCoV2LRC\.lrc_loss: superpixels_v1: .*relabel_patch"):
+        trainer(max_steps=1).fit(MoCoV2LRC(UNet3d(width=4, depth=2), queue_size=16), loader)
 
 
 def test_relabel_patch_renames_supervoxels_one_to_one() -> None:
