@@ -2,7 +2,9 @@
 
 Host syncs are counted on CPU with a TorchDispatchMode: every op that would make a GPU wait
 for the device (``.item()`` = ``aten._local_scalar_dense``, ``nonzero``, boolean-mask
-indexing, ``masked_select``) is recorded.
+indexing, ``masked_select``) is recorded. (The loss's bound check on ids reads maps in host
+memory through numpy, outside this count: on CPU there is no device to wait for, and maps
+on an accelerator are not read, see ``lrc_lightning.regions.check_region_ids``.)
 """
 
 from __future__ import annotations

@@ -60,8 +60,8 @@ class LocalizedRegionContrastLoss(nn.Module):
     1-D scatter instead of a sort. Super-pixels numbered per image, or per 3D patch
     (:func:`lrc_lightning.data.patches.relabel_patch`, which ``LRCDataModule`` applies),
     always fit; ids numbered over a whole volume do not. An id beyond the bound raises a
-    ValueError whenever the maps are in host memory (:func:`~lrc_lightning.regions.
-    check_region_ids`), and on every device on the first batch that ``LRCMixin`` and
+    ValueError (:func:`~lrc_lightning.regions.check_region_ids`) whenever the maps are in
+    host memory, and on every device on the first batch that ``LRCMixin`` and
     ``LRCCallback`` see; maps on an accelerator are not read back on later steps (no host
     sync), where such ids are never counted: left out of the draw, never merged.
 

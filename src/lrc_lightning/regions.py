@@ -224,7 +224,7 @@ def check_region_ids(
     """
     if maps.numel() == 0 or torch.compiler.is_compiling():
         return
-    if maps.device.type == "cpu":
+    if maps.device.type == "cpu" and type(maps) is Tensor:
         # Host memory: numpy reads it in place, no device op (and no sync) involved.
         largest = int(maps.detach().numpy().max())
     elif read_device:
