@@ -2,7 +2,9 @@
 
 Host syncs are counted on CPU with a TorchDispatchMode: every op that would make a GPU wait
 for the device (``.item()`` = ``aten._local_scalar_dense``, ``nonzero``, boolean-mask
-indexing, ``masked_select``) is recorded.
+indexing, ``masked_select``) is recorded. (The loss's bound check on ids reads maps in host
+memory through numpy, outside this count: on CPU there is no device to wait for, and maps
+on an accelerator are not read, see ``lrc_lightning.regions.check_region_ids``.)
 """
 
 from __future__ import annotations
@@ -77,13 +79,35 @@ def test_detector_sees_item_and_boolean_masks() -> None:
 
 def test_moco_lrc_training_step_and_queue_update_have_no_host_sync() -> None:
     torch.manual_seed(0)
-    model = MoCoV2LRC(UNet2d(width=4, depth=2), queue_size=8)
+    model = MoCoV2LRC(UNet2d(width=4, depth=2), queue_size=12)
     batch = next(iter(DataLoader(PairedSlices(n=4), batch_size=4)))
+
+    def expected_keys() -> torch.Tensor:
+        """What the step enqueues: the momentum encoder's keys of view 1, then of view 2,
+        with the same shuffle-BN permutations (the random state is put back)."""
+        state = torch.get_rng_state()
+        with torch.no_grad():
+            keys = torch.cat([model.key(batch["image_v1"]), model.key(batch["image_v2"])])
+        torch.set_rng_state(state)
+        return keys
+
+    before, keys = model.queue.clone(), expected_keys()
     with SyncCounter() as counter:
         model.training_step(batch, 0).backward()
         model.update_key_encoder()
     assert counter.syncs == []
-    assert int(model.queue_ptr) == 8 % 8  # 2 views x 4 keys went in (pointer wrapped)
+    # 2 views x 4 keys went in at rows 0..7; rows 8..11 kept their random negatives.
+    assert int(model.queue_ptr) == 8
+    torch.testing.assert_close(model.queue[:8], keys)
+    assert torch.equal(model.queue[8:], before[8:])
+    # The next 8 keys wrap around: rows 8..11, then 0..3; rows 4..7 keep the first step's.
+    first, keys = model.queue.clone(), expected_keys()
+    assert not torch.allclose(keys, first[:8])  # the key encoder moved: new keys
+    model.training_step(batch, 1)
+    assert int(model.queue_ptr) == (8 + 8) % 12
+    torch.testing.assert_close(model.queue[8:], keys[:4])
+    torch.testing.assert_close(model.queue[:4], keys[4:])
+    assert torch.equal(model.queue[4:8], first[4:8])
 
 
 def _run_losses(tmp_path, name: str) -> list[float]:

@@ -9,7 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from lrc_lightning import DenseProjectionHead, LocalizedRegionContrastLoss
-from lrc_lightning.regions import downsample_superpixels, region_embeddings, select_regions
+from lrc_lightning.regions import (
+    _id_counts,
+    downsample_superpixels,
+    region_embeddings,
+    select_regions,
+)
 
 
 def reference_loss(f1, f2, s1, s2, ids, valid, tau, same_view_negatives=False):
@@ -70,6 +75,45 @@ def test_matches_loop_reference(same_view: bool) -> None:
     ref = reference_loss(f1.float(), f2.float(), s1, s2, ids, valid, 0.2, same_view)
     assert valid.sum() > 6
     assert torch.allclose(loss.float(), ref, atol=1e-5), (loss, ref)
+
+
+def _paint(vectors: torch.Tensor, maps: torch.Tensor, seed: int) -> torch.Tensor:
+    """(B, K, C) vectors, (B, H, W) ids -> (B, C, H, W): each pixel carries its region's
+    vector; pixels with id -1 get noise (they must never be read)."""
+    painted = torch.stack([v[m.clamp(min=0)] for v, m in zip(vectors, maps, strict=True)])
+    noise = torch.randn(painted.shape, generator=torch.Generator().manual_seed(seed))
+    return torch.where((maps >= 0).unsqueeze(-1), painted, noise).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("samples", [5, None])
+def test_each_view_is_read_at_its_own_region_positions(samples) -> None:
+    """The correspondence at the heart of LRC: view 2 is a flipped, shifted and partly
+    cropped copy of view 1, so its regions lie elsewhere, and its features follow its map.
+    With one vector per region and view, each region embedding is known by hand whatever
+    pixels are drawn; reading view 2 at view 1's positions gives other regions' vectors."""
+    k, tau = 7, 0.2
+    s1 = _maps(12, b=2, size=16, k=k)
+    s2 = s1.flip(-1).roll(4, dims=-2)
+    s2[:, :3] = -1
+    assert (s1 != s2).float().mean() > 0.5  # the maps really differ
+    g = torch.Generator().manual_seed(11)
+    a, c = torch.randn(2, k, 6, generator=g), torch.randn(2, k, 6, generator=g)
+    f1, f2 = _paint(a, s1, 1), _paint(c, s2, 2)
+    loss_fn = LocalizedRegionContrastLoss(temperature=tau, num_regions=5,
+                                          samples_per_region=samples, min_pixels=1)  # fmt: skip
+    z1, z2, valid = loss_fn.region_embeddings(f1, f2, s1, s2, torch.Generator().manual_seed(3))
+    ids, valid_ref = select_regions(s1, s2, 5, 1, torch.Generator().manual_seed(3), num_ids=256)
+    assert torch.equal(valid, valid_ref) and valid.sum() >= 8
+    expected_1, expected_2 = torch.zeros_like(z1), torch.zeros_like(z2)
+    for i in range(2):
+        for n in range(5):
+            if valid[i, n]:
+                expected_1[i, n] = F.normalize(a[i, ids[i, n]], dim=0)
+                expected_2[i, n] = F.normalize(c[i, ids[i, n]], dim=0)
+    torch.testing.assert_close(z1, expected_1)
+    torch.testing.assert_close(z2, expected_2)
+    ref = reference_loss(f1, f2, s1, s2, ids, valid, tau)
+    torch.testing.assert_close(loss_fn.contrast(z1, z2, valid), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_forward_equals_region_embeddings_then_contrast() -> None:
@@ -331,8 +375,13 @@ def test_bounded_and_sorted_region_selection_agree_and_bad_ids_are_refused() -> 
         for i in range(3):
             assert set(ids_a[i][valid_a[i]].tolist()) == set(ids_b[i][valid_b[i]].tolist())
     assert bounded[1].sum() > 3
-    with pytest.raises(RuntimeError, match="ids must be below 256"):
+    with pytest.raises(ValueError, match=r"superpixels_v1: super-pixel id 30\d is not below 256"):
         select_regions(s1 + 300, s2, 4, 1, num_ids=256)
+    # Where the maps are not read back (accelerators), an id beyond the bound is counted
+    # nowhere: not clamped onto id 255 (a merge), not out of range (a device assert).
+    big = torch.full((1, 4, 4), 255)
+    big[0, :2] = 300
+    assert _id_counts(big, 256)[0, 255] == 8 and _id_counts(big, 256).sum() == 8
 
 
 def test_volumes_match_the_loop_reference_through_the_same_code() -> None:

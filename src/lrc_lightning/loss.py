@@ -20,6 +20,7 @@ from lrc_lightning import distributed
 from lrc_lightning.regions import (
     DownsampleMode,
     average_samples,
+    check_region_ids,
     downsample_superpixels,
     gather_pixels,
     pool_regions,
@@ -53,6 +54,16 @@ class LocalizedRegionContrastLoss(nn.Module):
         superpixels_v1, superpixels_v2: (B, H, W) or (B, h, w) integer ids, -1 = ignore;
         equal ids in the two views denote the same region.
         Output: scalar.
+
+    Bound on ids: every id is -1 (ignored) or in 0..P-1, P = the pixels (voxels) of one
+    super-pixel map (H * W, or D * H * W): regions are counted in a table of P slots, one
+    1-D scatter instead of a sort. Super-pixels numbered per image, or per 3D patch
+    (:func:`lrc_lightning.data.patches.relabel_patch`, which ``LRCDataModule`` applies),
+    always fit; ids numbered over a whole volume do not. An id beyond the bound raises a
+    ValueError (:func:`~lrc_lightning.regions.check_region_ids`) whenever the maps are in
+    host memory, and on every device on the first batch that ``LRCMixin`` and
+    ``LRCCallback`` see; maps on an accelerator are not read back on later steps (no host
+    sync), where such ids are never counted: left out of the draw, never merged.
 
     ``projector`` (e.g. :class:`~lrc_lightning.DenseProjectionHead`) maps (B', C, *, *)
     features to embeddings. With sampling it runs on the N x M sampled pixels of both views
@@ -132,8 +143,11 @@ class LocalizedRegionContrastLoss(nn.Module):
                 )
         maps_v1 = downsample_superpixels(superpixels_v1, spatial, self.downsample)
         maps_v2 = downsample_superpixels(superpixels_v2, spatial, self.downsample)
-        # Felzenszwalb ids never reach the full-resolution pixel count: a static bound.
+        # Per-image (per-patch) Felzenszwalb ids never reach the full-resolution pixel count:
+        # a bound known without reading the data (see the class docstring).
         num_ids = max(superpixels_v1[0].numel(), superpixels_v2[0].numel())
+        check_region_ids(superpixels_v1, num_ids, "superpixels_v1")
+        check_region_ids(superpixels_v2, num_ids, "superpixels_v2")
         ids, valid = select_regions(
             maps_v1, maps_v2, self.num_regions, self.min_pixels, generator, num_ids
         )

@@ -22,6 +22,7 @@ from torch import Tensor
 __all__ = [
     "DownsampleMode",
     "average_samples",
+    "check_region_ids",
     "downsample_superpixels",
     "gather_pixels",
     "pool_regions",
@@ -141,9 +142,12 @@ def select_regions(
     Qualifying ids are drawn uniformly without replacement. No host sync, fixed shapes:
 
     * ``num_ids`` given (an upper bound on the ids, known without looking at the data: the
-      loss passes the pixel count of the full-resolution maps, which Felzenszwalb ids never
-      reach): pixels are counted per id with one 1-D scatter, linear in the map size. An id
-      at or above the bound raises an error (an asynchronous check on GPUs).
+      loss passes the pixel count of the full-resolution maps, which per-image Felzenszwalb
+      ids never reach): pixels are counted per id with one 1-D scatter, linear in the map
+      size. An id at or above the bound is refused as :func:`check_region_ids` says: a
+      ValueError for maps in host memory; on an accelerator (not read back: no host sync)
+      it is never counted, so never drawn and never merged with another id, on every
+      device alike.
     * ``num_ids=None``: the ids of both views are sorted together and each run of equal ids
       is counted per view with prefix sums (any ids, O(n log n)).
 
@@ -161,10 +165,8 @@ def select_regions(
             f"the two views have different batch sizes: {maps_v1.shape[0]} and {maps_v2.shape[0]}"
         )
     if num_ids is not None:
-        largest = torch.maximum(maps_v1.max(), maps_v2.max())
-        torch._assert_async(
-            largest < num_ids, f"super-pixel ids must be below {num_ids} (the maps' pixel count)"
-        )
+        check_region_ids(maps_v1, num_ids, "superpixels_v1")
+        check_region_ids(maps_v2, num_ids, "superpixels_v2")
         counts_v1 = _id_counts(maps_v1, num_ids)
         counts_v2 = _id_counts(maps_v2, num_ids)
         eligible = (counts_v1 >= min_pixels) & (counts_v2 >= min_pixels)
@@ -185,16 +187,57 @@ def select_regions(
 
 
 def _id_counts(maps: Tensor, num_ids: int) -> Tensor:
-    """(B, h, w) ids in [-1, num_ids) -> (B, num_ids) pixel counts (-1 not counted); a 1-D
-    scatter (deterministic on CUDA under ``torch.use_deterministic_algorithms``)."""
+    """(B, h, w) ids -> (B, num_ids) pixel counts of the ids 0..num_ids-1; a 1-D scatter
+    (deterministic on CUDA under ``torch.use_deterministic_algorithms``).
+
+    Negative ids are not counted; ids at or above ``num_ids`` go to an extra column that is
+    dropped: never counted as another id, never an index out of range (on any device)."""
     b = maps.shape[0]
     flat = maps.reshape(b, -1).long()
-    valid = flat >= 0
-    offsets = torch.arange(b, device=maps.device).unsqueeze(1) * num_ids
-    index = (flat.clamp(min=0, max=num_ids - 1) + offsets).flatten()
-    counts = torch.zeros(b * num_ids, dtype=torch.long, device=maps.device)
-    counts.scatter_add_(0, index, valid.long().flatten())
-    return counts.view(b, num_ids)
+    width = num_ids + 1  # column num_ids collects the ids beyond the bound
+    index = torch.where(flat < num_ids, flat, num_ids).clamp(min=0)
+    offsets = torch.arange(b, device=maps.device).unsqueeze(1) * width
+    counts = torch.zeros(b * width, dtype=torch.long, device=maps.device)
+    counts.scatter_add_(0, (index + offsets).flatten(), (flat >= 0).long().flatten())
+    return counts.view(b, width)[:, :num_ids]
+
+
+def check_region_ids(
+    maps: Tensor, num_ids: int, name: str = "superpixels", read_device: bool = False
+) -> None:
+    """Refuse ids at or above ``num_ids`` with a ValueError.
+
+    The bound of :class:`~lrc_lightning.LocalizedRegionContrastLoss`: ids are -1 (any
+    negative id: ignored) or 0..P-1, P the pixels (voxels) of one full-resolution map.
+    Super-pixels numbered per image (or per 3D patch,
+    :func:`lrc_lightning.data.patches.relabel_patch`) always fit.
+
+    Maps in host memory are always read (there is no device to wait for). Maps on an
+    accelerator are read only with ``read_device=True`` (one host sync: the library does it
+    once, on the first batch, in :func:`lrc_lightning.term.warn_if_too_coarse`); otherwise
+    the counting leaves their out-of-bound ids out (:func:`select_regions`) on every device
+    alike, instead of a device-side assert (fatal to a CUDA context, absent on ROCm). Not
+    read while ``torch.compile`` traces (a data-dependent branch).
+
+    Raises:
+        ValueError: an id at or above ``num_ids``, naming the map, the id and what to do.
+    """
+    if maps.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if maps.device.type == "cpu" and type(maps) is Tensor:
+        # Host memory: numpy reads it in place, no device op (and no sync) involved.
+        largest = int(maps.detach().numpy().max())
+    elif read_device:
+        largest = int(maps.max())
+    else:
+        return
+    if largest >= num_ids:
+        raise ValueError(
+            f"{name}: super-pixel id {largest} is not below {num_ids}, the bound on ids (the "
+            f"pixel count of one full-resolution map: ids must be -1 or 0..{num_ids - 1}). "
+            "Number super-pixels per image, or per 3D patch "
+            "(lrc_lightning.data.patches.relabel_patch), not over a whole volume or dataset."
+        )
 
 
 def region_slots(maps: Tensor, ids: Tensor, valid: Tensor) -> Tensor:

@@ -22,7 +22,12 @@ from torch import Tensor, nn
 
 from lrc_lightning.heads import DenseProjectionHead
 from lrc_lightning.loss import LocalizedRegionContrastLoss
-from lrc_lightning.regions import DownsampleMode, downsample_superpixels, select_regions
+from lrc_lightning.regions import (
+    DownsampleMode,
+    check_region_ids,
+    downsample_superpixels,
+    select_regions,
+)
 from lrc_lightning.schedules import DEFAULT_LRC_WEIGHT, WeightSchedule, lrc_weight
 
 __all__ = [
@@ -191,7 +196,15 @@ def warn_if_too_coarse(
 ) -> float:
     """Warn when fewer than 2 regions per image reach the loss (then InfoNCE has no
     negative of the same image and, with one region or none, the term is 0). Returns the
-    mean count. One host sync: call it once, not every step."""
+    mean count. Host syncs: call it once, not every step.
+
+    Also refuses ids beyond the loss's bound (ValueError), reading the maps wherever they
+    are: the loss itself reads only maps in host memory (see
+    :func:`~lrc_lightning.regions.check_region_ids`).
+    """
+    bound = max(superpixels_v1[0].numel(), superpixels_v2[0].numel())
+    check_region_ids(superpixels_v1, bound, f"{source}: superpixels_v1", read_device=True)
+    check_region_ids(superpixels_v2, bound, f"{source}: superpixels_v2", read_device=True)
     counts = count_valid_regions(criterion, feature_shape, superpixels_v1, superpixels_v2)
     mean = float(counts.float().mean())
     if mean < 2:

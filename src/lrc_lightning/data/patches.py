@@ -5,8 +5,10 @@ is a foreground voxel with probability ``foreground_ratio`` (a labelled organ wh
 has labels and ``labels_for_centres``, else a voxel brighter than the foreground
 threshold), anywhere otherwise. Pre-training warps the patch twice (:class:`VolumeAugment`:
 a random resized crop, flips, quarter turns and a small rotation in the (y, x) plane), each
-warp moving image (trilinear), supervoxel map and label (nearest) together: outside the
-volume the map is -1 and the label -1 (ignored). Intensity changes touch the image only.
+warp moving image (trilinear), supervoxel map and label (nearest, exact integers) together:
+outside the volume the map is -1 and the label -1 (ignored). Intensity changes touch the image
+only. A patch's supervoxels are numbered 0..K-1 (:func:`relabel_patch`), within the loss's
+bound on ids.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch.utils.data import Dataset
 
 from lrc_lightning.data.cache import CachedVolume
 from lrc_lightning.data.transforms import IntensityAugment, MirrorLabels, is_reflection
+from lrc_lightning.data.warping import warp_ids_nearest
 
 __all__ = [
     "LabelledPatches",
@@ -29,6 +32,7 @@ __all__ = [
     "PatchSampling",
     "VolumeAugment",
     "random_affine_3d",
+    "relabel_patch",
     "warp_volume",
 ]
 
@@ -36,7 +40,8 @@ __all__ = [
 @dataclass
 class VolumeAugment:
     """Random resized crop (fraction of the patch's volume), flips per axis (z, y, x),
-    quarter turns and a small rotation (degrees) in the (y, x) plane."""
+    quarter turns (half turns when H != W) and a small rotation (degrees) in the (y, x)
+    plane, all in voxel units: content keeps its proportions on non-square patches."""
 
     crop_scale: tuple[float, float] = (0.4, 1.0)
     flip: tuple[float, float, float] = (0.0, 0.5, 0.5)
@@ -74,8 +79,23 @@ class PatchSampling:
         self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
 
 
-def random_affine_3d(aug: VolumeAugment, generator: torch.Generator | None = None) -> Tensor:
-    """A (3, 4) ``affine_grid`` matrix (output -> input, (x, y, z) coordinates)."""
+def random_affine_3d(
+    aug: VolumeAugment,
+    size: tuple[int, int, int],
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """A (3, 4) ``affine_grid`` matrix (output -> input, (x, y, z) coordinates) for a patch
+    of ``size`` (D, H, W) voxels.
+
+    ``affine_grid`` works in normalised coordinates, where a patch of H != W voxels is a
+    square: a rotation written there stretches the content (a quarter turn of 32 x 64
+    voxels would squeeze it by 2 along one axis and stretch it by 2 along the other). The
+    rotation is therefore built in voxel units and converted. On planes with H != W the
+    quarter turns are half turns only (0 or 180 degrees): a 90 degree turn of a non-square
+    plane cannot cover it, and would leave the ends of its long side empty.
+    """
+    if len(size) != 3 or min(size) < 1:
+        raise ValueError(f"size must be three positive sizes (D, H, W), got {size}")
     u = torch.rand(9, generator=generator).tolist()
     fraction = aug.crop_scale[0] + (aug.crop_scale[1] - aug.crop_scale[0]) * u[0]
     side = min(1.0, fraction ** (1.0 / 3.0))
@@ -84,34 +104,60 @@ def random_affine_3d(aug: VolumeAugment, generator: torch.Generator | None = Non
     for axis, probability in zip((2, 1, 0), aug.flip, strict=True):  # flip is (z, y, x)
         if u[4 + axis] < probability:
             scale[axis] = -scale[axis]
+    _, h, w = size
     turns = int(u[7] * 4) % 4 if aug.quarter_turns else 0
+    if h != w:
+        turns -= turns % 2  # half turns only: see above
     angle = turns * math.pi / 2 + math.radians((2 * u[8] - 1) * aug.max_rotation)
     cos, sin = math.cos(angle), math.sin(angle)
     sx, sy, sz = scale
     cx, cy, cz = centre
+    # A rotation R in voxel units is S^-1 R S in normalised units, S = diag(W/2, H/2): the
+    # off-diagonal terms carry the aspect ratio. The crop scale is the same fraction on every
+    # axis, and flips are signs: both commute with S.
     return torch.tensor(
-        [[cos * sx, -sin * sy, 0.0, cx], [sin * sx, cos * sy, 0.0, cy], [0.0, 0.0, sz, cz]],
+        [[cos * sx, -sin * sy * h / w, 0.0, cx], [sin * sx * w / h, cos * sy, 0.0, cy],
+         [0.0, 0.0, sz, cz]],
         dtype=torch.float32,
-    )
+    )  # fmt: skip
 
 
 def warp_volume(
     theta: Tensor, image: Tensor, maps: dict[str, Tensor], size: tuple[int, int, int]
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Warp (N, C, D, H, W) images (trilinear, 0 outside) and (N, D, H, W) integer maps
-    (nearest, -1 outside; -1 stays -1) with (N, 3, 4) matrices onto ``size``."""
+    (nearest, -1 outside; -1 stays -1) with (N, 3, 4) matrices onto ``size``.
+
+    Maps are gathered with integer indices (:func:`~lrc_lightning.data.warping.warp_ids_nearest`),
+    never through float32: ids above 2**24 come back unchanged.
+    """
     n = image.shape[0]
     grid = F.affine_grid(theta, [n, 1, *size], align_corners=False)
     warped = F.grid_sample(image.float(), grid, mode="bilinear", padding_mode="zeros",
                            align_corners=False)  # fmt: skip
-    out = {}
-    for key, value in maps.items():
-        # Shifted by one so that the zero padding of grid_sample becomes -1.
-        shifted = (value.unsqueeze(1) + 1).float()
-        sampled = F.grid_sample(shifted, grid, mode="nearest", padding_mode="zeros",
-                                align_corners=False)  # fmt: skip
-        out[key] = sampled.squeeze(1).round().long() - 1
+    out = {key: warp_ids_nearest(value, grid, fill=-1).long() for key, value in maps.items()}
     return warped, out
+
+
+def relabel_patch(ids: np.ndarray) -> np.ndarray:
+    """Number a patch's supervoxels 0..K-1 (in the order of their volume ids); -1 stays -1.
+
+    Supervoxel ids are numbered over the whole volume (a 300 x 512 x 512 CT holds ~67k of
+    them), but the loss bounds ids by the voxel count of one patch
+    (:class:`~lrc_lightning.LocalizedRegionContrastLoss`): a 16 x 64 x 64 patch has 65,536.
+    A patch holds at most as many supervoxels as voxels, so its own numbering always fits.
+    Both views of a pair are warped from one relabelled patch: equal ids still mean the
+    same supervoxel.
+    """
+    flat = np.maximum(ids.reshape(-1), -1)  # any negative id is "ignored"
+    if flat.size == 0 or flat.max() < 0:
+        return ids
+    present = np.zeros(int(flat.max()) + 2, dtype=bool)  # slot 0 stands for -1
+    present[flat + 1] = True
+    present[0] = False
+    rank = np.cumsum(present, dtype=np.int64) - 1  # new id of each present old id
+    rank[0] = -1
+    return rank[flat + 1].reshape(ids.shape)
 
 
 def _box(volume: CachedVolume, centre: np.ndarray, size: tuple[int, int, int]) -> tuple:
@@ -181,6 +227,7 @@ class _Patches(Dataset):
         image[target] = volume.image[source]
         maps = np.full(self.patch_size, -1, dtype=np.int64)
         maps[target] = volume.superpixels[source]
+        maps = relabel_patch(maps)
         label = None
         if volume.label is not None:
             label_np = np.full(self.patch_size, -1, dtype=np.int64)
@@ -215,7 +262,7 @@ class PairedViewPatches(_Patches):
         item: dict[str, Tensor] = {}
         for view in ("v1", "v2"):
             assert self.geometry is not None and self.intensity is not None
-            theta = random_affine_3d(self.geometry).unsqueeze(0)
+            theta = random_affine_3d(self.geometry, self.patch_size).unsqueeze(0)
             warped, warped_maps = warp_volume(
                 theta, image.unsqueeze(0), {k: m.unsqueeze(0) for k, m in wanted.items()},
                 self.patch_size,
@@ -254,7 +301,7 @@ class LabelledPatches(_Patches):
         image, _, label = self._patch(i)
         assert label is not None
         if self.geometry is not None:
-            theta = random_affine_3d(self.geometry).unsqueeze(0)
+            theta = random_affine_3d(self.geometry, self.patch_size).unsqueeze(0)
             warped, maps = warp_volume(theta, image.unsqueeze(0), {"label": label.unsqueeze(0)},
                                        self.patch_size)  # fmt: skip
             if self.mirror is not None:

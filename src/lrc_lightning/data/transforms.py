@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lrc_lightning.data.warping import warp_ids_nearest
+
 __all__ = [
     "GeometryAugment",
     "IntensityAugment",
@@ -190,14 +192,9 @@ def warp_batch(
                            align_corners=False)  # fmt: skip
     out_maps = {}
     for key, m in maps.items():
-        # +2 so that zero padding marks "outside" and -1 survives as 1; float32 holds
-        # integers up to 2**24 exactly.
-        shifted = (m.float() + 2).unsqueeze(1)
-        sampled = F.grid_sample(shifted, grid, mode="nearest", padding_mode="zeros",
-                                align_corners=False)[:, 0]  # fmt: skip
-        ids = sampled.round().long() - 2
-        out_maps[key] = ids.clamp(min=-1) if key.startswith("superpixels") else torch.where(
-            ids == -2, 0, ids)  # fmt: skip
+        # Gathered, not interpolated: ids of any size come back exactly.
+        fill = -1 if key.startswith("superpixels") else 0
+        out_maps[key] = warp_ids_nearest(m.long(), grid, fill=fill)
     return warped, out_maps
 
 
