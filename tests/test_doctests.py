@@ -10,10 +10,13 @@ import pytest
 MODULES = [
     "lrc_lightning.batches",
     "lrc_lightning.callback",
+    "lrc_lightning.data.transforms",
+    "lrc_lightning.evaluation.statistics",
     "lrc_lightning.heads",
     "lrc_lightning.layers",
     "lrc_lightning.metrics",
     "lrc_lightning.monai",
+    "lrc_lightning.superpixels",
     "lrc_lightning.term",
 ]
 
