@@ -167,6 +167,95 @@ def test_views_are_matched_by_input_not_by_call_order(loader) -> None:
     cb.teardown(None, model, "fit")
 
 
+def _normalised(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean()) / x.std()
+
+
+class _NormalisesViews(TinyMoCo):
+    """Normalises each view in the step, view 2 first: no captured output has a view as
+    its input, and by call order f(view 2) would be paired with view 1's super-pixels."""
+
+    def training_step(self, batch, batch_idx):
+        self(_normalised(batch["image_v2"]))
+        self(_normalised(batch["image_v1"]))
+        return self.global_loss(batch)
+
+
+class _CopiesViews(TinyMoCo):
+    """Copies the views (view 2 first) before the network: recognised by their values."""
+
+    def training_step(self, batch, batch_idx):
+        self(batch["image_v2"].clone())
+        self(batch["image_v1"].clone())
+        return self.global_loss(batch)
+
+
+class _ConcatenatesViews(TinySupervisedLike):
+    """One forward of ``cat([view 2, view 1])``: halves in the reverse of the usual order."""
+
+    def training_step(self, batch, batch_idx):
+        x = torch.cat([batch["image_v2"], batch["image_v1"]])
+        return {"loss": F.mse_loss(self(x), x)}
+
+
+def _separate(f, batch):
+    """(right, guessed by call order): features of view 1 and view 2 each forwarded alone."""
+    f1, f2 = f(batch["image_v1"]), f(batch["image_v2"])
+    return (f1, f2), (f2, f1)
+
+
+def _normalised_pairs(f, batch):
+    right, _ = _separate(f, batch)
+    return right, (f(_normalised(batch["image_v2"])), f(_normalised(batch["image_v1"])))
+
+
+def _concatenated(f, batch):
+    """One forward of cat([view 2, view 1]) (BatchNorm sees both): its halves."""
+    second, first = f(torch.cat([batch["image_v2"], batch["image_v1"]])).chunk(2)
+    return (first, second), (second, first)
+
+
+@pytest.mark.parametrize(
+    ("module_cls", "extra", "pairs_of"),
+    [(_NormalisesViews, 1, _normalised_pairs), (_CopiesViews, 0, _separate),
+     (_ConcatenatesViews, 0, _concatenated)],
+)  # fmt: skip
+def test_views_changed_before_the_network_are_never_paired_by_guess(
+    loader, module_cls, extra, pairs_of
+) -> None:
+    """Copies and concatenations are matched by value; a normalised view (that no output
+    can be matched to) is forwarded by the callback itself, counted and warned: the term is
+    always that of (f(view 1), f(view 2)), never the pairing by call order."""
+    batch = next(iter(loader))
+    pl.seed_everything(0)
+    model = module_cls().train()
+    plain = copy.deepcopy(model)
+    cb = LRCCallback(feature_layer="net.decoder", feature_channels=8)
+    cb.setup(trainer(max_steps=1, callbacks=[cb]), model, "fit")
+    torch.manual_seed(3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, ref = model.training_step(batch, 0), plain.training_step(batch, 0)
+    loss = lambda o: o["loss"] if isinstance(o, dict) else o  # noqa: E731
+    added = loss(out) - loss(ref)
+    assert cb.extra_forwards == extra
+    messages = [str(w.message) for w in caught if "LRCCallback" in str(w.message)]
+    if extra:
+        assert len(messages) == 1 and "neither view" in messages[0]
+        assert "forwards view 2" in messages[0] and "does not guess" in messages[0]
+    else:
+        assert not messages
+    s1, s2 = batch["superpixels_v1"], batch["superpixels_v2"]
+    f = lambda x: model.net(x)[1]  # noqa: E731
+    terms = {}
+    for name, (a, b) in zip(("right", "guess"), pairs_of(f, batch), strict=True):
+        torch.manual_seed(3)
+        terms[name] = 0.3 * lrc_term(model.lrc_head, cb.criterion, a, b, s1, s2).item()
+    assert added.item() == pytest.approx(terms["right"], rel=1e-5)
+    assert abs(terms["right"] - terms["guess"]) > 1e-3
+    cb.teardown(None, model, "fit")
+
+
 # ---------------------------------------------------------------------- feature layers
 class _WithExample(TinySupervisedLike):
     def __init__(self) -> None:
