@@ -138,6 +138,28 @@ def test_solo_learn_module_gets_lrc_with_its_own_batch(tmp_path) -> None:
     assert all(t.eq(-1).all() for t in model.targets_seen)
 
 
+def test_a_batch_of_the_other_tuple_format_is_a_batch_format_error(tmp_path) -> None:
+    """lightly's and solo-learn's batches both hold four items: read with the other format,
+    a view would be a target or an index (a 0-d tensor) and the network's shape error
+    would say nothing about the cause. The error names the declared format and the batch."""
+    cases = (("lightly", "solo-learn", SoloStyleSimCLR, "backbone.decoder"),
+             ("solo-learn", "lightly", LightlyStyleMoCo, "backbone.2"))  # fmt: skip
+    for emitted, declared, module_cls, layer in cases:
+        cb = LRCCallback(feature_layer=layer, batch_format=declared)
+        with pytest.raises(ValueError) as error:
+            trainer(max_steps=1, callbacks=[cb]).fit(module_cls(), _data(tmp_path, emitted))
+        message = str(error.value)
+        assert f"batch_format {declared!r} reads" in message
+        assert "view_1 is torch.int64 Tensor()" in message  # a target / an index
+        assert "tuple[" in message and "Tensor(4, 1, 32, 32)" in message  # what arrived
+        assert f"looks like a {emitted!r} batch" in message
+    dict_batch = {"image_v1": torch.zeros(2, 1, 8, 8), "image_v2": torch.zeros(2, 1, 8, 8),
+                  "superpixels_v1": torch.zeros(2, 1, 8, 8, dtype=torch.long),
+                  "superpixels_v2": torch.zeros(2, 1, 8, 8, dtype=torch.long)}  # fmt: skip
+    with pytest.raises(ValueError, match=r"superpixels_1 is torch.int64 Tensor\(2, 1, 8, 8\)"):
+        batch_format("dict").inputs(dict_batch)  # maps with a channel: one dim too many
+
+
 class _ViewTwoFirst(TinyMoCo):
     """Runs view 2 before view 1: matching by call order would swap them."""
 
