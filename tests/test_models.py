@@ -94,8 +94,31 @@ def test_shuffle_bn_keys_come_from_random_sub_batches_in_input_order() -> None:
         assert len(match) == 1
         seen.add(match[0])
     assert len(seen) >= 2
-    with pytest.raises(ValueError, match="key_bn_groups=3 must divide"):
-        MoCoV2(UNet2d(width=4, depth=1), key_bn_groups=3).key(images)
+
+
+def test_shuffle_bn_on_an_uneven_batch_normalises_each_sub_batch_separately() -> None:
+    """A last batch of 7 with key_bn_groups=2: sub-batches of 4 and 3 of the permutation,
+    each with its own statistics, keys in input order (no crash, no image left out)."""
+    images = torch.rand(7, 1, 16, 16)
+    model = _moco_for_keys(groups=2)
+    torch.manual_seed(5)
+    keys = model.key(images)
+    torch.manual_seed(5)
+    order = torch.randperm(7)
+    reference = torch.empty(7, 128)
+    for sub in (order[:4], order[4:]):
+        reference[sub] = model.encode_keys(images[sub])
+    torch.testing.assert_close(keys, reference)
+    assert not torch.allclose(keys, model.encode_keys(images), atol=1e-4)  # groups matter
+    # Fewer images than groups: one image per sub-batch.
+    three = images[:3]
+    expected = torch.cat([model.encode_keys(three[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(_moco_for_keys(groups=4).key(three), expected)
+    # In a Trainer: 15 slices in batches of 8, the second batch holds 7.
+    model = MoCoV2(UNet2d(width=4, depth=2), queue_size=32, key_bn_groups=2)
+    t = trainer(max_epochs=1)
+    t.fit(model, DataLoader(PairedSlices(n=15), batch_size=8))
+    assert t.global_step == 2 and int(model.queue_ptr) == 2 * (8 + 7)
 
 
 def test_moco_contrast_known_value() -> None:

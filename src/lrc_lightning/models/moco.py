@@ -72,7 +72,9 @@ class MoCoV2(ReferenceModel):
         momentum, final_momentum: key encoder momentum, and its cosine target (None: fixed).
         global_weight: weight of the MoCo loss (0 leaves the global branch out: "LRC alone").
         key_bn_groups: sub-batches with their own BatchNorm statistics for the keys of each
-            rank's share (shuffle-BN; must divide the per-rank batch size).
+            rank's share (shuffle-BN). When it does not divide the batch (an epoch's last
+            batch), the sub-batches' sizes differ by one; a batch smaller than it gets one
+            image per sub-batch.
         optimizer, lr, weight_decay, lr_schedule, warmup_steps: optimisation.
     """
 
@@ -155,12 +157,10 @@ class MoCoV2(ReferenceModel):
         ``key_bn_groups`` sub-batches, and the keys are returned in input order.
         """
         b = images.shape[0]
-        groups = self.key_bn_groups
-        if b % groups:
-            raise ValueError(
-                f"key_bn_groups={groups} must divide the per-rank batch size, got {b} "
-                "(set MoCoV2(key_bn_groups=...) or the batch size)"
-            )
+        # A batch that key_bn_groups does not divide (an epoch's last) gets sub-batches whose
+        # sizes differ by one (tensor_split; chunk would make fewer, or leave one out); one
+        # smaller than key_bn_groups gets one image per sub-batch.
+        groups = min(self.key_bn_groups, b)
         if groups == 1 and not distributed.is_distributed():
             return self.encode_keys(images)
         everyone = distributed.gather(images)  # (world * B, ...) in rank order
@@ -168,7 +168,8 @@ class MoCoV2(ReferenceModel):
         if distributed.is_distributed():
             torch.distributed.broadcast(order, src=0)  # one permutation on every rank
         share = order[distributed.rank() * b : (distributed.rank() + 1) * b]
-        shuffled = torch.cat([self.encode_keys(chunk) for chunk in everyone[share].chunk(groups)])
+        sub_batches = everyone[share].tensor_split(groups)
+        shuffled = torch.cat([self.encode_keys(sub) for sub in sub_batches])
         keys = torch.empty(
             everyone.shape[0], shuffled.shape[1], dtype=shuffled.dtype, device=shuffled.device
         )
