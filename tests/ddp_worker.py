@@ -156,7 +156,8 @@ def trainer(args: argparse.Namespace, callbacks: list, **kwargs) -> pl.Trainer:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["mixin", "mixin3d", "callback", "uneven", "hooks", "shuffle"])
+    scenarios = ["mixin", "mixin3d", "callback", "uneven", "hooks", "shuffle"]
+    parser.add_argument("scenario", choices=scenarios)
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--batch", type=int, default=4, help="per-process batch size")
     parser.add_argument("--out", type=Path, required=True)
