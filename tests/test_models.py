@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
@@ -141,6 +142,54 @@ def test_momentum_update_follows_optimizer_steps_and_key_encoder_is_frozen() -> 
     assert not any(id(p) in optimized for p in model.key_projector.parameters())
     after = list(model.key_backbone.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+def test_momentum_update_formula_on_known_tensors() -> None:
+    """key <- m * key + (1 - m) * online, on the real module's parameters; BatchNorm
+    statistics are copied from the online encoder."""
+    model = MoCoV2(UNet2d(width=4, depth=1), queue_size=8, momentum=0.9)
+    online = [*model.backbone.parameters(), *model.projector.parameters()]
+    keys = [*model.key_backbone.parameters(), *model.key_projector.parameters()]
+    with torch.no_grad():
+        for p in online:
+            p.fill_(2.0)
+        for p in keys:
+            p.fill_(1.0)
+        for b in model.backbone.buffers():
+            b.fill_(3)
+    model.update_key_encoder()
+    for p in keys:  # 0.9 * 1 + 0.1 * 2 (inverted: 0.1 * 1 + 0.9 * 2 = 1.9)
+        torch.testing.assert_close(p, torch.full_like(p, 1.1))
+    model.update_key_encoder()
+    for p in keys:
+        torch.testing.assert_close(p, torch.full_like(p, 0.9 * 1.1 + 0.1 * 2.0))
+    assert all(b.eq(3).all() for b in model.key_backbone.buffers())
+    assert int(model.momentum_updates) == 2
+
+
+def test_momentum_update_under_gradient_accumulation_follows_optimizer_steps() -> None:
+    """With accumulate_grad_batches=2 the key encoder moves once per optimizer step, towards
+    the online weights of that step: the EMA of the online weights after steps 1 and 2."""
+    torch.manual_seed(0)
+    model = MoCoV2(UNet2d(width=4, depth=1), queue_size=16, momentum=0.7, optimizer="sgd",
+                   lr=0.1)  # fmt: skip
+    start = [p.detach().clone() for p in model.key_backbone.parameters()]
+    snapshots: list[list[torch.Tensor]] = []
+
+    class AfterEachOptimizerStep(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if (batch_idx + 1) % 2 == 0:
+                snapshots.append([p.detach().clone() for p in pl_module.backbone.parameters()])
+
+    t = trainer(max_steps=2, accumulate_grad_batches=2, callbacks=[AfterEachOptimizerStep()])
+    t.fit(model, DataLoader(PairedSlices(n=8), batch_size=2))
+    assert len(snapshots) == 2 and int(model.momentum_updates) == 2
+    expected = start
+    for online in snapshots:
+        expected = [0.7 * k + 0.3 * o for k, o in zip(expected, online, strict=True)]
+    for got, want in zip(model.key_backbone.parameters(), expected, strict=True):
+        torch.testing.assert_close(got, want)
+    assert not torch.allclose(snapshots[0][0], snapshots[1][0])  # the online weights moved
 
 
 def test_moco_lrc_backpropagates_lrc_into_decoder_only_through_query() -> None:
