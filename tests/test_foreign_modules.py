@@ -388,6 +388,26 @@ def test_callback_checkpoints_load_into_the_unmodified_module_and_resume_the_hea
     assert all(torch.equal(seen[k], v) for k, v in head_state.items())
 
 
+def test_callback_resume_with_another_head_size_or_layer(tmp_path, loader) -> None:
+    """A head size that differs from the checkpoint's is an error naming the option; a
+    feature layer of the same channels is a warning naming both layers."""
+    cb = LRCCallback(feature_layer="net.decoder", feature_channels=8)
+    ckpts = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(max_steps=1, callbacks=[cb, ckpts], enable_checkpointing=True).fit(
+        TinySupervisedLike(), loader
+    )
+    path = tmp_path / "last.ckpt"
+    other = LRCCallback(feature_layer="net.decoder", embedding_dim=64, feature_channels=8)
+    with pytest.raises(ValueError, match=r"(?s)cannot resume LRCCallback on TinySupervisedLike"
+                       r".*embedding_dim 128 in the checkpoint, 64 now.*embedding_dim=128 in "
+                       r"the checkpoint, 64 now.*Resume with the checkpoint's options"):
+        trainer(max_steps=2, callbacks=[other]).fit(TinySupervisedLike(), loader, ckpt_path=path)
+    layer = LRCCallback(feature_layer="net.encoder", feature_channels=8)
+    with pytest.warns(UserWarning, match=r"trained on feature_layer 'net.decoder' with "
+                      r"feature_layer 'net.encoder'"):  # fmt: skip
+        trainer(max_steps=2, callbacks=[layer]).fit(TinySupervisedLike(), loader, ckpt_path=path)
+
+
 # ---------------------------------------------------------------------- precision
 class _SGDModule(TinySupervisedLike):
     # Adam's eps underflows in pure fp16 (NaN after one step, with or without LRC).

@@ -192,6 +192,34 @@ def test_momentum_update_under_gradient_accumulation_follows_optimizer_steps() -
     assert not torch.allclose(snapshots[0][0], snapshots[1][0])  # the online weights moved
 
 
+def test_resuming_with_other_sizes_names_the_option_that_differs(tmp_path) -> None:
+    """Another head size, feature level or projection size than the checkpoint's: an error
+    naming the option and both values, not load_state_dict's size mismatch."""
+    from lrc_lightning import LRCConfig
+
+    loader = DataLoader(PairedSlices(n=4), batch_size=4)
+    t = trainer(max_steps=1)
+    t.fit(MoCoV2LRC(UNet2d(width=4, depth=2), queue_size=8), loader)
+    path = tmp_path / "run.ckpt"
+    t.save_checkpoint(path)
+    cases = [
+        (dict(lrc=LRCConfig(embedding_dim=64)),
+         r"LRC projection head has other sizes \(embedding_dim 128 in the checkpoint, 64 now\)"
+         r", from the LRC option\(s\) embedding_dim=128 in the checkpoint, 64 now"),
+        (dict(lrc=LRCConfig(feature_level=-2)),
+         r"feature channels 4 in the checkpoint, 8 now.*feature_level=-1 in the checkpoint, "
+         r"-2 now\..*come from .*lrc\.feature_level"),
+        (dict(projection_dim=64),
+         r"trained with projection_dim=128 in the checkpoint, 64 now, so .*"
+         r"projector\.2\.weight \(128, 512\) in the checkpoint, \(64, 512\) now"),
+    ]  # fmt: skip
+    for kwargs, message in cases:
+        model = MoCoV2LRC(UNet2d(width=4, depth=2), queue_size=8, **kwargs)
+        with pytest.raises(ValueError, match=f"(?s)cannot resume MoCoV2LRC.*{message}.*"
+                           "Resume with the checkpoint's options"):  # fmt: skip
+            trainer(max_steps=2).fit(model, loader, ckpt_path=path)
+
+
 def test_moco_lrc_backpropagates_lrc_into_decoder_only_through_query() -> None:
     model = MoCoV2LRC(UNet2d(width=4, depth=2), queue_size=8)
     batch = next(iter(DataLoader(PairedSlices(n=4), batch_size=4)))

@@ -26,11 +26,12 @@ from lrc_lightning.layers import (
     first_tensor,
     format_layers,
 )
-from lrc_lightning.mixin import LRCMixin
+from lrc_lightning.mixin import CHECKPOINT_KEY, LRCMixin
 from lrc_lightning.term import (
     LRCConfig,
     build_criterion,
     build_head,
+    check_head_sizes,
     log_lrc,
     lrc_term,
     trainer_step,
@@ -41,8 +42,6 @@ __all__ = ["CHECKPOINT_KEY", "HEAD_ATTRIBUTE", "LRCCallback", "LRCCallbackBase"]
 
 #: Name under which the callback registers its projection head on the module while fitting.
 HEAD_ATTRIBUTE = "lrc_head"
-#: Checkpoint entry that holds the head's state, outside the module's ``state_dict``.
-CHECKPOINT_KEY = "lrc_lightning"
 _PREFIX = HEAD_ATTRIBUTE + "."
 
 
@@ -548,7 +547,13 @@ class LRCCallbackBase:
         state = checkpoint.get("state_dict")
         if isinstance(state, dict):
             head = {k[len(_PREFIX) :]: state.pop(k) for k in list(state) if k.startswith(_PREFIX)}
-            checkpoint[CHECKPOINT_KEY] = {"head": head}
+            # Checkpoint entry that holds the head's state, outside the module's state_dict,
+            # and what chose its sizes (named when a resume differs).
+            checkpoint[CHECKPOINT_KEY] = {
+                "head": head,
+                "feature_layer": self.feature_layer,
+                "config": self.config.as_dict(),
+            }
         return result
 
     def _load_head(
@@ -566,8 +571,40 @@ class LRCCallbackBase:
                 )
                 assert self.head is not None
                 saved = self.head.state_dict()
+            else:
+                self._check_resumed_head(pl_module, saved, checkpoint.get(CHECKPOINT_KEY, {}))
             state.update({_PREFIX + k: v for k, v in saved.items()})
         return original(checkpoint)
+
+    def _check_resumed_head(
+        self, pl_module: Any, saved: dict[str, Any], record: dict[str, Any]
+    ) -> None:
+        """Another head size or feature layer than the checkpoint's: an error naming the
+        option when the sizes differ, a warning when only the layer does."""
+        assert self.head is not None
+        config = self.config.as_dict()
+        saved_options = dict(record.get("config") or {})
+        if "feature_layer" in record:
+            saved_options["feature_layer"] = record["feature_layer"]
+        options = {"feature_layer": self.feature_layer, "embedding_dim": config["embedding_dim"],
+                   "hidden_dim": config["hidden_dim"]}  # fmt: skip
+        check_head_sizes(
+            saved,
+            self.head,
+            "",
+            f"LRCCallback on {type(pl_module).__name__}",
+            saved_options if record.get("config") is not None else None,
+            options,
+            "feature_layer (or feature_channels)",
+        )
+        layer = record.get("feature_layer")
+        if layer is not None and layer != self.feature_layer:
+            warnings.warn(
+                f"LRCCallback resumes a head trained on feature_layer {layer!r} with "
+                f"feature_layer {self.feature_layer!r} (same channels): the head goes on "
+                "from weights fitted to the other layer's features",
+                stacklevel=2,
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {"config": self.config.as_dict()}

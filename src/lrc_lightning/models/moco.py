@@ -35,6 +35,19 @@ class MoCoStepOutput(NamedTuple):
     dense_v2: Tensor | None
 
 
+def _flat(options: Any, prefix: str = "") -> dict[str, Any]:
+    """Hyper-parameters as ``{"lrc.embedding_dim": 128, ...}`` (configs and dicts opened)."""
+    if isinstance(options, LRCConfig):
+        options = options.as_dict()
+    if not isinstance(options, dict):
+        return {prefix.rstrip("."): options}
+    flat: dict[str, Any] = {}
+    for key, value in options.items():
+        if not str(key).startswith("_"):  # LightningCLI's _class_path, _instantiator
+            flat.update(_flat(value, f"{prefix}{key}."))
+    return flat
+
+
 def _projector(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)
@@ -240,6 +253,34 @@ class MoCoV2(ReferenceModel):
         ):
             target_buffer.copy_(online_buffer)  # BN running stats follow the online encoder
         self.momentum_updates += 1
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming with other sizes (``projection_dim``, ``queue_size``, the backbone's):
+        an error naming the hyper-parameters that differ, not a state_dict size mismatch."""
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("state_dict", {})
+        mismatched = [
+            f"{name} {tuple(saved[name].shape)} in the checkpoint, {tuple(value.shape)} now"
+            for name, value in self.state_dict().items()
+            if isinstance(saved.get(name), Tensor)
+            and not nn.parameter.is_lazy(value)
+            and saved[name].shape != value.shape
+        ]
+        if not mismatched:
+            return
+        before = _flat(checkpoint.get("hyper_parameters", {}))
+        now = _flat(dict(self.hparams))
+        named = [f"{k}={before[k]!r} in the checkpoint, {now[k]!r} now"
+                 for k in sorted(now) if k in before and before[k] != now[k]]  # fmt: skip
+        raise ValueError(
+            f"cannot resume {type(self).__name__} from this checkpoint: "
+            + (f"it was trained with {'; '.join(named)}, so " if named else "")
+            + f"{len(mismatched)} weight(s) have other shapes ("
+            + "; ".join(mismatched[:4])
+            + ("; ..." if len(mismatched) > 4 else "")
+            + "). Resume with the checkpoint's options, or start a new run (without "
+            "ckpt_path) that loads the backbone's weights only."
+        )
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         # Called once per optimizer step (every n batches under accumulate_grad_batches=n),
