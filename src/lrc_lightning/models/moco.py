@@ -274,11 +274,12 @@ class MoCoV2(ReferenceModel):
                  for k in sorted(now) if k in before and before[k] != now[k]]  # fmt: skip
         raise ValueError(
             f"cannot resume {type(self).__name__} from this checkpoint: "
-            + (f"it was trained with {'; '.join(named)}, so " if named else "")
-            + f"{len(mismatched)} weight(s) have other shapes ("
+            f"{len(mismatched)} weight(s) have other shapes ("
             + "; ".join(mismatched[:4])
             + ("; ..." if len(mismatched) > 4 else "")
-            + "). Resume with the checkpoint's options, or start a new run (without "
+            + ")"
+            + (f"; the hyper-parameters that differ: {'; '.join(named)}" if named else "")
+            + ". Resume with the checkpoint's options, or start a new run (without "
             "ckpt_path) that loads the backbone's weights only."
         )
 
