@@ -24,7 +24,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from lrc_lightning import LRCCallback, LRCConfig, LRCDataModule  # noqa: E402
-from lrc_lightning.models import MoCoV2LRC, UNet2d, UNet3d  # noqa: E402
+from lrc_lightning.models import MoCoV2, MoCoV2LRC, UNet2d, UNet3d  # noqa: E402
 from lrc_lightning.sync_batchnorm import GlobalBatchNormSync  # noqa: E402
 from tests.helpers import PairedPatches, PairedSlices  # noqa: E402
 
@@ -105,6 +105,24 @@ class RecordLoss(pl.Callback):
         path.write_text(json.dumps(self.losses))
 
 
+class RecordKeys(pl.Callback):
+    """Before the first step: the momentum encoder's state (rank 0), then every rank's
+    shuffle-BN keys of its view 1 from a fixed seed (the permutation is rank 0's)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx:
+            return
+        if trainer.global_rank == 0:
+            torch.save(pl_module.state_dict(), self.out / "state.pt")
+        torch.manual_seed(5)
+        keys = pl_module.key(batch["image_v1"])
+        record = {"images": batch["image_v1"], "keys": keys}
+        torch.save(record, self.out / f"keys_rank{trainer.global_rank}.pt")
+
+
 class CountingDataModule(LRCDataModule):
     """Appends a line per hook call to a file: who prepared, who set up."""
 
@@ -138,12 +156,14 @@ def trainer(args: argparse.Namespace, callbacks: list, **kwargs) -> pl.Trainer:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["mixin", "mixin3d", "callback", "uneven", "hooks"])
+    scenarios = ["mixin", "mixin3d", "callback", "uneven", "hooks", "shuffle"]
+    parser.add_argument("scenario", choices=scenarios)
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--batch", type=int, default=4, help="per-process batch size")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--sync-bn", action="store_true")
     parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--groups", type=int, default=2, help="MoCoV2 key_bn_groups")
     return parser.parse_args(argv)
 
 
@@ -162,6 +182,12 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     total = args.batch * args.devices  # the global batch is the same in every run
+    if args.scenario == "shuffle":
+        # Shuffle-BN across ranks with key_bn_groups sub-batches per rank's share.
+        loader = DataLoader(PairedSlices(n=total), batch_size=args.batch)
+        model = MoCoV2(UNet2d(width=4, depth=2), queue_size=32, key_bn_groups=args.groups)
+        trainer(args, [RecordKeys(args.out)], max_steps=1).fit(model, loader)
+        return
     if args.scenario == "uneven":
         loader = DataLoader(HalfEmpty(n=4 * total), batch_size=args.batch)
         lrc = LRCConfig(gather_distributed=True)

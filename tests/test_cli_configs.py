@@ -115,6 +115,33 @@ def test_pretrain_export_finetune_test(tmp_path: Path, cache: Path, capsys) -> N
     assert any(r.get("test/dice_mean") for r in test_rows)
 
 
+def test_resume_keeps_the_command_line_over_the_checkpoint(tmp_path: Path, cache: Path) -> None:
+    """LightningCLI merges a checkpoint's hyper-parameters over the parsed config: an LRC
+    option given on the command line is put back (and said), one from a config file is
+    taken from the checkpoint with a warning; a head size given on the command line is
+    then an error naming it (not a state_dict size mismatch)."""
+    pre = tmp_path / "pre"
+    assert main(["fit", *small_run("moco_lrc", pre, cache, "--trainer.max_steps", "1")]) == 0
+    ckpt = str(last_checkpoint(pre))
+    override = tmp_path / "override.yaml"
+    override.write_text("model:\n  init_args:\n    queue_size: 64\n")
+    resumed = tmp_path / "resumed"
+    args = small_run("moco_lrc", resumed, cache, "--config", str(override), "--ckpt_path", ckpt,
+                     "--model.init_args.lrc.weight", "1.0")  # fmt: skip
+    with pytest.warns(UserWarning, match=r"Kept from the command line: "
+                      r"--model\.init_args\.lrc\.weight=1\.0 \(checkpoint: 0\.3\)\. Taken from "
+                      r"the checkpoint: model\.init_args\.queue_size=1024 \(config: 64\)"):
+        assert main(["fit", *args]) == 0
+    state = torch.load(last_checkpoint(resumed), weights_only=True)
+    assert state["global_step"] == 2 and state["hyper_parameters"]["lrc"]["weight"] == 1.0
+    weights = [float(r["train/lrc_weight"]) for r in metrics(resumed) if r.get("train/lrc_weight")]
+    assert weights == [pytest.approx(1.0 * 1 / 100)]  # lambda = weight * step / warmup_steps
+    with pytest.raises(ValueError, match=r"(?s)cannot resume MoCoV2LRC.*embedding_dim 128 in "
+                       r"the checkpoint, 64 now"):  # fmt: skip
+        main(["fit", *small_run("moco_lrc", tmp_path / "other", cache, "--ckpt_path", ckpt,
+              "--model.init_args.lrc.embedding_dim", "64")])  # fmt: skip
+
+
 def test_finetune_with_wrong_backbone_lists_keys(tmp_path: Path, cache: Path) -> None:
     weights = tmp_path / "wide.pt"
     torch.save(UNet2d(width=8, depth=3).state_dict(), weights)

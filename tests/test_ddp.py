@@ -77,3 +77,31 @@ def test_ranks_with_no_valid_region_do_not_hang(tmp_path: Path) -> None:
     for rank in (0, 1):
         losses = json.loads((tmp_path / f"losses_rank{rank}.json").read_text())
         assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+
+
+@pytest.mark.parametrize("batch", [4, 3])
+def test_shuffle_bn_keys_under_ddp_match_sub_batches_normalised_separately(
+    batch: int, tmp_path: Path
+) -> None:
+    """MoCo's shuffle-BN over 2 ranks with key_bn_groups=2: one permutation of the 2B
+    images of both ranks; each rank encodes its share in 2 sub-batches (of 2 and 1 for a
+    per-rank batch of 3), each with its own BatchNorm statistics; keys back in input order."""
+    from lrc_lightning.models import MoCoV2, UNet2d
+
+    run_ddp("shuffle", tmp_path, "--batch", str(batch))
+    records = [torch.load(tmp_path / f"keys_rank{r}.pt") for r in (0, 1)]
+    model = MoCoV2(UNet2d(width=4, depth=2), queue_size=32, key_bn_groups=2).train()
+    model.load_state_dict(torch.load(tmp_path / "state.pt"))
+    images = torch.cat([r["images"] for r in records])  # rank order, as gathered
+    torch.manual_seed(5)
+    order = torch.randperm(2 * batch)
+    reference = torch.empty(2 * batch, 128)
+    with torch.no_grad():
+        for rank in (0, 1):
+            share = order[rank * batch : (rank + 1) * batch]
+            for sub in share.tensor_split(2):
+                reference[sub] = model.encode_keys(images[sub])
+    for rank, record in enumerate(records):
+        torch.testing.assert_close(record["keys"], reference[rank * batch : (rank + 1) * batch])
+    whole = model.encode_keys(images[:batch])  # one batch's statistics: not what ran
+    assert not torch.allclose(records[0]["keys"], whole, atol=1e-4)

@@ -138,6 +138,28 @@ def test_solo_learn_module_gets_lrc_with_its_own_batch(tmp_path) -> None:
     assert all(t.eq(-1).all() for t in model.targets_seen)
 
 
+def test_a_batch_of_the_other_tuple_format_is_a_batch_format_error(tmp_path) -> None:
+    """lightly's and solo-learn's batches both hold four items: read with the other format,
+    a view would be a target or an index (a 0-d tensor) and the network's shape error
+    would say nothing about the cause. The error names the declared format and the batch."""
+    cases = (("lightly", "solo-learn", SoloStyleSimCLR, "backbone.decoder"),
+             ("solo-learn", "lightly", LightlyStyleMoCo, "backbone.2"))  # fmt: skip
+    for emitted, declared, module_cls, layer in cases:
+        cb = LRCCallback(feature_layer=layer, batch_format=declared)
+        with pytest.raises(ValueError) as error:
+            trainer(max_steps=1, callbacks=[cb]).fit(module_cls(), _data(tmp_path, emitted))
+        message = str(error.value)
+        assert f"batch_format {declared!r} reads" in message
+        assert "view_1 is torch.int64 Tensor()" in message  # a target / an index
+        assert "tuple[" in message and "Tensor(4, 1, 32, 32)" in message  # what arrived
+        assert f"looks like a {emitted!r} batch" in message
+    dict_batch = {"image_v1": torch.zeros(2, 1, 8, 8), "image_v2": torch.zeros(2, 1, 8, 8),
+                  "superpixels_v1": torch.zeros(2, 1, 8, 8, dtype=torch.long),
+                  "superpixels_v2": torch.zeros(2, 1, 8, 8, dtype=torch.long)}  # fmt: skip
+    with pytest.raises(ValueError, match=r"superpixels_1 is torch.int64 Tensor\(2, 1, 8, 8\)"):
+        batch_format("dict").inputs(dict_batch)  # maps with a channel: one dim too many
+
+
 class _ViewTwoFirst(TinyMoCo):
     """Runs view 2 before view 1: matching by call order would swap them."""
 
@@ -164,6 +186,95 @@ def test_views_are_matched_by_input_not_by_call_order(loader) -> None:
         terms[name] = 0.3 * lrc_term(model.lrc_head, cb.criterion, a, b, s1, s2).item()
     assert added.item() == pytest.approx(terms["right"], rel=1e-5)
     assert abs(terms["right"] - terms["swapped"]) > 1e-3
+    cb.teardown(None, model, "fit")
+
+
+def _normalised(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean()) / x.std()
+
+
+class _NormalisesViews(TinyMoCo):
+    """Normalises each view in the step, view 2 first: no captured output has a view as
+    its input, and by call order f(view 2) would be paired with view 1's super-pixels."""
+
+    def training_step(self, batch, batch_idx):
+        self(_normalised(batch["image_v2"]))
+        self(_normalised(batch["image_v1"]))
+        return self.global_loss(batch)
+
+
+class _CopiesViews(TinyMoCo):
+    """Copies the views (view 2 first) before the network: recognised by their values."""
+
+    def training_step(self, batch, batch_idx):
+        self(batch["image_v2"].clone())
+        self(batch["image_v1"].clone())
+        return self.global_loss(batch)
+
+
+class _ConcatenatesViews(TinySupervisedLike):
+    """One forward of ``cat([view 2, view 1])``: halves in the reverse of the usual order."""
+
+    def training_step(self, batch, batch_idx):
+        x = torch.cat([batch["image_v2"], batch["image_v1"]])
+        return {"loss": F.mse_loss(self(x), x)}
+
+
+def _separate(f, batch):
+    """(right, guessed by call order): features of view 1 and view 2 each forwarded alone."""
+    f1, f2 = f(batch["image_v1"]), f(batch["image_v2"])
+    return (f1, f2), (f2, f1)
+
+
+def _normalised_pairs(f, batch):
+    right, _ = _separate(f, batch)
+    return right, (f(_normalised(batch["image_v2"])), f(_normalised(batch["image_v1"])))
+
+
+def _concatenated(f, batch):
+    """One forward of cat([view 2, view 1]) (BatchNorm sees both): its halves."""
+    second, first = f(torch.cat([batch["image_v2"], batch["image_v1"]])).chunk(2)
+    return (first, second), (second, first)
+
+
+@pytest.mark.parametrize(
+    ("module_cls", "extra", "pairs_of"),
+    [(_NormalisesViews, 1, _normalised_pairs), (_CopiesViews, 0, _separate),
+     (_ConcatenatesViews, 0, _concatenated)],
+)  # fmt: skip
+def test_views_changed_before_the_network_are_never_paired_by_guess(
+    loader, module_cls, extra, pairs_of
+) -> None:
+    """Copies and concatenations are matched by value; a normalised view (that no output
+    can be matched to) is forwarded by the callback itself, counted and warned: the term is
+    always that of (f(view 1), f(view 2)), never the pairing by call order."""
+    batch = next(iter(loader))
+    pl.seed_everything(0)
+    model = module_cls().train()
+    plain = copy.deepcopy(model)
+    cb = LRCCallback(feature_layer="net.decoder", feature_channels=8)
+    cb.setup(trainer(max_steps=1, callbacks=[cb]), model, "fit")
+    torch.manual_seed(3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, ref = model.training_step(batch, 0), plain.training_step(batch, 0)
+    loss = lambda o: o["loss"] if isinstance(o, dict) else o  # noqa: E731
+    added = loss(out) - loss(ref)
+    assert cb.extra_forwards == extra
+    messages = [str(w.message) for w in caught if "LRCCallback" in str(w.message)]
+    if extra:
+        assert len(messages) == 1 and "neither view" in messages[0]
+        assert "forwards view 2" in messages[0] and "does not guess" in messages[0]
+    else:
+        assert not messages
+    s1, s2 = batch["superpixels_v1"], batch["superpixels_v2"]
+    f = lambda x: model.net(x)[1]  # noqa: E731
+    terms = {}
+    for name, (a, b) in zip(("right", "guess"), pairs_of(f, batch), strict=True):
+        torch.manual_seed(3)
+        terms[name] = 0.3 * lrc_term(model.lrc_head, cb.criterion, a, b, s1, s2).item()
+    assert added.item() == pytest.approx(terms["right"], rel=1e-5)
+    assert abs(terms["right"] - terms["guess"]) > 1e-3
     cb.teardown(None, model, "fit")
 
 
@@ -275,6 +386,26 @@ def test_callback_checkpoints_load_into_the_unmodified_module_and_resume_the_hea
         TinySupervisedLike(), loader, ckpt_path=tmp_path / "last.ckpt"
     )
     assert all(torch.equal(seen[k], v) for k, v in head_state.items())
+
+
+def test_callback_resume_with_another_head_size_or_layer(tmp_path, loader) -> None:
+    """A head size that differs from the checkpoint's is an error naming the option; a
+    feature layer of the same channels is a warning naming both layers."""
+    cb = LRCCallback(feature_layer="net.decoder", feature_channels=8)
+    ckpts = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(max_steps=1, callbacks=[cb, ckpts], enable_checkpointing=True).fit(
+        TinySupervisedLike(), loader
+    )
+    path = tmp_path / "last.ckpt"
+    other = LRCCallback(feature_layer="net.decoder", embedding_dim=64, feature_channels=8)
+    with pytest.raises(ValueError, match=r"(?s)cannot resume LRCCallback on TinySupervisedLike"
+                       r".*embedding_dim 128 in the checkpoint, 64 now.*embedding_dim=128 in "
+                       r"the checkpoint, 64 now.*Resume with the checkpoint's options"):
+        trainer(max_steps=2, callbacks=[other]).fit(TinySupervisedLike(), loader, ckpt_path=path)
+    layer = LRCCallback(feature_layer="net.encoder", feature_channels=8)
+    with pytest.warns(UserWarning, match=r"trained on feature_layer 'net.decoder' with "
+                      r"feature_layer 'net.encoder'"):  # fmt: skip
+        trainer(max_steps=2, callbacks=[layer]).fit(TinySupervisedLike(), loader, ckpt_path=path)
 
 
 # ---------------------------------------------------------------------- precision

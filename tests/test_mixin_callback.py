@@ -127,6 +127,41 @@ def test_weight_schedules_drive_the_mixin_weight(loader) -> None:
     assert history.history["train/lrc_weight"] == pytest.approx([0, 0.125, 0.25, 0.375, 0.5, 0.5])
 
 
+class _OwnLoss(TinySupervisedLike):
+    """Keeps the loss of its own step, so that the callback's added term can be read."""
+
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        self.own_loss = float(out["loss"])
+        return out
+
+
+def test_callback_lambda_follows_its_schedule_over_trainer_steps(loader) -> None:
+    """The term the callback adds at each real step is LRCConfig.weight_at(step) times the
+    logged unweighted loss; lambda is logged and mirrored in current_weight."""
+    pl.seed_everything(0)
+    cb = LRCCallback(feature_layer="net.decoder", weight=0.5, schedule="linear", warmup_steps=4)
+    seen: list[dict[str, float]] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            metrics = trainer.callback_metrics
+            seen.append({"added": float(outputs["loss"]) - pl_module.own_loss,
+                         "raw": float(metrics["train/lrc_loss_step"]),
+                         "logged": float(metrics["train/lrc_weight"]),
+                         "current": cb.current_weight})  # fmt: skip
+
+    trainer(max_steps=6, callbacks=[cb, Record()]).fit(_OwnLoss(), loader)
+    expected = [cb.config.weight_at(step) for step in range(6)]
+    assert expected == pytest.approx([0.0, 0.125, 0.25, 0.375, 0.5, 0.5])
+    assert [r["logged"] for r in seen] == pytest.approx(expected)
+    assert [r["current"] for r in seen] == pytest.approx(expected)
+    assert all(r["raw"] > 0.1 for r in seen)
+    assert [r["added"] for r in seen] == pytest.approx(
+        [w * r["raw"] for w, r in zip(expected, seen, strict=True)], rel=1e-4, abs=1e-6
+    )
+
+
 def test_mixin_lambda_follows_the_restored_step_without_a_callback(tmp_path, loader) -> None:
     model = TinyMoCoLRC(weight=0.5, schedule="linear", warmup_steps=4)
     t = trainer(max_steps=2, enable_checkpointing=True, default_root_dir=tmp_path)

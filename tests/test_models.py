@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
@@ -94,8 +95,31 @@ def test_shuffle_bn_keys_come_from_random_sub_batches_in_input_order() -> None:
         assert len(match) == 1
         seen.add(match[0])
     assert len(seen) >= 2
-    with pytest.raises(ValueError, match="key_bn_groups=3 must divide"):
-        MoCoV2(UNet2d(width=4, depth=1), key_bn_groups=3).key(images)
+
+
+def test_shuffle_bn_on_an_uneven_batch_normalises_each_sub_batch_separately() -> None:
+    """A last batch of 7 with key_bn_groups=2: sub-batches of 4 and 3 of the permutation,
+    each with its own statistics, keys in input order (no crash, no image left out)."""
+    images = torch.rand(7, 1, 16, 16)
+    model = _moco_for_keys(groups=2)
+    torch.manual_seed(5)
+    keys = model.key(images)
+    torch.manual_seed(5)
+    order = torch.randperm(7)
+    reference = torch.empty(7, 128)
+    for sub in (order[:4], order[4:]):
+        reference[sub] = model.encode_keys(images[sub])
+    torch.testing.assert_close(keys, reference)
+    assert not torch.allclose(keys, model.encode_keys(images), atol=1e-4)  # groups matter
+    # Fewer images than groups: one image per sub-batch.
+    three = images[:3]
+    expected = torch.cat([model.encode_keys(three[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(_moco_for_keys(groups=4).key(three), expected)
+    # In a Trainer: 15 slices in batches of 8, the second batch holds 7.
+    model = MoCoV2(UNet2d(width=4, depth=2), queue_size=32, key_bn_groups=2)
+    t = trainer(max_epochs=1)
+    t.fit(model, DataLoader(PairedSlices(n=15), batch_size=8))
+    assert t.global_step == 2 and int(model.queue_ptr) == 2 * (8 + 7)
 
 
 def test_moco_contrast_known_value() -> None:
@@ -118,6 +142,82 @@ def test_momentum_update_follows_optimizer_steps_and_key_encoder_is_frozen() -> 
     assert not any(id(p) in optimized for p in model.key_projector.parameters())
     after = list(model.key_backbone.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+def test_momentum_update_formula_on_known_tensors() -> None:
+    """key <- m * key + (1 - m) * online, on the real module's parameters; BatchNorm
+    statistics are copied from the online encoder."""
+    model = MoCoV2(UNet2d(width=4, depth=1), queue_size=8, momentum=0.9)
+    online = [*model.backbone.parameters(), *model.projector.parameters()]
+    keys = [*model.key_backbone.parameters(), *model.key_projector.parameters()]
+    with torch.no_grad():
+        for p in online:
+            p.fill_(2.0)
+        for p in keys:
+            p.fill_(1.0)
+        for b in model.backbone.buffers():
+            b.fill_(3)
+    model.update_key_encoder()
+    for p in keys:  # 0.9 * 1 + 0.1 * 2 (inverted: 0.1 * 1 + 0.9 * 2 = 1.9)
+        torch.testing.assert_close(p, torch.full_like(p, 1.1))
+    model.update_key_encoder()
+    for p in keys:
+        torch.testing.assert_close(p, torch.full_like(p, 0.9 * 1.1 + 0.1 * 2.0))
+    assert all(b.eq(3).all() for b in model.key_backbone.buffers())
+    assert int(model.momentum_updates) == 2
+
+
+def test_momentum_update_under_gradient_accumulation_follows_optimizer_steps() -> None:
+    """With accumulate_grad_batches=2 the key encoder moves once per optimizer step, towards
+    the online weights of that step: the EMA of the online weights after steps 1 and 2."""
+    torch.manual_seed(0)
+    model = MoCoV2(UNet2d(width=4, depth=1), queue_size=16, momentum=0.7, optimizer="sgd",
+                   lr=0.1)  # fmt: skip
+    start = [p.detach().clone() for p in model.key_backbone.parameters()]
+    snapshots: list[list[torch.Tensor]] = []
+
+    class AfterEachOptimizerStep(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if (batch_idx + 1) % 2 == 0:
+                snapshots.append([p.detach().clone() for p in pl_module.backbone.parameters()])
+
+    t = trainer(max_steps=2, accumulate_grad_batches=2, callbacks=[AfterEachOptimizerStep()])
+    t.fit(model, DataLoader(PairedSlices(n=8), batch_size=2))
+    assert len(snapshots) == 2 and int(model.momentum_updates) == 2
+    expected = start
+    for online in snapshots:
+        expected = [0.7 * k + 0.3 * o for k, o in zip(expected, online, strict=True)]
+    for got, want in zip(model.key_backbone.parameters(), expected, strict=True):
+        torch.testing.assert_close(got, want)
+    assert not torch.allclose(snapshots[0][0], snapshots[1][0])  # the online weights moved
+
+
+def test_resuming_with_other_sizes_names_the_option_that_differs(tmp_path) -> None:
+    """Another head size, feature level or projection size than the checkpoint's: an error
+    naming the option and both values, not load_state_dict's size mismatch."""
+    from lrc_lightning import LRCConfig
+
+    loader = DataLoader(PairedSlices(n=4), batch_size=4)
+    t = trainer(max_steps=1)
+    t.fit(MoCoV2LRC(UNet2d(width=4, depth=2), queue_size=8), loader)
+    path = tmp_path / "run.ckpt"
+    t.save_checkpoint(path)
+    cases = [
+        (dict(lrc=LRCConfig(embedding_dim=64)),
+         r"LRC projection head has other sizes \(embedding_dim 128 in the checkpoint, 64 now\)"
+         r", from the LRC option\(s\) embedding_dim=128 in the checkpoint, 64 now"),
+        (dict(lrc=LRCConfig(feature_level=-2)),
+         r"feature channels 4 in the checkpoint, 8 now.*feature_level=-1 in the checkpoint, "
+         r"-2 now\..*come from .*lrc\.feature_level"),
+        (dict(projection_dim=64),
+         r"projector\.2\.weight \(128, 512\) in the checkpoint, \(64, 512\) now.*"
+         r"the hyper-parameters that differ: projection_dim=128 in the checkpoint, 64 now\."),
+    ]  # fmt: skip
+    for kwargs, message in cases:
+        model = MoCoV2LRC(UNet2d(width=4, depth=2), queue_size=8, **kwargs)
+        with pytest.raises(ValueError, match=f"(?s)cannot resume MoCoV2LRC.*{message}.*"
+                           "Resume with the checkpoint's options"):  # fmt: skip
+            trainer(max_steps=2).fit(model, loader, ckpt_path=path)
 
 
 def test_moco_lrc_backpropagates_lrc_into_decoder_only_through_query() -> None:

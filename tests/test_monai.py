@@ -163,9 +163,12 @@ def test_dice_matches_monai_dice_metric_including_empty_organs(ours, ignore_empt
 def test_monai_3d_network_pretrains_on_ct_volumes_with_the_callback(tmp_path) -> None:
     """The issue's done-when: a MONAI 3D network in the user's own module, LRC from the
     callback, on CT volumes with supervoxels."""
+    import copy
+
     import pytorch_lightning as pl
 
     from lrc_lightning import LRCCallback, LRCDataModule
+    from lrc_lightning.term import lrc_term
 
     from .conftest import DEMO_CT
     from .helpers import MetricHistory, trainer
@@ -191,10 +194,39 @@ def test_monai_3d_network_pretrains_on_ct_volumes_with_the_callback(tmp_path) ->
                          batch_size=2, superpixel_scale=50, superpixel_min_size=20)  # fmt: skip
     cb = LRCCallback(feature_layer="net.upcat_1")
     history = MetricHistory("train/lrc_loss_step")
-    trainer(max_steps=2, callbacks=[cb, history]).fit(Denoise3d(), data)
-    assert cb.head.in_channels == 4 and cb.extra_forwards == 2  # view 2 is not in its step
+    with pytest.warns(UserWarning, match=r"neither view.*does not guess.*forwards view 1"):
+        trainer(max_steps=2, callbacks=[cb, history]).fit(Denoise3d(), data)
+    # The step runs the network on a noisy view 1 only: that output is no view's, so the
+    # callback forwards both views itself at each step instead of taking it for view 1.
+    assert cb.head.in_channels == 4 and cb.extra_forwards == 4
     assert len(history.history["train/lrc_loss_step"]) == 2
-    assert all(v > 0 for v in history.history["train/lrc_loss_step"])
+
+    # The term of one step is that of the two clean views' features, not of the noisy one.
+    batch = next(iter(data.train_dataloader()))
+    torch.manual_seed(0)
+    model = Denoise3d()
+    plain = copy.deepcopy(model)
+    cb.setup(trainer(max_steps=1, callbacks=[cb]), model, "fit")
+    torch.manual_seed(3)
+    out = model.training_step(batch, 0)
+    torch.manual_seed(3)
+    added = out - plain.training_step(batch, 0)
+    features: list[torch.Tensor] = []
+    handle = model.net.upcat_1.register_forward_hook(lambda m, i, o: features.append(o))
+    x1, x2 = batch["image_v1"], batch["image_v2"]
+    model(x1), model(x2), model(x1 + 0.05 * torch.randn_like(x1))
+    handle.remove()
+    s1, s2 = batch["superpixels_v1"], batch["superpixels_v2"]
+    terms = []
+    for f1 in (features[0], features[2]):  # view 1 clean (right), view 1 noisy (the guess)
+        torch.manual_seed(3)
+        torch.randn_like(x1)  # the step's noise, drawn before the term's sampling
+        terms.append(cb.config.weight * lrc_term(model.lrc_head, cb.criterion, f1, features[1],
+                                                 s1, s2).item())  # fmt: skip
+    assert added.item() == pytest.approx(terms[0], rel=1e-5, abs=1e-6)
+    # The noise is small (0.05): the guess is close, but 50x farther than the tolerance.
+    assert abs(added.item() - terms[1]) > 5e-5 * abs(terms[0])
+    cb.teardown(None, model, "fit")
     backbone = MonaiBackbone(BasicUNet(spatial_dims=3, in_channels=1, out_channels=2,
                                        features=(4, 4, 8, 16, 32, 4)),
                              spatial_dims=3, example_size=32)  # fmt: skip

@@ -109,6 +109,62 @@ def _as_tensor(value: Any, path: str) -> Tensor:
     return value.as_tensor() if hasattr(value, "as_tensor") else value
 
 
+def _problems(inputs: LRCInputs) -> list[str]:
+    """What makes ``inputs`` no pair of (B, C, *spatial) views with (B, *spatial) maps."""
+    view_1, view_2, maps_1, maps_2 = inputs
+    found = []
+    for name, view in (("view_1", view_1), ("view_2", view_2)):
+        if view.ndim not in (4, 5) or not view.is_floating_point():
+            found.append(f"{name} is {view.dtype} {_describe(view)}, not (B, C, H, W) or "
+                         "(B, C, D, H, W) images")  # fmt: skip
+    if not found and view_1.shape[0] != view_2.shape[0]:
+        found.append(f"the views' batch sizes differ: {_describe(view_1)}, {_describe(view_2)}")
+    for name, maps in (("superpixels_1", maps_1), ("superpixels_2", maps_2)):
+        if (
+            maps.ndim != view_1.ndim - 1
+            or maps.is_floating_point()
+            or (maps.ndim and maps.shape[0] != view_1.shape[0])
+        ):
+            found.append(f"{name} is {maps.dtype} {_describe(maps)}, not integer maps of "
+                         f"the views' batch and spatial size (one dim less than view_1's "
+                         f"{_describe(view_1)})")  # fmt: skip
+    return found
+
+
+def _fits(fmt: BatchFormat, batch: Any) -> bool:
+    try:
+        read = fmt._read(batch) if isinstance(fmt, KeyPathBatch) else fmt.inputs(batch)
+    except (KeyError, TypeError, ValueError, IndexError):
+        return False
+    return not _problems(read)
+
+
+def _checked(fmt: BatchFormat, inputs: LRCInputs, batch: Any, paths: tuple[str, ...]) -> LRCInputs:
+    """``inputs`` if they are two views and their maps; else an error naming the declared
+    format, where it looked, the batch's structure, and the ready format that fits it."""
+    found = _problems(inputs)
+    if not found:
+        return inputs
+    fits = [
+        name for name, make in BATCH_FORMATS.items() if name != fmt.name and _fits(make(), batch)
+    ]
+    advice = (
+        f"The batch looks like a {fits[0]!r} batch: give batch_format={fits[0]!r} to "
+        "LRCCallback / init_lrc (or build the batches with LRCDataModule(batch_format=...) "
+        "of the declared format)."
+        if fits
+        else "Give LRCCallback / init_lrc the batch_format that matches your batches "
+        "('dict', 'lightly', 'solo-learn', a KeyPathBatch or a callable)."
+    )
+    raise ValueError(
+        f"batch_format {fmt.name!r} reads view_1, view_2, superpixels_1, superpixels_2 at "
+        f"{list(paths)} of the training batch, but the batch is {_describe(batch)}: "
+        + "; ".join(found)
+        + ". "
+        + advice
+    )
+
+
 class KeyPathBatch(BatchFormat):
     """Views and maps at dotted key paths; ``module_items`` keeps only the first items of a
     tuple batch for the module (the maps appended after them are LRC's).
@@ -135,6 +191,9 @@ class KeyPathBatch(BatchFormat):
         self.name = name
 
     def inputs(self, batch: Any) -> LRCInputs:
+        return _checked(self, self._read(batch), batch, (*self.views, *self.superpixels))
+
+    def _read(self, batch: Any) -> LRCInputs:
         paths = (*self.views, *self.superpixels)
         return LRCInputs(*(_as_tensor(_follow(batch, p), p) for p in paths))
 
@@ -203,7 +262,8 @@ class CallableBatch(BatchFormat):
                 f"the batch format {self.name!r} must return (view_1, view_2, superpixels_1, "
                 f"superpixels_2), got {len(values)} values"
             )
-        return LRCInputs(*(_as_tensor(v, f"{self.name}()[{i}]") for i, v in enumerate(values)))
+        read = LRCInputs(*(_as_tensor(v, f"{self.name}()[{i}]") for i, v in enumerate(values)))
+        return _checked(self, read, batch, tuple(f"{self.name}()[{i}]" for i in range(4)))
 
 
 #: The ready formats, by name.

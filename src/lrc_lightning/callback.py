@@ -26,11 +26,12 @@ from lrc_lightning.layers import (
     first_tensor,
     format_layers,
 )
-from lrc_lightning.mixin import LRCMixin
+from lrc_lightning.mixin import CHECKPOINT_KEY, LRCMixin
 from lrc_lightning.term import (
     LRCConfig,
     build_criterion,
     build_head,
+    check_head_sizes,
     log_lrc,
     lrc_term,
     trainer_step,
@@ -41,8 +42,6 @@ __all__ = ["CHECKPOINT_KEY", "HEAD_ATTRIBUTE", "LRCCallback", "LRCCallbackBase"]
 
 #: Name under which the callback registers its projection head on the module while fitting.
 HEAD_ATTRIBUTE = "lrc_head"
-#: Checkpoint entry that holds the head's state, outside the module's ``state_dict``.
-CHECKPOINT_KEY = "lrc_lightning"
 _PREFIX = HEAD_ATTRIBUTE + "."
 
 
@@ -55,6 +54,44 @@ def _same(x: Tensor, view: Tensor) -> bool:
     return x is view or (
         x.shape == view.shape and x.device == view.device and x.data_ptr() == view.data_ptr()
     )
+
+
+def _equal(x: Tensor, view: Tensor) -> bool:
+    """``x`` holds ``view``'s values (a copy: ``clone``, ``contiguous``, a cast)."""
+    if x.shape != view.shape or x.device != view.device:
+        return False
+    if x.dtype != view.dtype:
+        if not (x.is_floating_point() and view.is_floating_point()):
+            return False
+        view = view.to(x.dtype)
+    return bool(torch.equal(x, view))
+
+
+#: View tags of a captured output: view 1, view 2, both views concatenated in this order
+#: (view 1 first), or in the reverse order. None: not a view (never guessed).
+_V1, _V2, _V12, _V21 = 0, 1, 2, 3
+
+
+def _view_tag(x: Tensor, views: tuple[Tensor, Tensor]) -> int | None:
+    """Which view ``x`` is: the same tensor, else the same values (one comparison on the
+    device, made only when the tensor is not a view itself), else None."""
+    v1, v2 = views
+    if _same(x, v1):
+        return _V1
+    if _same(x, v2):
+        return _V2
+    if _equal(x, v1):
+        return _V1
+    if _equal(x, v2):
+        return _V2
+    b = v1.shape[0]
+    if x.ndim == v1.ndim and x.shape[0] == 2 * b and x.shape[1:] == v1.shape[1:]:
+        first, second = x[:b], x[b:]
+        if _equal(first, v1) and _equal(second, v2):
+            return _V12
+        if _equal(first, v2) and _equal(second, v1):
+            return _V21
+    return None
 
 
 class LRCCallbackBase:
@@ -71,10 +108,12 @@ class LRCCallbackBase:
     matter. When the step runs view 2 only through a momentum or target copy of the network
     (lightly's and solo-learn's MoCo, BYOL), give that copy's layer as ``target_layer``: its
     output is view 2's features and no extra forward is made (the LRC gradient then reaches
-    the online network through view 1, as the momentum branch gets none). Outputs that
-    cannot be matched by input fall back to order and size (two outputs of batch B; one of
-    2B: the views concatenated). A view that reached no captured layer is forwarded once
-    more through the module, with a warning the first time (:attr:`extra_forwards` counts).
+    the online network through view 1, as the momentum branch gets none). A copy of a
+    view (``clone``, a cast) and the two views concatenated (``torch.cat([x1, x2])``,
+    either order) are recognised by their values. Outputs of any other input (a view
+    normalised in the step, say) are never paired by call order or size: a view without a
+    matched output is forwarded once more through the module by the callback, with a
+    warning the first time (:attr:`extra_forwards` counts).
 
     The projection head is registered on the module as ``lrc_head`` while fitting, so the
     optimizer (``self.parameters()``) and DDP see it. It is kept out of the module's
@@ -142,7 +181,7 @@ class LRCCallbackBase:
         self._view_stack: list[int | None] = []
         self._capturing = False
         self._regions_checked = False
-        self._warned_extra = False
+        self._warned_extra: set[str] = set()
 
     # ------------------------------------------------------------------ set-up / teardown
     @property
@@ -324,20 +363,15 @@ class LRCCallbackBase:
         return capture
 
     def _enter(self, module: nn.Module, args: Any) -> None:
-        """Which view runs through this ancestor of the feature layer: the view whose tensor
-        it was called with, else the view of the enclosing call (None: not a single view)."""
+        """Which view runs through this ancestor of the feature layer: the view it was
+        called with (the same tensor or a copy of it), else the view of the enclosing call
+        (None: not a view, e.g. a normalised one; such outputs are never paired)."""
         if not self._capturing or self._views is None:
             return
         x = first_tensor(args)
         inherited = self._view_stack[-1] if self._view_stack else None
-        if x is None:
-            self._view_stack.append(inherited)
-        elif _same(x, self._views[0]):
-            self._view_stack.append(0)
-        elif _same(x, self._views[1]):
-            self._view_stack.append(1)
-        else:
-            self._view_stack.append(inherited)
+        tag = _view_tag(x, self._views) if x is not None else None
+        self._view_stack.append(tag if tag is not None else inherited)
 
     def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._capturing and self._view_stack:
@@ -353,20 +387,40 @@ class LRCCallbackBase:
         setattr(pl_module, name, wrapped)
         self._wrapped.append(name)
 
-    def _forward_view(self, pl_module: Any, images: Tensor) -> Tensor:
+    def _forward_view(self, pl_module: Any, images: Tensor, which: int, reason: str) -> Tensor:
+        """View ``which`` (1 or 2) forwarded through the module by the callback: an extra
+        forward, counted in :attr:`extra_forwards`, warned once per reason."""
         self.extra_forwards += 1
-        if not self._warned_extra:
-            self._warned_extra = True
-            hint = (
-                f" If the step runs the other view through a momentum or target branch, give "
-                f"target_layer='<that branch's copy of {self.feature_layer}>' to reuse it."
-                if self.target_layer is None
-                else ""
-            )
+        if reason not in self._warned_extra:
+            self._warned_extra.add(reason)
+            if reason == "unmatched":
+                why = (
+                    f"the outputs of feature_layer {self.feature_layer!r} captured during "
+                    f"{type(pl_module).__name__}.training_step came from inputs that are "
+                    "neither view (the step normalises or otherwise changes the views before "
+                    "the network?), so which view each belongs to is unknown and the callback "
+                    "does not guess"
+                )
+                hint = (
+                    " To avoid it, call the network on the batch's view tensors (copies are "
+                    "recognised), put the transform inside the module's forward, or use "
+                    "LRCMixin and pass the features of both views to lrc_loss."
+                )
+            else:
+                why = (
+                    f"a view did not reach feature_layer {self.feature_layer!r} in "
+                    f"{type(pl_module).__name__}.training_step"
+                )
+                hint = (
+                    f" If the step runs the other view through a momentum or target branch, "
+                    f"give target_layer='<that branch's copy of {self.feature_layer}>' to "
+                    "reuse it."
+                    if self.target_layer is None
+                    else ""
+                )
             warnings.warn(
-                f"LRCCallback: a view did not reach feature_layer {self.feature_layer!r} in "
-                f"{type(pl_module).__name__}.training_step; the callback forwards it through "
-                f"the module once more each step (an extra forward).{hint}",
+                f"LRCCallback: {why}; the callback forwards view {which} through the module "
+                f"(its forward) once more each step (an extra forward).{hint}",
                 stacklevel=2,
             )
         before = len(self._online)
@@ -383,40 +437,46 @@ class LRCCallbackBase:
             )
         return self._online[before][1]
 
+    @staticmethod
+    def _by_view(store: list[tuple[int | None, Tensor]], b: int) -> dict[int, Tensor]:
+        """The captured outputs of each view (the first one of each), read from their tags;
+        untagged outputs are left out."""
+        found: dict[int, Tensor] = {}
+        for tag, t in store:
+            if tag in (_V1, _V2) and t.shape[0] == b:
+                found.setdefault(tag, t)
+            elif tag in (_V12, _V21) and t.shape[0] == 2 * b:
+                first, second = t.split(b)
+                found.setdefault(_V1, first if tag == _V12 else second)
+                found.setdefault(_V2, second if tag == _V12 else first)
+        return found
+
     def _view_features(self, pl_module: Any, inputs: LRCInputs) -> tuple[Tensor, Tensor]:
-        """The two views' features: matched by input tensor, else by call order and size."""
+        """The two views' features, matched by input tensor (or its values), never by call
+        order: a view without a matched output is forwarded by the callback."""
         b = inputs.superpixels_1.shape[0]
-        online = {
-            tag: t for tag, t in reversed(self._online) if tag is not None and t.shape[0] == b
-        }
-        target = {
-            tag: t for tag, t in reversed(self._target) if tag is not None and t.shape[0] == b
-        }
-        if 0 in online and 1 in online:
-            return online[0], online[1]
-        if 0 in online and 1 in target:
-            return online[0], target[1]
-        if 1 in online and 0 in target:
-            return target[0], online[1]
-        outputs = [t for _, t in self._online]
-        if len(outputs) >= 2 and outputs[0].shape[0] == b and outputs[1].shape[0] == b:
-            return outputs[0], outputs[1]
-        if outputs and outputs[0].shape[0] == 2 * b:
-            first, second = outputs[0].chunk(2)
-            return first, second
-        if len(outputs) == 1 and outputs[0].shape[0] == b:
-            targets = [t for _, t in self._target if t.shape[0] == b]
-            if targets:
-                return outputs[0], targets[0]
-            return outputs[0], self._forward_view(pl_module, inputs.view_2)
-        if not outputs:
-            first = self._forward_view(pl_module, inputs.view_1)
-            return first, self._forward_view(pl_module, inputs.view_2)
-        shapes = [tuple(t.shape) for t in outputs]
-        raise RuntimeError(
-            f"cannot tell the two views apart in the outputs of {self.feature_layer!r} "
-            f"captured during training_step (batch size {b}): {shapes}"
-        )
+        online = self._by_view(self._online, b)
+        target = self._by_view(self._target, b)
+        if _V1 in online and _V2 in online:
+            return online[_V1], online[_V2]
+        if _V1 in online and _V2 in target:
+            return online[_V1], target[_V2]
+        if _V2 in online and _V1 in target:
+            return target[_V1], online[_V2]
+        # Outputs that no view explains (a normalised view, say) are not used: pairing them
+        # by order or size could pair f(view 2) with view 1's super-pixels.
+        reason = "unmatched" if any(tag is None for tag, _ in self._online) else "missing"
+        if not online and _V2 in target:
+            return self._forward_view(pl_module, inputs.view_1, 1, reason), target[_V2]
+        if not online and _V1 in target:
+            return target[_V1], self._forward_view(pl_module, inputs.view_2, 2, reason)
+        first = online.get(_V1)
+        if first is None:
+            first = self._forward_view(pl_module, inputs.view_1, 1, reason)
+        second = online.get(_V2)
+        if second is None:
+            second = self._forward_view(pl_module, inputs.view_2, 2, reason)
+        return first, second
 
     def _clear(self) -> None:
         # In place: the forward hooks hold these lists.
@@ -487,7 +547,13 @@ class LRCCallbackBase:
         state = checkpoint.get("state_dict")
         if isinstance(state, dict):
             head = {k[len(_PREFIX) :]: state.pop(k) for k in list(state) if k.startswith(_PREFIX)}
-            checkpoint[CHECKPOINT_KEY] = {"head": head}
+            # Checkpoint entry that holds the head's state, outside the module's state_dict,
+            # and what chose its sizes (named when a resume differs).
+            checkpoint[CHECKPOINT_KEY] = {
+                "head": head,
+                "feature_layer": self.feature_layer,
+                "config": self.config.as_dict(),
+            }
         return result
 
     def _load_head(
@@ -505,8 +571,40 @@ class LRCCallbackBase:
                 )
                 assert self.head is not None
                 saved = self.head.state_dict()
+            else:
+                self._check_resumed_head(pl_module, saved, checkpoint.get(CHECKPOINT_KEY, {}))
             state.update({_PREFIX + k: v for k, v in saved.items()})
         return original(checkpoint)
+
+    def _check_resumed_head(
+        self, pl_module: Any, saved: dict[str, Any], record: dict[str, Any]
+    ) -> None:
+        """Another head size or feature layer than the checkpoint's: an error naming the
+        option when the sizes differ, a warning when only the layer does."""
+        assert self.head is not None
+        config = self.config.as_dict()
+        saved_options = dict(record.get("config") or {})
+        if "feature_layer" in record:
+            saved_options["feature_layer"] = record["feature_layer"]
+        options = {"feature_layer": self.feature_layer, "embedding_dim": config["embedding_dim"],
+                   "hidden_dim": config["hidden_dim"]}  # fmt: skip
+        check_head_sizes(
+            saved,
+            self.head,
+            "",
+            f"LRCCallback on {type(pl_module).__name__}",
+            saved_options if record.get("config") is not None else None,
+            options,
+            "feature_layer (or feature_channels)",
+        )
+        layer = record.get("feature_layer")
+        if layer is not None and layer != self.feature_layer:
+            warnings.warn(
+                f"LRCCallback resumes a head trained on feature_layer {layer!r} with "
+                f"feature_layer {self.feature_layer!r} (same channels): the head goes on "
+                "from weights fitted to the other layer's features",
+                stacklevel=2,
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {"config": self.config.as_dict()}

@@ -60,6 +60,9 @@ class LRCLightningCLI(LightningCLI):
 
     def __init__(self, *args: Any, trust_checkpoint: bool = False, **kwargs: Any) -> None:
         self.trust_checkpoint = trust_checkpoint
+        given = kwargs.get("args")
+        # The options given on the command line, which win over a checkpoint's.
+        self._command_line = [str(a) for a in given] if isinstance(given, (list, tuple)) else []
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"description": _DESCRIPTION})
@@ -73,6 +76,8 @@ class LRCLightningCLI(LightningCLI):
         # LightningCLI reads the hyper-parameters of --ckpt_path with weights_only=True. A
         # refused file gets our error (file and global named); a trusted one is loaded by the
         # Trainer unrestricted, without merging its hyper-parameters into the config.
+        subcommand = self.config.get("subcommand")
+        before = self.config.clone() if subcommand else None
         try:
             super()._parse_ckpt_path()
         except UnpicklingError as err:
@@ -86,6 +91,38 @@ class LRCLightningCLI(LightningCLI):
                 "hyper-parameters are not merged into the config",
                 stacklevel=2,
             )
+        if before is not None:
+            self._command_line_wins(subcommand, before)
+
+    def _command_line_wins(self, subcommand: str, before: Any) -> None:
+        """LightningCLI applies the checkpoint's hyper-parameters over the parsed config:
+        put back the model options given on the command line, and warn about each option
+        that differs from the checkpoint (kept from the command line, or taken from the
+        checkpoint over the config file), so that none is replaced silently."""
+        model = before[subcommand].get("model")
+        merged = self.config[subcommand].get("model")
+        if model is None or merged is None:
+            return
+        old, new = dict(_leaves(model)), dict(_leaves(merged))
+        given = {_short(a[2:].split("=", 1)[0]) for a in self._command_line
+                 if a.startswith("--model.")}  # fmt: skip
+        kept, taken = [], []
+        for key in sorted(set(old) & set(new)):
+            if old[key] == new[key]:
+                continue
+            short = _short(f"model.{key}")
+            if any(short == g or short.startswith(g + ".") for g in given):
+                self.config[f"{subcommand}.model.{key}"] = old[key]
+                kept.append(f"--model.{key}={old[key]!r} (checkpoint: {new[key]!r})")
+            else:
+                taken.append(f"model.{key}={new[key]!r} (config: {old[key]!r})")
+        if kept or taken:
+            warnings.warn(
+                "--ckpt_path: the checkpoint's hyper-parameters differ from the given ones. "
+                + (f"Kept from the command line: {', '.join(kept)}. " if kept else "")
+                + (f"Taken from the checkpoint: {', '.join(taken)}." if taken else ""),
+                stacklevel=2,
+            )
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         # `--ckpt_path` files are data: Lightning gets weights_only=True unless the user
@@ -94,6 +131,27 @@ class LRCLightningCLI(LightningCLI):
         if kwargs.get("ckpt_path") is not None and kwargs.get("weights_only") is None:
             kwargs["weights_only"] = not self.trust_checkpoint
         return kwargs
+
+
+def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """``(dotted key, value)`` of every leaf of a jsonargparse Namespace."""
+    if not _is_namespace(node):
+        return [(prefix, node)]
+    found: list[tuple[str, Any]] = []
+    for key, value in vars(node).items():
+        found += _leaves(value, f"{prefix}.{key}" if prefix else key)
+    return found
+
+
+def _is_namespace(node: Any) -> bool:
+    from jsonargparse import Namespace
+
+    return isinstance(node, Namespace)
+
+
+def _short(key: str) -> str:
+    """A model option's key without ``init_args`` (``--model.lrc.weight`` is accepted too)."""
+    return ".".join(part for part in key.split(".") if part != "init_args")
 
 
 def _ignored_sections(parser: Any) -> None:

@@ -11,9 +11,11 @@ from lrc_lightning.batches import batch_format as resolve_batch_format
 from lrc_lightning.heads import DenseProjectionHead
 from lrc_lightning.loss import LocalizedRegionContrastLoss
 from lrc_lightning.term import (
+    HEAD_OPTIONS,
     LRCConfig,
     build_criterion,
     build_head,
+    check_head_sizes,
     log_lrc,
     lrc_term,
     trainer_step,
@@ -22,6 +24,8 @@ from lrc_lightning.term import (
 
 __all__ = ["LRCConfig", "LRCMixin", "SUPERPIXEL_KEYS", "VIEW_KEYS"]
 
+#: Checkpoint entry of LRC's own records (the callback's head, the mixin's options).
+CHECKPOINT_KEY = "lrc_lightning"
 #: Batch keys of the two views and of their super-pixel maps (LRCDataModule's names).
 VIEW_KEYS = ("image_v1", "image_v2")
 SUPERPIXEL_KEYS = ("superpixels_v1", "superpixels_v2")
@@ -91,6 +95,34 @@ class LRCMixin:
                 f"{type(self).__name__} uses LRCMixin but init_lrc() was never called; "
                 "call self.init_lrc(feature_channels=...) in __init__"
             )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Records the LRC options beside the weights, so that a resume with other head
+        sizes can name the option that differs."""
+        if hasattr(self, "lrc_config"):
+            checkpoint.setdefault(CHECKPOINT_KEY, {})["config"] = self.lrc_config.as_dict()
+        parent = getattr(super(), "on_save_checkpoint", None)
+        if parent is not None:
+            parent(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming with another head size (``embedding_dim``, ``hidden_dim``, or another
+        feature layer's channels) is a clear error, not a state_dict size mismatch."""
+        if hasattr(self, "lrc_head"):
+            config = self.lrc_config.as_dict()
+            check_head_sizes(
+                checkpoint.get("state_dict", {}),
+                self.lrc_head,
+                "lrc_head.",
+                type(self).__name__,
+                checkpoint.get(CHECKPOINT_KEY, {}).get("config"),
+                {k: config[k] for k in HEAD_OPTIONS},
+                "the features given to lrc_loss (init_lrc's feature_channels; the reference "
+                "models: lrc.feature_level or lrc_feature_channels)",
+            )
+        parent = getattr(super(), "on_load_checkpoint", None)
+        if parent is not None:
+            parent(checkpoint)
 
     @property
     def lrc_current_weight(self) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ __all__ = [
     "LRCConfig",
     "build_criterion",
     "build_head",
+    "check_head_sizes",
     "count_valid_regions",
     "log_lrc",
     "lrc_term",
@@ -141,6 +143,71 @@ torch.serialization.add_safe_globals([LRCConfig])
 def build_head(config: LRCConfig, feature_channels: int | None) -> DenseProjectionHead:
     """The projection head; ``feature_channels=None`` infers them from the first input."""
     return DenseProjectionHead(feature_channels, config.hidden_dim, config.embedding_dim)
+
+
+def _head_sizes(state: Mapping[str, Any], prefix: str = "") -> dict[str, int] | None:
+    """The sizes of a :class:`DenseProjectionHead` read from its state (None: lazy)."""
+    first, last = state.get(prefix + "layers.0.weight"), state.get(prefix + "layers.3.weight")
+    if not isinstance(first, Tensor) or not isinstance(last, Tensor):
+        return None
+    if nn.parameter.is_lazy(first):
+        return None
+    return {
+        "feature channels": int(first.shape[1]),
+        "hidden_dim": int(first.shape[0]),
+        "embedding_dim": int(last.shape[0]),
+    }
+
+
+#: The options that set the head's sizes (what a resumed run must keep).
+HEAD_OPTIONS = ("embedding_dim", "hidden_dim", "feature_level")
+
+
+def check_head_sizes(
+    saved_state: Mapping[str, Any],
+    head: nn.Module,
+    prefix: str,
+    source: str,
+    saved_options: Mapping[str, Any] | None,
+    options: Mapping[str, Any],
+    channels_from: str,
+) -> None:
+    """Resuming: a clear error when the checkpoint's LRC head has other sizes than ``head``
+    (instead of load_state_dict's size mismatch).
+
+    Args:
+        saved_state: the checkpoint's state holding the head's weights under ``prefix``.
+        head: the head of this run.
+        source: what is being resumed, for the message.
+        saved_options, options: the options that choose the head (the checkpoint's, when
+            it recorded them, and this run's): the differing ones are named.
+        channels_from: which option(s) choose the feature channels.
+
+    Raises:
+        ValueError: the sizes differ; names each size and option that differs, and what
+            to do.
+    """
+    saved, now = _head_sizes(saved_state, prefix), _head_sizes(head.state_dict())
+    if saved is None or now is None or saved == now:
+        return
+    sizes = [f"{k} {saved[k]} in the checkpoint, {now[k]} now" for k in saved if saved[k] != now[k]]
+    named = [
+        f"{k}={saved_options[k]!r} in the checkpoint, {options[k]!r} now"
+        for k in options
+        if saved_options is not None and k in saved_options and saved_options[k] != options[k]
+    ]
+    channels = (
+        f" The feature channels come from {channels_from}."
+        if saved["feature channels"] != now["feature channels"]
+        else ""
+    )
+    raise ValueError(
+        f"cannot resume {source} from this checkpoint: its LRC projection head has other "
+        f"sizes ({'; '.join(sizes)})"
+        + (f", from the LRC option(s) {'; '.join(named)}" if named else "")
+        + f".{channels} Resume with the checkpoint's options, or start a new run (without "
+        "ckpt_path) from the weights you need: the head is then trained anew."
+    )
 
 
 def build_criterion(config: LRCConfig) -> LocalizedRegionContrastLoss:

@@ -35,6 +35,19 @@ class MoCoStepOutput(NamedTuple):
     dense_v2: Tensor | None
 
 
+def _flat(options: Any, prefix: str = "") -> dict[str, Any]:
+    """Hyper-parameters as ``{"lrc.embedding_dim": 128, ...}`` (configs and dicts opened)."""
+    if isinstance(options, LRCConfig):
+        options = options.as_dict()
+    if not isinstance(options, dict):
+        return {prefix.rstrip("."): options}
+    flat: dict[str, Any] = {}
+    for key, value in options.items():
+        if not str(key).startswith("_"):  # LightningCLI's _class_path, _instantiator
+            flat.update(_flat(value, f"{prefix}{key}."))
+    return flat
+
+
 def _projector(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)
@@ -72,7 +85,9 @@ class MoCoV2(ReferenceModel):
         momentum, final_momentum: key encoder momentum, and its cosine target (None: fixed).
         global_weight: weight of the MoCo loss (0 leaves the global branch out: "LRC alone").
         key_bn_groups: sub-batches with their own BatchNorm statistics for the keys of each
-            rank's share (shuffle-BN; must divide the per-rank batch size).
+            rank's share (shuffle-BN). When it does not divide the batch (an epoch's last
+            batch), the sub-batches' sizes differ by one; a batch smaller than it gets one
+            image per sub-batch.
         optimizer, lr, weight_decay, lr_schedule, warmup_steps: optimisation.
     """
 
@@ -155,12 +170,10 @@ class MoCoV2(ReferenceModel):
         ``key_bn_groups`` sub-batches, and the keys are returned in input order.
         """
         b = images.shape[0]
-        groups = self.key_bn_groups
-        if b % groups:
-            raise ValueError(
-                f"key_bn_groups={groups} must divide the per-rank batch size, got {b} "
-                "(set MoCoV2(key_bn_groups=...) or the batch size)"
-            )
+        # A batch that key_bn_groups does not divide (an epoch's last) gets sub-batches whose
+        # sizes differ by one (tensor_split; chunk would make fewer, or leave one out); one
+        # smaller than key_bn_groups gets one image per sub-batch.
+        groups = min(self.key_bn_groups, b)
         if groups == 1 and not distributed.is_distributed():
             return self.encode_keys(images)
         everyone = distributed.gather(images)  # (world * B, ...) in rank order
@@ -168,7 +181,8 @@ class MoCoV2(ReferenceModel):
         if distributed.is_distributed():
             torch.distributed.broadcast(order, src=0)  # one permutation on every rank
         share = order[distributed.rank() * b : (distributed.rank() + 1) * b]
-        shuffled = torch.cat([self.encode_keys(chunk) for chunk in everyone[share].chunk(groups)])
+        sub_batches = everyone[share].tensor_split(groups)
+        shuffled = torch.cat([self.encode_keys(sub) for sub in sub_batches])
         keys = torch.empty(
             everyone.shape[0], shuffled.shape[1], dtype=shuffled.dtype, device=shuffled.device
         )
@@ -239,6 +253,35 @@ class MoCoV2(ReferenceModel):
         ):
             target_buffer.copy_(online_buffer)  # BN running stats follow the online encoder
         self.momentum_updates += 1
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming with other sizes (``projection_dim``, ``queue_size``, the backbone's):
+        an error naming the hyper-parameters that differ, not a state_dict size mismatch."""
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("state_dict", {})
+        mismatched = [
+            f"{name} {tuple(saved[name].shape)} in the checkpoint, {tuple(value.shape)} now"
+            for name, value in self.state_dict().items()
+            if isinstance(saved.get(name), Tensor)
+            and not nn.parameter.is_lazy(value)
+            and saved[name].shape != value.shape
+        ]
+        if not mismatched:
+            return
+        before = _flat(checkpoint.get("hyper_parameters", {}))
+        now = _flat(dict(self.hparams))
+        named = [f"{k}={before[k]!r} in the checkpoint, {now[k]!r} now"
+                 for k in sorted(now) if k in before and before[k] != now[k]]  # fmt: skip
+        raise ValueError(
+            f"cannot resume {type(self).__name__} from this checkpoint: "
+            f"{len(mismatched)} weight(s) have other shapes ("
+            + "; ".join(mismatched[:4])
+            + ("; ..." if len(mismatched) > 4 else "")
+            + ")"
+            + (f"; the hyper-parameters that differ: {'; '.join(named)}" if named else "")
+            + ". Resume with the checkpoint's options, or start a new run (without "
+            "ckpt_path) that loads the backbone's weights only."
+        )
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         # Called once per optimizer step (every n batches under accumulate_grad_batches=n),
