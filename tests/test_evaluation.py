@@ -174,3 +174,23 @@ def test_run_keys_version_one_never_reused_and_later_options_only_when_set() -> 
                   ["--probe-levels", "bottleneck"]):  # fmt: skip
         assert settings_key(build_parser().parse_args([*base, *extra])) != plain, extra
     assert settings_key(build_parser().parse_args([*base, "--threads", "1"])) == plain
+
+
+def test_benchmark_checks_case_counts_and_labels_before_training(tmp_path: Path, capsys) -> None:
+    data = two_organ_dataset(tmp_path / "Task_two")  # 5 patients
+    with pytest.raises(SystemExit) as exit_info:
+        cli([*tiny(data, tmp_path / "out"), "--test-cases", "3", "--val-cases", "2"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(r"5 cases, but 3 test \+ 2 validation \+ k=1 .* need 6", err)
+    # A scored patient (test or validation with this split) without its label file.
+    spec = json.loads((data / "dataset.json").read_text())
+    for entry in spec["training"]:
+        entry.pop("label")
+        break
+    (data / "dataset.json").write_text(json.dumps(spec))
+    with pytest.raises(SystemExit) as exit_info:
+        cli(tiny(data, tmp_path / "out2"))
+    assert exit_info.value.code == 2
+    assert "cases without a label: ['case_000']" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.json"))

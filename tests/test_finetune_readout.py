@@ -46,3 +46,28 @@ def test_foreground_sampler_draws_organ_slices_at_the_ratio(tmp_path: Path) -> N
     share = np.mean([i in organ for i in drawn])
     assert share == pytest.approx(0.8 + 0.2 * natural, abs=0.03)
     assert foreground_sampler(len(dataset), sorted(organ), 0.0) is None
+
+
+def test_labels_beyond_num_classes_are_refused_at_setup(tmp_path: Path) -> None:
+    import pytorch_lightning as pl
+
+    from lrc_lightning.models import FineTuneSegmentation, UNet2d
+
+    dm = LRCDataModule(DEMO_MR, cache_dir=str(tmp_path / "cache"), image_size=32,
+                       mode="finetune", labelled_cases=None, batch_size=4)  # fmt: skip
+    model = FineTuneSegmentation(UNet2d(width=4, depth=2), num_classes=3)
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"label values \[0, 1, 2, 3, 4\].*num_classes=3.*"
+                                         r"\[3, 4\] have no output; set num_classes=5"):
+        trainer.fit(model, dm)
+    # Labels declared nowhere: the first batch is checked.
+    undeclared = LRCDataModule(DEMO_MR, cache_dir=str(tmp_path / "cache"), image_size=32,
+                               mode="finetune", labelled_cases=None, batch_size=4,
+                               labels=None)  # fmt: skip
+    undeclared.config = None  # type: ignore[assignment]
+    with pytest.raises(ValueError, match=r"value 4 .*num_classes=3.*set num_classes=5"):
+        pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False).fit(
+            FineTuneSegmentation(UNet2d(width=4, depth=2), num_classes=3), undeclared
+        )  # fmt: skip

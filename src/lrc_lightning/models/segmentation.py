@@ -168,12 +168,39 @@ class SupervisedSegmentation(ReferenceModel):
         self._volume_ids: list[str] = []
         self.last_dice_table: dict[str, list[float]] = {}
 
+    def setup(self, stage: str) -> None:
+        """Labels against ``num_classes`` before the first step: a label value the head has
+        no output for is an ``IndexError`` deep in cross-entropy on a CPU and a device
+        assert that ends the process on a GPU."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        config = getattr(datamodule, "config", None)
+        allowed = getattr(config, "allowed_labels", None)
+        if allowed:
+            outside = sorted(v for v in allowed if v >= self.num_classes)
+            if outside:
+                raise ValueError(
+                    f"the data declare label values {list(allowed)} but the model has "
+                    f"num_classes={self.num_classes} (values 0..{self.num_classes - 1}): "
+                    f"{outside} have no output; set num_classes={max(allowed) + 1}"
+                )
+        self._labels_checked = False
+
     # ------------------------------------------------------------------ forward
     def forward(self, images: Tensor) -> Tensor:
         """(B, C_in, *spatial) -> (B, num_classes, *spatial) logits (2D or 3D)."""
         return _full_size(self.head(_decoder_features(self.backbone, images)[-1]), images)
 
     def segmentation_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        if not getattr(self, "_labels_checked", True):
+            # Undeclared labels: the first batch is checked once (one host sync).
+            self._labels_checked = True
+            top = int(labels.max())
+            if top >= self.num_classes:
+                raise ValueError(
+                    f"a training label has value {top} but the model has "
+                    f"num_classes={self.num_classes} (values 0..{self.num_classes - 1}); "
+                    f"set num_classes={top + 1} or declare the labels (dataset.json 'labels')"
+                )
         ce = F.cross_entropy(logits.float(), labels, ignore_index=self.ignore_index)
         return ce + self.hparams["dice_weight"] * soft_dice_loss(logits, labels, self.ignore_index)
 
