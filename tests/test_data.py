@@ -76,7 +76,13 @@ def test_reads_dicom_series_and_its_label() -> None:
     assert discover_cases(folder)[0].case_id == "example_ct_dicom"
 
 
-def _write_dicom_series(volume: sitk.Image, folder: Path) -> list[Path]:
+def _write_dicom_series(
+    volume: sitk.Image,
+    folder: Path,
+    series_uid: str = "1.2.826.0.1.3680043.2.1125.1.1",
+    description: str | None = None,
+    prefix: str = "slice",
+) -> list[Path]:
     """Write a real volume as an uncompressed DICOM CT series, one file per slice.
 
     GDCM's writer sets the process locale to "C" (reading does not): it is restored, else
@@ -84,22 +90,26 @@ def _write_dicom_series(volume: sitk.Image, folder: Path) -> list[Path]:
     """
     saved_locale = locale.setlocale(locale.LC_ALL)
     try:
-        return _write_dicom_files(volume, folder)
+        return _write_dicom_files(volume, folder, series_uid, description, prefix)
     finally:
         locale.setlocale(locale.LC_ALL, saved_locale)
 
 
-def _write_dicom_files(volume: sitk.Image, folder: Path) -> list[Path]:
-    folder.mkdir(parents=True)
+def _write_dicom_files(
+    volume: sitk.Image, folder: Path, series_uid: str, description: str | None, prefix: str
+) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
     volume = sitk.Cast(volume, sitk.sitkInt16)
     d = volume.GetDirection()
     tags = {
         "0008|0060": "CT",
         "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
-        "0020|000e": "1.2.826.0.1.3680043.2.1125.1.1",
+        "0020|000e": series_uid,
         "0020|0037": "\\".join(str(v) for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
         "0018|0050": str(volume.GetSpacing()[2]),
     }
+    if description is not None:
+        tags["0008|103e"] = description
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     files = []
@@ -110,7 +120,7 @@ def _write_dicom_files(volume: sitk.Image, folder: Path) -> list[Path]:
         position = volume.TransformIndexToPhysicalPoint((0, 0, i))
         slice_.SetMetaData("0020|0032", "\\".join(str(v) for v in position))
         slice_.SetMetaData("0020|0013", str(i))
-        files.append(folder / f"slice{i:03d}.dcm")
+        files.append(folder / f"{prefix}{i:03d}.dcm")
         writer.SetFileName(str(files[-1]))
         writer.Execute(slice_)
     return files

@@ -133,6 +133,8 @@ class VolumeCache:
             "image": _file_identity(case.image, self.hash_content),
             "label": _file_identity(case.label, self.hash_content) if case.label else None,
         }
+        if case.series is not None:  # only then: keys of single-series folders stay as they were
+            payload["series"] = case.series
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         return hashlib.blake2b(blob, digest_size=10).hexdigest()
 

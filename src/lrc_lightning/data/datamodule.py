@@ -133,6 +133,10 @@ class LRCDataModuleBase:
         foreground_ratio: share of 3D patches centred on foreground (an organ when
             fine-tuning, else a voxel brighter than ``foreground_threshold``).
         patches_per_volume: 3D patches per volume and epoch.
+        dicom_series: which series of a DICOM folder holding several (a localizer next to
+            the axial series): None (an error listing them), ``"largest"``, ``"all"`` (one
+            case per series) or a SeriesInstanceUID; see
+            :func:`~lrc_lightning.data.cases.discover_cases`.
     """
 
     def __init__(
@@ -177,6 +181,7 @@ class LRCDataModuleBase:
         patch_size: tuple[int, int, int] = (32, 96, 96),
         foreground_ratio: float = 0.5,
         patches_per_volume: int = 8,
+        dicom_series: str | None = None,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -189,6 +194,7 @@ class LRCDataModuleBase:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.save_hyperparameters()
         self.data = data
+        self.dicom_series = dicom_series
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.persistent_workers = persistent_workers and num_workers > 0
@@ -251,7 +257,7 @@ class LRCDataModuleBase:
 
     # ------------------------------------------------------------------ Lightning hooks
     def cases(self) -> list[Case]:
-        return discover_cases(self.data)
+        return discover_cases(self.data, self.dicom_series)
 
     def prepare_data(self) -> None:
         """Fill the cache (once per node). Assigns no state, as Lightning requires."""

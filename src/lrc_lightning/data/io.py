@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from lrc_lightning.data.cases import DataError
+from lrc_lightning.data.cases import DataError, select_dicom_series
 
 __all__ = ["check_same_geometry", "checked_volume", "read_volume"]
 
@@ -84,18 +84,24 @@ def _scan_nifti(path: Path) -> int:
         raise DataError(f"{path}: unreadable or truncated volume (gzip stream: {err})") from err
 
 
-def read_volume(path: str | Path) -> sitk.Image:
+def read_volume(path: str | Path, series: str | None = None) -> sitk.Image:
     """Read a 3D volume (file or DICOM series folder), reoriented to LPS.
 
+    Args:
+        path: a volume file or a folder of DICOM files.
+        series: for a folder holding several DICOM series, the SeriesInstanceUID to read
+            or ``"largest"`` (:func:`~lrc_lightning.data.cases.select_dicom_series`).
+
     Raises:
-        DataError: missing or unreadable file, not 3D, or non-finite voxels.
+        DataError: missing or unreadable file, not 3D, or non-finite voxels; a DICOM
+            folder with several series and no ``series``.
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
     try:
         if path.is_dir():
-            image = _read_series(dicom_series_files(path), path)
+            image = _read_series(dicom_series_files(path, series), path)
         else:
             name = path.name.lower()
             if name.endswith((".nii", ".nii.gz")):
@@ -145,12 +151,23 @@ def checked_volume(image: sitk.Image, path: Path) -> sitk.Image:
 # series in one piece, so the result is always what ``read_volume`` gives.
 
 
-def dicom_series_files(path: Path) -> list[str]:
-    """The files of the DICOM series in folder ``path``, sorted along the slice normal."""
-    names = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path)))
-    if not names:
-        raise DataError(f"{path}: folder holds no DICOM series")
-    return names
+def dicom_series_files(path: Path, series: str | None = None) -> list[str]:
+    """The files of the DICOM series in folder ``path``, sorted along the slice normal.
+
+    ``series``: None (the folder must hold one series), a SeriesInstanceUID or
+    ``"largest"``; never a silent pick among several (ITK alone would take the series with
+    the lowest UID, a 3-slice localizer as readily as the axial series).
+
+    Raises:
+        DataError: no series, or not exactly one series chosen (the message lists them).
+    """
+    chosen = select_dicom_series(path, series)
+    if len(chosen) != 1:
+        raise DataError(
+            f"{path}: dicom_series={series!r} chooses {len(chosen)} series; one is read "
+            "per case (discover_cases makes one case per series with 'all')"
+        )
+    return list(chosen[0].files)
 
 
 @dataclass(frozen=True)

@@ -64,15 +64,15 @@ def precompute_in_pool(
 
     with ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
 
-        def read_image(path: Path) -> sitk.Image:
+        def read_image(path: Path, series: str | None) -> sitk.Image:
             if not path.is_dir():
-                return read_volume(path)
-            blocks = dicom_blocks(dicom_series_files(path), 2 * processes)
+                return read_volume(path, series)
+            blocks = dicom_blocks(dicom_series_files(path, series), 2 * processes)
             if len(blocks) == 1:
-                return read_volume(path)
+                return read_volume(path, series)
             futures = [pool.submit(read_dicom_block, str(path), b) for b in blocks]
             image = assemble_dicom_blocks([f.result() for f in futures])
-            return read_volume(path) if image is None else checked_volume(image, path)
+            return read_volume(path, series) if image is None else checked_volume(image, path)
 
         for case in todo:
             read = read_case(case, config, read_image)

