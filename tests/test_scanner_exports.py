@@ -12,7 +12,8 @@ import pytest
 import SimpleITK as sitk
 
 from lrc_lightning import LRCDataModule
-from lrc_lightning.data import DataError, PreprocessConfig, discover_cases, read_volume
+from lrc_lightning.data import DataError, PreprocessConfig, VolumeCache, discover_cases, read_volume
+from lrc_lightning.data.cases import Case
 from lrc_lightning.data.preprocess import build_entry
 
 from .conftest import DEMO_CT
@@ -86,3 +87,31 @@ def test_datamodule_reads_the_chosen_series_of_a_scanner_export(tmp_path) -> Non
     (volume,) = dm.volumes(dm.split.pool)
     assert volume.image.shape == (30, 32, 32)  # the axial series, not the localizer
     assert next(iter(dm.train_dataloader()))["image_v1"].shape == (2, 1, 32, 32)
+
+
+# ---------------------------------------------------------------- label values
+def _liver_mask(path: Path, value: int) -> Path:
+    """The shipped CT's liver (TotalSegmentator label 5) as a binary mask 0/``value``."""
+    seg = sitk.ReadImage(str(CT_SEG))
+    mask = sitk.Cast(sitk.Equal(seg, 5), sitk.sitkUInt8) * value
+    sitk.WriteImage(mask, str(path))
+    return path
+
+
+def test_a_0_255_mask_is_an_error_not_ignored_pixels(tmp_path) -> None:
+    mask = _liver_mask(tmp_path / "liver_0_255.nii.gz", 255)
+    remedy = r"must lie in 0\.\.254 \(255 is reserved for padding.*found \[255\]; remap"
+    with pytest.raises(DataError, match=rf"liver_0_255\.nii\.gz: label values {remedy}"):
+        build_entry(Case("ct", CT, mask), PreprocessConfig(modality="ct"))
+    with pytest.raises(DataError, match=r"liver_0_255\.nii\.gz: .*found \[255\]"):
+        build_entry(Case("ct", CT, mask), PreprocessConfig(modality="ct", allowed_labels=(0, 1)))
+    # The remapped mask (0/1) trains on every liver voxel; the padding the package adds
+    # itself is still ignored (-1 in batches).
+    fixed = _liver_mask(tmp_path / "liver_0_1.nii.gz", 1)
+    cache = VolumeCache(tmp_path / "cache", PreprocessConfig(modality="ct", image_size=122))
+    case = Case("ct", CT, fixed)
+    cache.prepare([case], progress=False)
+    ids = cache.load(case).label_ids()
+    assert ids.shape == (30, 122, 122)  # 101 rows padded to 122
+    assert int((ids == 1).sum()) == 38634  # every liver voxel of the file
+    assert int((ids == -1).sum()) == 30 * 21 * 122  # exactly the padded rows

@@ -124,6 +124,12 @@ class ReadCase:
 
 
 def _read_label(case: Case, image: sitk.Image, config: PreprocessConfig) -> np.ndarray | None:
+    """The label map of ``case`` as uint8, every value checked.
+
+    :data:`IGNORE_LABEL` is the package's own padding value: a file that holds it (a 0/255
+    binary mask, a common export) would otherwise lose that structure to "ignore" without
+    a word, so it is an error like any value outside the declared labels.
+    """
     if case.label is None:
         return None
     label = read_volume(case.label)
@@ -133,18 +139,32 @@ def _read_label(case: Case, image: sitk.Image, config: PreprocessConfig) -> np.n
         if not np.all(label_arr == np.round(label_arr)):
             raise DataError(f"{case.label}: label map has non-integer values")
     values = np.unique(label_arr)
-    if values.min() < 0 or values.max() > 255:
+    remap = (
+        "remap the file's values to the labels (e.g. 0/255 masks to 0/1: "
+        "sitk.WriteImage(sitk.Cast(label > 0, sitk.sitkUInt8), path))"
+    )
+    if values.min() < 0 or values.max() >= IGNORE_LABEL:
+        found = [v for v in values.tolist() if v < 0 or v >= IGNORE_LABEL]
         raise DataError(
-            f"{case.label}: label values must lie in 0..255, found {values.min()}..{values.max()}"
+            f"{case.label}: label values must lie in 0..{IGNORE_LABEL - 1} ({IGNORE_LABEL} "
+            f"is reserved for padding, which is ignored), found {_listed(found)}; {remap}"
         )
     if config.allowed_labels is not None:
-        extra = sorted(set(values.tolist()) - set(config.allowed_labels) - {IGNORE_LABEL})
+        extra = sorted(set(values.tolist()) - set(config.allowed_labels))
         if extra:
             raise DataError(
-                f"{case.label}: label values {extra} are not among the declared labels "
-                f"{list(config.allowed_labels)}"
+                f"{case.label}: label values {_listed(extra)} are not among the declared "
+                f"labels {list(config.allowed_labels)} (LRCDataModule(labels=...) or the "
+                f"'labels' of dataset.json); {remap}, or declare them"
             )
     return label_arr.astype(np.uint8)
+
+
+def _listed(values: list[Any], limit: int = 10) -> str:
+    """``values`` as a list for a message: the first ``limit`` and a count of the rest."""
+    shown = ", ".join(str(int(v) if float(v).is_integer() else v) for v in values[:limit])
+    more = f", ... ({len(values)} in all)" if len(values) > limit else ""
+    return f"[{shown}{more}]"
 
 
 def _resample_slices(volume: np.ndarray, count: int, label: bool) -> np.ndarray:
