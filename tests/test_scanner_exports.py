@@ -5,6 +5,7 @@ validation cases, huge slices; and the cache survives dead processes and full di
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from lrc_lightning.data import DataError, PreprocessConfig, VolumeCache, discove
 from lrc_lightning.data.cases import Case
 from lrc_lightning.data.preprocess import build_entry
 
-from .conftest import DEMO_CT
+from .conftest import DEMO_CT, DEMO_MR
 from .test_data import _write_dicom_series
 
 CT = DEMO_CT / "example_ct_sm.nii.gz"
@@ -115,3 +116,33 @@ def test_a_0_255_mask_is_an_error_not_ignored_pixels(tmp_path) -> None:
     assert ids.shape == (30, 122, 122)  # 101 rows padded to 122
     assert int((ids == 1).sum()) == 38634  # every liver voxel of the file
     assert int((ids == -1).sum()) == 30 * 21 * 122  # exactly the padded rows
+
+
+# ---------------------------------------------------------------- case ids as paths
+def test_case_ids_that_look_like_paths_stay_inside_the_cache(tmp_path) -> None:
+    images = sorted((DEMO_MR / "imagesTr").glob("*.nii.gz"))[:3]
+    table = tmp_path / "data" / "cases.csv"
+    table.parent.mkdir()
+    ids = ["sub-01/ses-01", "../../x", "sub-01_ses-01"]  # the last sanitises like the first
+    with table.open("w", newline="") as fh:
+        rows = [[i, str(p), str(DEMO_MR / "labelsTr" / p.name)]
+                for i, p in zip(ids, images, strict=True)]  # fmt: skip
+        csv.writer(fh).writerows([["id", "image", "label"], *rows])
+    cache_dir = tmp_path / "data" / "cache"
+    dm = LRCDataModule(str(table), cache_dir=str(cache_dir), image_size=32, batch_size=2,
+                       mode="finetune", val_cases=["sub-01/ses-01"])  # fmt: skip
+    dm.prepare_data()
+    dm.setup("fit")
+    entries = sorted(p.name for p in cache_dir.iterdir())
+    assert len(entries) == 3 and all(not p.startswith(".") for p in entries)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # nothing escaped
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["cache", "cases.csv"]
+    for case in dm.cases():
+        entry = dm.cache.entry_dir(case)
+        assert entry.parent == cache_dir
+        assert json.loads((entry / "meta.json").read_text())["case_id"] == case.case_id
+    (val,) = dm.volumes(dm.split.val)
+    np.testing.assert_array_equal(val.image, dm.cache.load(discover_cases(table)[0]).image)
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch["case_id"]) <= {"../../x", "sub-01_ses-01"}
+    assert next(iter(dm.val_dataloader()))["image"].shape[2:] == (1, 32, 32)

@@ -1,9 +1,13 @@
 """Persistent, memory-mappable cache of normalised slices and their super-pixels.
 
-One entry per case: a folder ``<case_id>-<key>`` holding ``image.npy`` (float16, [0, 1]),
+One entry per case: a folder ``<name>-<key>`` holding ``image.npy`` (float16, [0, 1]),
 ``superpixels.npy`` (int16, or int32 when a slice has more than 32767 regions),
 ``label.npy`` (uint8, when the case has labels) and ``meta.json``. All slices of the volume
 are stored; ``meta["kept_slices"]`` lists the non-empty ones used for pre-training.
+``<name>`` is the case id made safe as one file name (characters other than letters,
+digits, ``.``, ``_`` and ``-`` become ``_``, no leading dot, at most 80 characters): ids
+are not paths (a BIDS ``sub-01/ses-01``, a CSV's ``../x``), and the key, which hashes
+the exact id, keeps two ids that sanitise alike apart.
 
 **Key.** A BLAKE2 hash of the cache format version, every pre-processing parameter that
 changes the result, and the inputs' identity: by default each input file's resolved path,
@@ -22,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -86,6 +91,13 @@ def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int]:
     return i, n
 
 
+def _entry_name(case_id: str) -> str:
+    """``case_id`` as a single, visible file name (see the module docstring)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", case_id)[:80]
+    name = re.sub(r"^\.+", lambda m: "_" * len(m.group()), name)  # no hidden name, no ..
+    return name or "case"
+
+
 def _file_identity(path: Path, hash_content: bool) -> list[Any]:
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     out: list[Any] = []
@@ -139,7 +151,7 @@ class VolumeCache:
         return hashlib.blake2b(blob, digest_size=10).hexdigest()
 
     def entry_dir(self, case: Case) -> Path:
-        return self.root / f"{case.case_id}-{self.key(case)}"
+        return self.root / f"{_entry_name(case.case_id)}-{self.key(case)}"
 
     # ---------------------------------------------------------------- integrity
     def is_valid(self, entry: Path, checksum: bool = True) -> bool:
