@@ -5,7 +5,9 @@ validation cases, huge slices; and the cache survives dead processes and full di
 from __future__ import annotations
 
 import csv
+import gzip
 import json
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +148,36 @@ def test_case_ids_that_look_like_paths_stay_inside_the_cache(tmp_path) -> None:
     batch = next(iter(dm.train_dataloader()))
     assert set(batch["case_id"]) <= {"../../x", "sub-01_ses-01"}
     assert next(iter(dm.val_dataloader()))["image"].shape[2:] == (1, 32, 32)
+
+
+# ---------------------------------------------------------------- header spacing
+def _with_pixdim(path: Path, axis: int, value: float) -> Path:
+    """The shipped CT with ``pixdim[axis]`` patched in its raw NIfTI-1 header."""
+    raw = bytearray(gzip.open(CT).read())
+    assert struct.unpack("<i", raw[:4])[0] == 348 and struct.unpack("<8f", raw[76:108])[3] == 3
+    raw[76 + 4 * axis : 80 + 4 * axis] = struct.pack("<f", value)
+    if path.name.endswith(".gz"):
+        path.write_bytes(gzip.compress(bytes(raw)))
+    else:
+        path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "axis", "value", "itk_reads"),
+    [("zero.nii.gz", 3, 0.0, 1.0), ("negative.nii", 3, -3.0, 3.0),
+     ("nan.nii.gz", 1, float("nan"), 1.0)],
+)  # fmt: skip
+def test_zero_negative_or_nan_header_spacing_is_an_error(
+    tmp_path, name, axis, value, itk_reads
+) -> None:
+    path = _with_pixdim(tmp_path / name, axis, value)
+    shown = "nan" if value != value else f"{value:g}"
+    message = rf"{name}: invalid voxel spacing in the NIfTI header \(pixdim\[{axis}\] = {shown};"
+    with pytest.raises(DataError, match=message):
+        read_volume(path)
+    with pytest.raises(DataError, match=message):  # as a label file too
+        build_entry(Case("ct", CT, path), PreprocessConfig(modality="ct"))
+    # SimpleITK alone reads a spacing that is not in the file (zero and NaN as 1 mm; with
+    # 3 x 3 x 1 mm, slice_axis="auto" would cut sagittal slices out of the axial CT).
+    assert sitk.ReadImage(str(path)).GetSpacing()[axis - 1] == itk_reads

@@ -45,21 +45,58 @@ def _nifti_layout(header: bytes) -> tuple[str, str, int] | None:
     return None
 
 
+def _check_nifti_spacing(header: bytes, path: Path) -> None:
+    """Raise unless the raw header's voxel sizes (``pixdim[1..3]``) are positive and finite.
+
+    ITK's NIfTI reader turns a zero or NaN ``pixdim`` into 1 mm and a negative one into its
+    absolute value with a flipped axis, without a word; a wrong spacing then picks the
+    wrong slice plane (``slice_axis="auto"``) and wrong super-pixel and patch sizes. The
+    value is only visible in the bytes (ITK's metadata shows the repaired one).
+    """
+    for order in "<>":
+        if len(header) >= 4 and struct.unpack(order + "i", header[:4])[0] == 348:
+            if len(header) < 108:
+                return
+            dim = struct.unpack(order + "8h", header[40:56])
+            pixdim = struct.unpack(order + "8f", header[76:108])
+        elif len(header) >= 4 and struct.unpack(order + "i", header[:4])[0] == 540:
+            if len(header) < 168:
+                return
+            dim = struct.unpack(order + "8q", header[16:80])
+            pixdim = struct.unpack(order + "8d", header[104:168])
+        else:
+            continue
+        bad = [
+            f"pixdim[{i}] = {pixdim[i]:g}"
+            for i in range(1, min(max(int(dim[0]), 1), 3) + 1)
+            if not (np.isfinite(pixdim[i]) and pixdim[i] > 0)
+        ]
+        if bad:
+            raise DataError(
+                f"{path}: invalid voxel spacing in the NIfTI header ({', '.join(bad)}; "
+                "spacings must be positive millimetres, and SimpleITK would silently read "
+                "1 mm or flip the axis); rewrite the file with its true spacing (e.g. "
+                "image.SetSpacing(...) and sitk.WriteImage, or nibabel's header.set_zooms)"
+            )
+        return
+
+
 def _scan_nifti(path: Path) -> int:
-    """Read a ``.nii``/``.nii.gz`` file once, raw: check that its gzip stream is complete and
-    count its NaN/inf voxels (float data only).
+    """Read a ``.nii``/``.nii.gz`` file once, raw: check its header's voxel spacing and that
+    its gzip stream is complete, and count its NaN/inf voxels (float data only).
 
     ITK's NIfTI reader zero-fills a truncated ``.nii.gz`` and replaces NaN and inf by 0
     without a word, so both must be seen in the bytes themselves.
 
     Raises:
-        DataError: a truncated or corrupt gzip stream.
+        DataError: a truncated or corrupt gzip stream, a bad voxel spacing.
     """
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     nonfinite = 0
     try:
         with opener(path, "rb") as fh:
             head = fh.read(544)
+            _check_nifti_spacing(head, path)
             layout = _nifti_layout(head)
             if layout is None:
                 while fh.read(1 << 24):  # integer data: only the stream is checked
@@ -133,6 +170,11 @@ def checked_volume(image: sitk.Image, path: Path) -> sitk.Image:
         )
     if min(image.GetSize()) < 1:
         raise DataError(f"{path}: empty volume of size {image.GetSize()}")
+    if not all(np.isfinite(s) and s > 0 for s in image.GetSpacing()):
+        raise DataError(
+            f"{path}: invalid voxel spacing {image.GetSpacing()} (must be positive mm); "
+            "rewrite the file with its true spacing"
+        )
     image = sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
     arr = sitk.GetArrayViewFromImage(image)
     if np.issubdtype(arr.dtype, np.floating):
