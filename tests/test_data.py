@@ -7,6 +7,7 @@ import json
 import locale
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -325,6 +326,61 @@ def test_cache_miss_hit_invalidation_and_resume(tmp_path) -> None:
     # An interrupted run (entry missing) resumes with the missing case only.
     shutil.rmtree(cache.entry_dir(cases[2]))
     assert cache.prepare(cases, progress=False) == {"cached": 2, "built": 1, "skipped": 0}
+
+
+def test_label_corrected_with_same_size_and_preserved_mtime_rebuilds(tmp_path) -> None:
+    """``cp -p`` (or ``rsync -a``) of a corrected label over the old one: same size, same
+    mtime, new content; the stale entry must not be served."""
+    img = sitk.ReadImage(str(CT))
+    seg = sitk.ReadImage(str(CT_SEG))
+    label, corrected = tmp_path / "seg.nii", tmp_path / "fixed" / "seg.nii"  # uncompressed:
+    corrected.parent.mkdir()  # one size for any content
+    sitk.WriteImage(sitk.Cast(sitk.Equal(seg, 5), sitk.sitkUInt8), str(label))  # liver
+    sitk.WriteImage(sitk.Cast(sitk.Equal(seg, 2) * 2, sitk.sitkUInt8), str(corrected))
+    assert label.stat().st_size == corrected.stat().st_size
+    os.utime(corrected, ns=(label.stat().st_atime_ns, label.stat().st_mtime_ns))
+    image = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(img, str(image))
+    case = Case("ct", image, label)
+    cache = VolumeCache(tmp_path / "cache", PreprocessConfig(modality="ct", image_size=122))
+    cache.prepare([case], progress=False)
+    assert set(np.unique(cache.load(case).label_ids()).tolist()) == {-1, 0, 1}
+    mtime = label.stat().st_mtime_ns
+    subprocess.run(["cp", "-p", str(corrected), str(label)], check=True)
+    assert (label.stat().st_size, label.stat().st_mtime_ns) == (corrected.stat().st_size, mtime)
+    assert cache.prepare([case], progress=False)["built"] == 1
+    assert set(np.unique(cache.load(case).label_ids()).tolist()) == {-1, 0, 2}
+
+
+def test_every_preprocessing_option_changes_the_cache_key(tmp_path) -> None:
+    """A new PreprocessConfig field, or one dropped from the key, fails here."""
+    changed = {
+        "modality": "ct",
+        "ct_window": "lung",
+        "mr_percentiles": (1.0, 99.0),
+        "image_size": 64,
+        "spacing": (1.0, 1.0),
+        "slice_axis": 0,
+        "foreground_threshold": 0.1,
+        "min_foreground_fraction": 0.05,
+        "superpixel_scale": 50.0,
+        "superpixel_sigma": 0.5,
+        "superpixel_min_size": 20,
+        "background_threshold": 0.1,
+        "allowed_labels": (0, 1),
+        "supervoxels": True,
+        "slice_spacing": 2.0,
+    }
+    fields = {f.name: f.default for f in dataclasses.fields(PreprocessConfig)}
+    assert set(changed) == set(fields), "give every PreprocessConfig field a changed value"
+    case = Case("ct", CT, CT_SEG)
+    keys = {"default": VolumeCache(tmp_path, PreprocessConfig()).key(case)}
+    for name, value in changed.items():
+        assert value != fields[name]
+        keys[name] = VolumeCache(tmp_path, PreprocessConfig(**{name: value})).key(case)
+    same = {k for k, v in keys.items() if list(keys.values()).count(v) > 1}
+    assert not same, f"these options do not change the cache key: {sorted(same)}"
+    assert VolumeCache(tmp_path, PreprocessConfig(), hash_content=True).key(case) != keys["default"]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip_byte", "no_meta"])
