@@ -181,3 +181,24 @@ def test_zero_negative_or_nan_header_spacing_is_an_error(
     # SimpleITK alone reads a spacing that is not in the file (zero and NaN as 1 mm; with
     # 3 x 3 x 1 mm, slice_axis="auto" would cut sagittal slices out of the axial CT).
     assert sitk.ReadImage(str(path)).GetSpacing()[axis - 1] == itk_reads
+
+
+# ---------------------------------------------------------------- early checks
+def test_unlabelled_validation_case_is_named_not_dropped(tmp_path) -> None:
+    images = sorted((DEMO_MR / "imagesTr").glob("*.nii.gz"))[:3]
+    table = tmp_path / "cases.csv"
+    with table.open("w", newline="") as fh:  # the third case's label went missing
+        rows = [[p.name[:12], str(p), str(DEMO_MR / "labelsTr" / p.name) if i < 2 else ""]
+                for i, p in enumerate(images)]  # fmt: skip
+        csv.writer(fh).writerows([["id", "image", "label"], *rows])
+    ids = [r[0] for r in rows]
+    dm = LRCDataModule(str(table), cache_dir=str(tmp_path / "c"), image_size=32,
+                       val_cases=[ids[0], ids[2]])  # fmt: skip
+    message = rf"val_cases: case\(s\) \['{ids[2]}'\] have no label file.*1 of 2 cases scored"
+    with pytest.raises(DataError, match=message):
+        dm.setup("fit")
+    dm = LRCDataModule(str(table), cache_dir=str(tmp_path / "c"), image_size=32,
+                       test_cases=[ids[2]])  # fmt: skip
+    with pytest.warns(UserWarning, match=rf"test_cases: none of the cases \['{ids[2]}'\]"):
+        dm.setup("fit")
+    assert dm.test_dataloader() == []

@@ -23,7 +23,7 @@ from lrc_lightning.data.patches import (
     PatchSampling,
     VolumeAugment,
 )
-from lrc_lightning.data.splits import Split, split_cases
+from lrc_lightning.data.splits import Split, check_evaluation_labels, split_cases
 from lrc_lightning.data.transforms import GeometryAugment, IntensityAugment
 
 __all__ = ["LRCDataModule", "LRCDataModuleBase"]
@@ -103,7 +103,9 @@ class LRCDataModuleBase:
         superpixel_*: Felzenszwalb parameters; ``background_threshold`` suppresses dark regions.
         labels: allowed label values (default: the ``labels`` of dataset.json).
         test_cases, val_cases, labelled_cases, seed: patient-level split (counts draw from
-            a seeded permutation, lists name case ids).
+            a seeded permutation, lists name case ids). Validation and test Dice use
+            labelled cases: some of them without a label file is an error naming them,
+            all of them a warning (no Dice).
         pretrain_with_labels: pre-training batches also carry ``label_v1``/``label_v2``.
         pretrain_on: pre-train on the whole pool (self-supervised) or on the labelled
             cases only (supervised pre-training that may use only the labels it is given).
@@ -269,6 +271,8 @@ class LRCDataModuleBase:
         self.split = split_cases(
             cases, self.test_cases, self.val_cases, self.labelled_cases, self.seed
         )
+        check_evaluation_labels(self.split.val, "val_cases")  # before any cache work
+        check_evaluation_labels(self.split.test, "test_cases")
         for case in cases:
             if case.case_id not in self._volumes:
                 self.cache.ensure(case)  # normally a no-op after prepare_data
