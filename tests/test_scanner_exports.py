@@ -202,3 +202,25 @@ def test_unlabelled_validation_case_is_named_not_dropped(tmp_path) -> None:
     with pytest.warns(UserWarning, match=rf"test_cases: none of the cases \['{ids[2]}'\]"):
         dm.setup("fit")
     assert dm.test_dataloader() == []
+
+
+def test_huge_2d_slice_is_an_error_before_any_allocation() -> None:
+    from lrc_lightning.superpixels import BYTES_PER_PIXEL_2D, _memory_limit, felzenszwalb
+
+    side = 23171  # 4 edges per pixel no longer fit int32 indices
+    view = np.broadcast_to(np.float32(0.5), (side, side))  # no memory behind it
+    with pytest.raises(ValueError, match=rf"a {side}x{side} slice has too many pixels"):
+        felzenszwalb(view)
+    limit = _memory_limit()
+    side = int((1.2 * limit / BYTES_PER_PIXEL_2D) ** 0.5) + 1
+    if 4 * side * side >= 2**31:
+        pytest.skip(f"{limit / 2**30:.0f} GiB of memory: every addressable slice fits")
+    with pytest.raises(ValueError, match=rf"a {side}x{side} slice needs about .* GiB .*more than"):
+        felzenszwalb(np.broadcast_to(np.float32(0.5), (side, side)))
+
+
+def test_slice_made_huge_by_an_option_names_the_file_before_reading_on() -> None:
+    # spacing in metres instead of millimetres: the 3 mm CT upsampled 300x in-plane.
+    with pytest.raises(DataError, match=r"example_ct_sm\.nii\.gz: super-pixels: a 30300x36600 "
+                                        r"slice has too many pixels"):  # fmt: skip
+        build_entry(Case("ct", CT), PreprocessConfig(modality="ct", spacing=(0.01, 0.01)))

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from lrc_lightning.data.cases import Case, DataError
 from lrc_lightning.data.intensity import Modality, normalise
 from lrc_lightning.data.io import check_same_geometry, read_volume
-from lrc_lightning.superpixels import felzenszwalb, felzenszwalb_3d
+from lrc_lightning.superpixels import check_slice_size, felzenszwalb, felzenszwalb_3d
 
 __all__ = [
     "IGNORE_LABEL",
@@ -228,6 +228,14 @@ def read_case(
     )
     in_plane = [a for a in range(3) if a != axis]
     row_spacing, col_spacing = (float(spacing_zyx[a]) for a in in_plane)
+    size, (sy, sx) = _in_plane_size(
+        tuple(arr.shape[a] for a in in_plane), (row_spacing, col_spacing), config
+    )
+    if not config.supervoxels:  # before normalising: a slice too large is an OOM kill later
+        try:
+            check_slice_size(size)
+        except ValueError as err:
+            raise DataError(f"{case.image}: super-pixels: {err}") from err
     ratio = max(row_spacing, col_spacing) / min(row_spacing, col_spacing)
     if ratio > _ANISOTROPY_WARNING and config.spacing is None:
         warnings.warn(
@@ -240,7 +248,6 @@ def read_case(
     norm = np.moveaxis(norm, axis, 0)
     if label_arr is not None:
         label_arr = np.moveaxis(label_arr, axis, 0)
-    size, (sy, sx) = _in_plane_size(norm.shape[1:], (row_spacing, col_spacing), config)
     norm = _resize(norm, size, label=False)
     if label_arr is not None:
         label_arr = np.ascontiguousarray(_resize(label_arr, size, label=True))
