@@ -81,7 +81,7 @@ class CacheWriteError(OSError):
 def _machine() -> str:
     """"<host>+<pid namespace inode>": where a pid means one process. The namespace tells
     containers that share a host name (and a cache folder) apart."""
-    host = re.sub(r"[^A-Za-z0-9.]", ".", socket.gethostname()) or "host"
+    host = re.sub(r"[^A-Za-z0-9.]", ".", socket.gethostname())[:40] or "host"
     try:
         namespace = os.stat("/proc/self/ns/pid").st_ino
     except OSError:

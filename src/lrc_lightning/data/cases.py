@@ -102,9 +102,9 @@ def select_dicom_series(folder: Path, choice: str | None) -> list[DicomSeries]:
         "(one case per series), or a 'series' column in a CSV of cases"
     )
     if choice is None:
-        if len(uids) == 1:
-            return _series_of(folder, uids)
         series = _series_of(folder, uids)
+        if len(series) == 1:
+            return series
         raise DataError(
             f"{folder}: holds {len(series)} DICOM series ({_series_listing(series)}); {how}"
         )
