@@ -7,6 +7,7 @@ import json
 import locale
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,13 @@ def test_reads_dicom_series_and_its_label() -> None:
     assert discover_cases(folder)[0].case_id == "example_ct_dicom"
 
 
-def _write_dicom_series(volume: sitk.Image, folder: Path) -> list[Path]:
+def _write_dicom_series(
+    volume: sitk.Image,
+    folder: Path,
+    series_uid: str = "1.2.826.0.1.3680043.2.1125.1.1",
+    description: str | None = None,
+    prefix: str = "slice",
+) -> list[Path]:
     """Write a real volume as an uncompressed DICOM CT series, one file per slice.
 
     GDCM's writer sets the process locale to "C" (reading does not): it is restored, else
@@ -84,22 +91,26 @@ def _write_dicom_series(volume: sitk.Image, folder: Path) -> list[Path]:
     """
     saved_locale = locale.setlocale(locale.LC_ALL)
     try:
-        return _write_dicom_files(volume, folder)
+        return _write_dicom_files(volume, folder, series_uid, description, prefix)
     finally:
         locale.setlocale(locale.LC_ALL, saved_locale)
 
 
-def _write_dicom_files(volume: sitk.Image, folder: Path) -> list[Path]:
-    folder.mkdir(parents=True)
+def _write_dicom_files(
+    volume: sitk.Image, folder: Path, series_uid: str, description: str | None, prefix: str
+) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
     volume = sitk.Cast(volume, sitk.sitkInt16)
     d = volume.GetDirection()
     tags = {
         "0008|0060": "CT",
         "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
-        "0020|000e": "1.2.826.0.1.3680043.2.1125.1.1",
+        "0020|000e": series_uid,
         "0020|0037": "\\".join(str(v) for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
         "0018|0050": str(volume.GetSpacing()[2]),
     }
+    if description is not None:
+        tags["0008|103e"] = description
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     files = []
@@ -110,7 +121,7 @@ def _write_dicom_files(volume: sitk.Image, folder: Path) -> list[Path]:
         position = volume.TransformIndexToPhysicalPoint((0, 0, i))
         slice_.SetMetaData("0020|0032", "\\".join(str(v) for v in position))
         slice_.SetMetaData("0020|0013", str(i))
-        files.append(folder / f"slice{i:03d}.dcm")
+        files.append(folder / f"{prefix}{i:03d}.dcm")
         writer.SetFileName(str(files[-1]))
         writer.Execute(slice_)
     return files
@@ -315,6 +326,61 @@ def test_cache_miss_hit_invalidation_and_resume(tmp_path) -> None:
     # An interrupted run (entry missing) resumes with the missing case only.
     shutil.rmtree(cache.entry_dir(cases[2]))
     assert cache.prepare(cases, progress=False) == {"cached": 2, "built": 1, "skipped": 0}
+
+
+def test_label_corrected_with_same_size_and_preserved_mtime_rebuilds(tmp_path) -> None:
+    """``cp -p`` (or ``rsync -a``) of a corrected label over the old one: same size, same
+    mtime, new content; the stale entry must not be served."""
+    img = sitk.ReadImage(str(CT))
+    seg = sitk.ReadImage(str(CT_SEG))
+    label, corrected = tmp_path / "seg.nii", tmp_path / "fixed" / "seg.nii"  # uncompressed:
+    corrected.parent.mkdir()  # one size for any content
+    sitk.WriteImage(sitk.Cast(sitk.Equal(seg, 5), sitk.sitkUInt8), str(label))  # liver
+    sitk.WriteImage(sitk.Cast(sitk.Equal(seg, 2) * 2, sitk.sitkUInt8), str(corrected))
+    assert label.stat().st_size == corrected.stat().st_size
+    os.utime(corrected, ns=(label.stat().st_atime_ns, label.stat().st_mtime_ns))
+    image = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(img, str(image))
+    case = Case("ct", image, label)
+    cache = VolumeCache(tmp_path / "cache", PreprocessConfig(modality="ct", image_size=122))
+    cache.prepare([case], progress=False)
+    assert set(np.unique(cache.load(case).label_ids()).tolist()) == {-1, 0, 1}
+    mtime = label.stat().st_mtime_ns
+    subprocess.run(["cp", "-p", str(corrected), str(label)], check=True)
+    assert (label.stat().st_size, label.stat().st_mtime_ns) == (corrected.stat().st_size, mtime)
+    assert cache.prepare([case], progress=False)["built"] == 1
+    assert set(np.unique(cache.load(case).label_ids()).tolist()) == {-1, 0, 2}
+
+
+def test_every_preprocessing_option_changes_the_cache_key(tmp_path) -> None:
+    """A new PreprocessConfig field, or one dropped from the key, fails here."""
+    changed = {
+        "modality": "ct",
+        "ct_window": "lung",
+        "mr_percentiles": (1.0, 99.0),
+        "image_size": 64,
+        "spacing": (1.0, 1.0),
+        "slice_axis": 0,
+        "foreground_threshold": 0.1,
+        "min_foreground_fraction": 0.05,
+        "superpixel_scale": 50.0,
+        "superpixel_sigma": 0.5,
+        "superpixel_min_size": 20,
+        "background_threshold": 0.1,
+        "allowed_labels": (0, 1),
+        "supervoxels": True,
+        "slice_spacing": 2.0,
+    }
+    fields = {f.name: f.default for f in dataclasses.fields(PreprocessConfig)}
+    assert set(changed) == set(fields), "give every PreprocessConfig field a changed value"
+    case = Case("ct", CT, CT_SEG)
+    keys = {"default": VolumeCache(tmp_path, PreprocessConfig()).key(case)}
+    for name, value in changed.items():
+        assert value != fields[name]
+        keys[name] = VolumeCache(tmp_path, PreprocessConfig(**{name: value})).key(case)
+    same = {k for k, v in keys.items() if list(keys.values()).count(v) > 1}
+    assert not same, f"these options do not change the cache key: {sorted(same)}"
+    assert VolumeCache(tmp_path, PreprocessConfig(), hash_content=True).key(case) != keys["default"]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip_byte", "no_meta"])

@@ -4,6 +4,7 @@ precompute leaves no corrupt cache entry; two "nodes" can fill one cache at once
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,10 +16,12 @@ import pytest
 import torch
 
 from lrc_lightning import LRCDataModule
-from lrc_lightning.data import VolumeCache, discover_cases
-from tests.conftest import DEMO_MR
+from lrc_lightning.data import PreprocessConfig, VolumeCache, discover_cases
+from lrc_lightning.data.cases import Case
+from tests.conftest import DEMO_CT, DEMO_MR
 
 ROOT = Path(__file__).resolve().parents[1]
+CT = DEMO_CT / "example_ct_sm.nii.gz"
 
 
 def _sum(state: dict[str, torch.Tensor], prefix: str) -> float:
@@ -130,3 +133,101 @@ def test_two_processes_filling_one_cache_concurrently(tmp_path: Path) -> None:
         a, b = cache.load(case), serial.load(case)
         np.testing.assert_array_equal(a.image, b.image)
         np.testing.assert_array_equal(a.superpixels, b.superpixels)
+
+
+# ---------------------------------------------------------------- dead and failing writers
+WORKER = ROOT / "tests" / "cache_worker.py"
+
+
+#: Bytes the cache workers may write per file (RLIMIT_FSIZE): the CT entry's image.npy
+#: (30 x 122 x 122 float16, 893 KB) does not fit, its header does.
+FILE_SIZE_LIMIT = 100_000
+
+
+def _cache_worker(cache_dir: Path, mode: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(WORKER), str(cache_dir), mode,
+                             str(FILE_SIZE_LIMIT)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            encoding="utf-8", errors="replace", **kwargs)  # fmt: skip
+
+
+def _ct_cache(cache_dir: Path) -> VolumeCache:
+    return VolumeCache(cache_dir, PreprocessConfig(modality="ct", image_size=122))
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_precompute_workers_exit_when_their_parent_is_killed(tmp_path: Path) -> None:
+    parent = _cache_worker(tmp_path / "cache", "hold")
+    workers: list[int] = []
+    try:
+        assert parent.stdout.readline().strip() == "writing", parent.stderr.read()[-3000:]
+        workers = _children(parent.pid)
+        assert len(workers) == 2 and all(_running(w) for w in workers)
+        parent.send_signal(signal.SIGKILL)  # as the OOM killer does
+        parent.wait(timeout=30)
+        deadline = time.time() + 5
+        while time.time() < deadline and any(_running(w) for w in workers):
+            time.sleep(0.05)
+        assert not [w for w in workers if _running(w)], "orphaned pool workers survived"
+    finally:
+        parent.kill()
+        for w in workers:  # only the pids this test started
+            if _running(w):
+                os.kill(w, signal.SIGKILL)
+
+
+def test_tmp_folder_of_a_killed_writer_is_removed_at_the_next_start(tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    killed = _cache_worker(cache_dir, "kill")
+    killed.communicate(timeout=120)
+    assert killed.returncode == -signal.SIGXFSZ  # killed in the middle of np.save
+    (left,) = cache_dir.glob(".tmp-*")
+    assert (left / "image.npy").stat().st_size == FILE_SIZE_LIMIT  # half-written
+    cache = _ct_cache(cache_dir)
+    assert cache.prepare([Case("ct", CT)], progress=False)["built"] == 1
+    assert not list(cache_dir.glob(".tmp-*"))  # not kept for hours to fill the disk
+    # Folders of live writers, and of writers on other machines (pid unknown), are kept.
+    from lrc_lightning.data.cache import _tmp_name
+
+    live = cache_dir / _tmp_name("writer-alive")  # this process's
+    elsewhere = cache_dir / ".tmp-x-1234@otherhost+1-0123abcd"
+    live.mkdir()
+    elsewhere.mkdir()
+    assert cache.prepare([Case("ct", CT)], progress=False)["cached"] == 1
+    assert sorted(p.name for p in cache_dir.glob(".tmp-*")) == sorted([live.name, elsewhere.name])
+
+
+def test_full_disk_while_caching_names_the_cache_and_keeps_nothing_partial(
+    tmp_path: Path,
+) -> None:
+    cache_dir = tmp_path / "cache"
+    failed = _cache_worker(cache_dir, "limit")
+    out, err = failed.communicate(timeout=120)
+    assert failed.returncode == 3, err[-3000:]
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["type"] == "CacheWriteError"
+    assert report["message"].startswith(f"LRC cache {cache_dir}: could not write image.npy of ")
+    assert "requested and" in report["message"]  # numpy's own words, kept
+    assert "the disk is full, or a quota or file-size limit was hit" in report["message"]
+    assert list(cache_dir.iterdir()) == []  # no partial entry, no tmp folder
+    # A rerun with room to write resumes.
+    assert _ct_cache(cache_dir).prepare([Case("ct", CT)], progress=False)["built"] == 1

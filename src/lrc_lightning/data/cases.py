@@ -10,9 +10,20 @@ from typing import Any
 
 import SimpleITK as sitk
 
-__all__ = ["VOLUME_SUFFIXES", "Case", "DataError", "discover_cases", "read_json"]
+__all__ = [
+    "VOLUME_SUFFIXES",
+    "Case",
+    "DataError",
+    "DicomSeries",
+    "discover_cases",
+    "read_json",
+    "select_dicom_series",
+]
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+#: ``dicom_series`` policies (anything else is a SeriesInstanceUID).
+LARGEST_SERIES, EACH_SERIES = "largest", "all"
 
 
 class DataError(ValueError):
@@ -26,6 +37,95 @@ class Case:
     case_id: str
     image: Path
     label: Path | None = None
+    #: For a DICOM folder holding several series: the SeriesInstanceUID to read, or
+    #: ``"largest"`` (see :func:`select_dicom_series`); None: the folder must hold one.
+    series: str | None = None
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """One DICOM series of a folder: its files sorted along the slice normal."""
+
+    uid: str
+    description: str
+    files: tuple[str, ...]
+
+
+def _series_description(file: str) -> str:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    try:
+        reader.ReadImageInformation()
+        return reader.GetMetaData("0008|103e").strip() if reader.HasMetaDataKey("0008|103e") else ""
+    except RuntimeError:
+        return ""
+
+
+def _series_of(folder: Path, uids: list[str] | None = None) -> list[DicomSeries]:
+    uids = uids if uids is not None else list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    series = []
+    for uid in uids:
+        files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+        series.append(DicomSeries(uid, _series_description(files[0]) if files else "", files))
+    return series
+
+
+def _series_listing(series: list[DicomSeries]) -> str:
+    return "; ".join(
+        f"{s.uid}" + (f" ({s.description!r})" if s.description else "") + f": {len(s.files)} "
+        + ("slice" if len(s.files) == 1 else "slices")
+        for s in series
+    )  # fmt: skip
+
+
+def select_dicom_series(folder: Path, choice: str | None) -> list[DicomSeries]:
+    """The series of DICOM folder ``folder`` that ``choice`` asks for.
+
+    Scanners export a localizer (scout) next to the diagnostic series, or several
+    reconstructions, into one folder; which one to use is never guessed.
+
+    Args:
+        folder: a folder of DICOM files.
+        choice: None: the folder's only series (an error when it holds several);
+            ``"largest"``: the series with the most slices (an error on a tie);
+            ``"all"``: every series; else a SeriesInstanceUID (0020,000E).
+
+    Raises:
+        DataError: no series, several series with ``choice=None``, a tie for "largest" or
+            an unknown UID; the message lists each series (UID, SeriesDescription, slices).
+    """
+    uids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    if not uids:
+        raise DataError(f"{folder}: folder holds no DICOM series")
+    how = (
+        "choose with dicom_series=<SeriesInstanceUID>, 'largest' (the most slices) or 'all' "
+        "(one case per series), or a 'series' column in a CSV of cases"
+    )
+    if choice is None:
+        series = _series_of(folder, uids)
+        if len(series) == 1:
+            return series
+        raise DataError(
+            f"{folder}: holds {len(series)} DICOM series ({_series_listing(series)}); {how}"
+        )
+    if choice == EACH_SERIES:
+        return _series_of(folder, uids)
+    if choice == LARGEST_SERIES:
+        series = _series_of(folder, uids)
+        most = max(len(s.files) for s in series)
+        top = [s for s in series if len(s.files) == most]
+        if len(top) > 1:
+            raise DataError(
+                f"{folder}: dicom_series='largest' is ambiguous: {len(top)} series have {most} "
+                f"slices ({_series_listing(series)}); choose one by its SeriesInstanceUID"
+            )
+        return top
+    if choice not in uids:
+        raise DataError(
+            f"{folder}: no DICOM series with SeriesInstanceUID {choice!r}; the folder holds "
+            f"{_series_listing(_series_of(folder, uids))}; {how}"
+        )
+    return _series_of(folder, [choice])
 
 
 def _is_volume_file(path: Path) -> bool:
@@ -40,20 +140,75 @@ def _case_id(path: Path) -> str:
     return name
 
 
-def _is_dicom_dir(path: Path) -> bool:
-    return path.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+def _check_series_choice(dicom_series: str | None) -> None:
+    if dicom_series is not None and (not isinstance(dicom_series, str) or not dicom_series):
+        raise ValueError(
+            "dicom_series must be None, 'largest', 'all' or a SeriesInstanceUID, got "
+            f"{dicom_series!r}"
+        )
 
 
-def discover_cases(data: str | Path | list[str] | list[Path]) -> list[Case]:
+def _image_cases(
+    case_id: str,
+    image: Path,
+    label: Path | None,
+    series: str | None,
+    where: Path | None = None,
+    dicom_only: bool = False,
+) -> list[Case]:
+    """The case(s) of one image path; a DICOM folder is checked for several series here
+    (``where``: the CSV or JSON that names it, for the message). ``dicom_only``: a folder
+    without DICOM series gives no case (when listing a folder's entries)."""
+    if not image.is_dir():  # a file, or a missing path (reading names it)
+        return [Case(case_id, image, label)]
+    uids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(image)))
+    if not uids and dicom_only:
+        return []
+    if not uids or (len(uids) == 1 and series in (None, LARGEST_SERIES, EACH_SERIES)):
+        return [Case(case_id, image, label)]  # one series (or none: reading says so)
+    try:
+        chosen = select_dicom_series(image, series)
+    except DataError as err:
+        raise DataError(f"{where}: {err}" if where else str(err)) from err
+    if len(chosen) == 1:
+        return [Case(case_id, image, label, chosen[0].uid)]
+    if label is not None:
+        raise DataError(
+            f"{where or image}: dicom_series='all' makes one case per series of {image}, "
+            f"but one label ({label}) is given for all {len(chosen)}; choose the labelled "
+            "series by its SeriesInstanceUID (a 'series' column in a CSV)"
+        )
+    return [Case(f"{case_id}-{s.uid}", image, None, s.uid) for s in chosen]
+
+
+def discover_cases(
+    data: str | Path | list[str] | list[Path], dicom_series: str | None = None
+) -> list[Case]:
     """Resolve the ``data`` argument of :class:`LRCDataModule` into cases.
 
     Accepts: an MSD ``dataset.json`` (or a folder holding one: images and labels from its
-    ``training`` list), a CSV with columns ``image`` and optionally ``label`` and ``id``
-    (paths relative to the CSV), a folder of volume files and/or DICOM series folders, a
-    single file or DICOM folder, or a list of any of these paths.
+    ``training`` list), a CSV with columns ``image`` and optionally ``label``, ``id`` and
+    ``series`` (paths relative to the CSV; ``series``: the SeriesInstanceUID to read from a
+    DICOM folder), a folder of volume files and/or DICOM series folders, a single file or
+    DICOM folder, or a list of any of these paths.
+
+    Args:
+        data: see above.
+        dicom_series: which series of a DICOM folder that holds several (a localizer next
+            to the axial series, say): None (default) makes that an error listing each
+            series (SeriesInstanceUID, SeriesDescription, slice count); ``"largest"``
+            takes the series with the most slices; ``"all"`` makes one case per series
+            (id ``<folder>-<SeriesInstanceUID>``); a SeriesInstanceUID takes that series
+            (every DICOM folder must hold it; a CSV's ``series`` column chooses per
+            row). Folders with one series are read as they are.
+
+    Raises:
+        DataError: a missing or unreadable input, duplicate case ids, or a DICOM folder
+            with several series and no choice (see :func:`select_dicom_series`).
     """
+    _check_series_choice(dicom_series)
     if isinstance(data, (list, tuple)):
-        cases = [c for item in data for c in discover_cases(item)]
+        cases = [c for item in data for c in discover_cases(item, dicom_series)]
         _check_unique(cases, "the list of inputs")
         return cases
     path = Path(data).expanduser()
@@ -62,16 +217,20 @@ def discover_cases(data: str | Path | list[str] | list[Path]) -> list[Case]:
     if path.is_dir() and (path / "dataset.json").is_file():
         path = path / "dataset.json"
     if path.suffix == ".json":
-        return _cases_from_msd(path)
+        return _cases_from_msd(path, dicom_series)
     if path.suffix.lower() == ".csv":
-        return _cases_from_csv(path)
-    if _is_volume_file(path) or _is_dicom_dir(path):
+        return _cases_from_csv(path, dicom_series)
+    if _is_volume_file(path):
         return [Case(_case_id(path), path)]
     if path.is_dir():
+        as_series = _image_cases(_case_id(path), path, None, dicom_series, dicom_only=True)
+        if as_series:
+            return as_series
         found = [
-            Case(_case_id(p), p)
+            c
             for p in sorted(path.iterdir())
-            if _is_volume_file(p) or _is_dicom_dir(p)
+            if _is_volume_file(p) or p.is_dir()
+            for c in _image_cases(_case_id(p), p, None, dicom_series, dicom_only=True)
         ]
         if not found:
             raise DataError(
@@ -95,7 +254,7 @@ def _check_unique(cases: list[Case], where: str) -> None:
         seen[c.case_id] = c.image
 
 
-def _cases_from_msd(path: Path) -> list[Case]:
+def _cases_from_msd(path: Path, dicom_series: str | None) -> list[Case]:
     meta = read_json(path)
     entries = meta.get("training")
     if not isinstance(entries, list) or not entries:
@@ -106,7 +265,7 @@ def _cases_from_msd(path: Path) -> list[Case]:
             raise DataError(f"{path}: training entry {i} has no 'image'")
         image = (path.parent / entry["image"]).resolve()
         label = (path.parent / entry["label"]).resolve() if entry.get("label") else None
-        cases.append(Case(_case_id(image), image, label))
+        cases += _image_cases(_case_id(image), image, label, dicom_series, path)
     _check_unique(cases, str(path))
     return cases
 
@@ -130,7 +289,7 @@ def read_json(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _cases_from_csv(path: Path) -> list[Case]:
+def _cases_from_csv(path: Path, dicom_series: str | None) -> list[Case]:
     try:
         with path.open(newline="") as fh:
             reader = csv.DictReader(fh, strict=True)
@@ -146,6 +305,7 @@ def _cases_from_csv(path: Path) -> list[Case]:
     for row in rows:
         image = (path.parent / row["image"]).resolve()
         label = (path.parent / row["label"]).resolve() if row.get("label") else None
-        cases.append(Case(row.get("id") or _case_id(image), image, label))
+        series = row.get("series") or dicom_series
+        cases += _image_cases(row.get("id") or _case_id(image), image, label, series, path)
     _check_unique(cases, str(path))
     return cases

@@ -29,7 +29,7 @@ from lrc_lightning.data.patches import (
     VolumeAugment,
 )
 from lrc_lightning.data.preprocess import RegionMethod
-from lrc_lightning.data.splits import Split, split_cases
+from lrc_lightning.data.splits import Split, check_evaluation_labels, split_cases
 from lrc_lightning.data.transforms import GeometryAugment, IntensityAugment, MirrorLabels
 
 __all__ = ["LRCDataModule", "LRCDataModuleBase"]
@@ -155,7 +155,9 @@ class LRCDataModuleBase:
             regions that follow anatomy.
         labels: allowed label values (default: the ``labels`` of dataset.json).
         test_cases, val_cases, labelled_cases, seed: patient-level split (counts draw from
-            a seeded permutation, lists name case ids).
+            a seeded permutation, lists name case ids). Validation and test Dice use
+            labelled cases: some of them without a label file is an error naming them,
+            all of them a warning (no Dice).
         pretrain_with_labels: pre-training batches also carry ``label_v1``/``label_v2``.
         pretrain_on: pre-train on the whole pool (self-supervised) or on the labelled
             cases only (supervised pre-training that may use only the labels it is given).
@@ -193,6 +195,10 @@ class LRCDataModuleBase:
             body). Assumes the columns are the patient's left-right (axial and coronal
             slices, LPS order). Pre-training without labels keeps its flips.
         patches_per_volume: 3D patches per volume and epoch.
+        dicom_series: which series of a DICOM folder holding several (a localizer next to
+            the axial series): None (an error listing them), ``"largest"``, ``"all"`` (one
+            case per series) or a SeriesInstanceUID; see
+            :func:`~lrc_lightning.data.cases.discover_cases`.
     """
 
     def __init__(
@@ -240,6 +246,7 @@ class LRCDataModuleBase:
         patch_size: tuple[int, int, int] = (32, 96, 96),
         foreground_ratio: float = 0.5,
         patches_per_volume: int = 8,
+        dicom_series: str | None = None,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -252,6 +259,7 @@ class LRCDataModuleBase:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.save_hyperparameters()
         self.data = data
+        self.dicom_series = dicom_series
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.persistent_workers = persistent_workers and num_workers > 0
@@ -320,7 +328,7 @@ class LRCDataModuleBase:
 
     # ------------------------------------------------------------------ Lightning hooks
     def cases(self) -> list[Case]:
-        return discover_cases(self.data)
+        return discover_cases(self.data, self.dicom_series)
 
     def prepare_data(self) -> None:
         """Fill the cache (once per node). Assigns no state, as Lightning requires."""
@@ -332,6 +340,8 @@ class LRCDataModuleBase:
         self.split = split_cases(
             cases, self.test_cases, self.val_cases, self.labelled_cases, self.seed
         )
+        check_evaluation_labels(self.split.val, "val_cases")  # before any cache work
+        check_evaluation_labels(self.split.test, "test_cases")
         for case in cases:
             if case.case_id not in self._volumes:
                 self.cache.ensure(case)  # normally a no-op after prepare_data

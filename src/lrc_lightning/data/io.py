@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from lrc_lightning.data.cases import DataError
+from lrc_lightning.data.cases import DataError, select_dicom_series
 
 __all__ = ["check_same_geometry", "checked_volume", "read_volume"]
 
@@ -45,21 +45,58 @@ def _nifti_layout(header: bytes) -> tuple[str, str, int] | None:
     return None
 
 
+def _check_nifti_spacing(header: bytes, path: Path) -> None:
+    """Raise unless the raw header's voxel sizes (``pixdim[1..3]``) are positive and finite.
+
+    ITK's NIfTI reader turns a zero or NaN ``pixdim`` into 1 mm and a negative one into its
+    absolute value with a flipped axis, without a word; a wrong spacing then picks the
+    wrong slice plane (``slice_axis="auto"``) and wrong super-pixel and patch sizes. The
+    value is only visible in the bytes (ITK's metadata shows the repaired one).
+    """
+    for order in "<>":
+        if len(header) >= 4 and struct.unpack(order + "i", header[:4])[0] == 348:
+            if len(header) < 108:
+                return
+            dim = struct.unpack(order + "8h", header[40:56])
+            pixdim = struct.unpack(order + "8f", header[76:108])
+        elif len(header) >= 4 and struct.unpack(order + "i", header[:4])[0] == 540:
+            if len(header) < 168:
+                return
+            dim = struct.unpack(order + "8q", header[16:80])
+            pixdim = struct.unpack(order + "8d", header[104:168])
+        else:
+            continue
+        bad = [
+            f"pixdim[{i}] = {pixdim[i]:g}"
+            for i in range(1, min(max(int(dim[0]), 1), 3) + 1)
+            if not (np.isfinite(pixdim[i]) and pixdim[i] > 0)
+        ]
+        if bad:
+            raise DataError(
+                f"{path}: invalid voxel spacing in the NIfTI header ({', '.join(bad)}; "
+                "spacings must be positive millimetres, and SimpleITK would silently read "
+                "1 mm or flip the axis); rewrite the file with its true spacing (e.g. "
+                "image.SetSpacing(...) and sitk.WriteImage, or nibabel's header.set_zooms)"
+            )
+        return
+
+
 def _scan_nifti(path: Path) -> int:
-    """Read a ``.nii``/``.nii.gz`` file once, raw: check that its gzip stream is complete and
-    count its NaN/inf voxels (float data only).
+    """Read a ``.nii``/``.nii.gz`` file once, raw: check its header's voxel spacing and that
+    its gzip stream is complete, and count its NaN/inf voxels (float data only).
 
     ITK's NIfTI reader zero-fills a truncated ``.nii.gz`` and replaces NaN and inf by 0
     without a word, so both must be seen in the bytes themselves.
 
     Raises:
-        DataError: a truncated or corrupt gzip stream.
+        DataError: a truncated or corrupt gzip stream, a bad voxel spacing.
     """
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     nonfinite = 0
     try:
         with opener(path, "rb") as fh:
             head = fh.read(544)
+            _check_nifti_spacing(head, path)
             layout = _nifti_layout(head)
             if layout is None:
                 while fh.read(1 << 24):  # integer data: only the stream is checked
@@ -84,18 +121,24 @@ def _scan_nifti(path: Path) -> int:
         raise DataError(f"{path}: unreadable or truncated volume (gzip stream: {err})") from err
 
 
-def read_volume(path: str | Path) -> sitk.Image:
+def read_volume(path: str | Path, series: str | None = None) -> sitk.Image:
     """Read a 3D volume (file or DICOM series folder), reoriented to LPS.
 
+    Args:
+        path: a volume file or a folder of DICOM files.
+        series: for a folder holding several DICOM series, the SeriesInstanceUID to read
+            or ``"largest"`` (:func:`~lrc_lightning.data.cases.select_dicom_series`).
+
     Raises:
-        DataError: missing or unreadable file, not 3D, or non-finite voxels.
+        DataError: missing or unreadable file, not 3D, or non-finite voxels; a DICOM
+            folder with several series and no ``series``.
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
     try:
         if path.is_dir():
-            image = _read_series(dicom_series_files(path), path)
+            image = _read_series(dicom_series_files(path, series), path)
         else:
             name = path.name.lower()
             if name.endswith((".nii", ".nii.gz")):
@@ -127,6 +170,11 @@ def checked_volume(image: sitk.Image, path: Path) -> sitk.Image:
         )
     if min(image.GetSize()) < 1:
         raise DataError(f"{path}: empty volume of size {image.GetSize()}")
+    if not all(np.isfinite(s) and s > 0 for s in image.GetSpacing()):
+        raise DataError(
+            f"{path}: invalid voxel spacing {image.GetSpacing()} (must be positive mm); "
+            "rewrite the file with its true spacing"
+        )
     image = sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
     arr = sitk.GetArrayViewFromImage(image)
     if np.issubdtype(arr.dtype, np.floating):
@@ -145,12 +193,23 @@ def checked_volume(image: sitk.Image, path: Path) -> sitk.Image:
 # series in one piece, so the result is always what ``read_volume`` gives.
 
 
-def dicom_series_files(path: Path) -> list[str]:
-    """The files of the DICOM series in folder ``path``, sorted along the slice normal."""
-    names = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path)))
-    if not names:
-        raise DataError(f"{path}: folder holds no DICOM series")
-    return names
+def dicom_series_files(path: Path, series: str | None = None) -> list[str]:
+    """The files of the DICOM series in folder ``path``, sorted along the slice normal.
+
+    ``series``: None (the folder must hold one series), a SeriesInstanceUID or
+    ``"largest"``; never a silent pick among several (ITK alone would take the series with
+    the lowest UID, a 3-slice localizer as readily as the axial series).
+
+    Raises:
+        DataError: no series, or not exactly one series chosen (the message lists them).
+    """
+    chosen = select_dicom_series(path, series)
+    if len(chosen) != 1:
+        raise DataError(
+            f"{path}: dicom_series={series!r} chooses {len(chosen)} series; one is read "
+            "per case (discover_cases makes one case per series with 'all')"
+        )
+    return list(chosen[0].files)
 
 
 @dataclass(frozen=True)

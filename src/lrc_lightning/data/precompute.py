@@ -7,11 +7,19 @@ blocks of files (decoding is serial inside ITK).
 
 Workers run numba code or ITK's single-threaded DICOM decoding only, never torch or OpenMP:
 forking them from a process that has used those is safe and costs no interpreter start-up.
+They exit when this process dies (:func:`die_with_parent`): a parent killed for memory
+would otherwise leave them running, holding hundreds of MB each.
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -39,7 +47,35 @@ from lrc_lightning.data.preprocess import (
     supervoxels_of_volume,
 )
 
-__all__ = ["precompute_in_pool"]
+__all__ = ["die_with_parent", "precompute_in_pool"]
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def die_with_parent(parent: int) -> None:
+    """Pool initializer: end this worker when process ``parent`` dies.
+
+    On Linux the kernel sends SIGKILL at the parent's death (``prctl(PR_SET_PDEATHSIG)``;
+    it fires when the thread that started the worker ends, here the one that runs the
+    pool's ``with`` block); elsewhere a daemon thread polls ``os.getppid()``. Without
+    this, workers waiting on the pool's queue outlive a SIGKILLed or OOM-killed parent.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+                if os.getppid() != parent:  # died before the prctl
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):
+            pass
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
 
 
 def precompute_in_pool(
@@ -62,17 +98,22 @@ def precompute_in_pool(
         write(read.case, assemble_entry(read, superpixels, config))
         progress()
 
-    with ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
+    with ProcessPoolExecutor(
+        max_workers=processes,
+        mp_context=context,
+        initializer=die_with_parent,
+        initargs=(os.getpid(),),
+    ) as pool:
 
-        def read_image(path: Path) -> sitk.Image:
+        def read_image(path: Path, series: str | None) -> sitk.Image:
             if not path.is_dir():
-                return read_volume(path)
-            blocks = dicom_blocks(dicom_series_files(path), 2 * processes)
+                return read_volume(path, series)
+            blocks = dicom_blocks(dicom_series_files(path, series), 2 * processes)
             if len(blocks) == 1:
-                return read_volume(path)
+                return read_volume(path, series)
             futures = [pool.submit(read_dicom_block, str(path), b) for b in blocks]
             image = assemble_dicom_blocks([f.result() for f in futures])
-            return read_volume(path) if image is None else checked_volume(image, path)
+            return read_volume(path, series) if image is None else checked_volume(image, path)
 
         for case in todo:
             read = read_case(case, config, read_image)

@@ -36,7 +36,12 @@ import torch.nn.functional as F
 from lrc_lightning.data.cases import Case, DataError
 from lrc_lightning.data.intensity import Modality, normalise
 from lrc_lightning.data.io import check_same_geometry, read_volume
-from lrc_lightning.superpixels import felzenszwalb, felzenszwalb_3d, grid_regions
+from lrc_lightning.superpixels import (
+    check_slice_size,
+    felzenszwalb,
+    felzenszwalb_3d,
+    grid_regions,
+)
 
 __all__ = [
     "IGNORE_LABEL",
@@ -135,6 +140,12 @@ class ReadCase:
 
 
 def _read_label(case: Case, image: sitk.Image, config: PreprocessConfig) -> np.ndarray | None:
+    """The label map of ``case`` as uint8, every value checked.
+
+    :data:`IGNORE_LABEL` is the package's own padding value: a file that holds it (a 0/255
+    binary mask, a common export) would otherwise lose that structure to "ignore" without
+    a word, so it is an error like any value outside the declared labels.
+    """
     if case.label is None:
         return None
     label = read_volume(case.label)
@@ -144,18 +155,32 @@ def _read_label(case: Case, image: sitk.Image, config: PreprocessConfig) -> np.n
         if not np.all(label_arr == np.round(label_arr)):
             raise DataError(f"{case.label}: label map has non-integer values")
     values = np.unique(label_arr)
-    if values.min() < 0 or values.max() > 255:
+    remap = (
+        "remap the file's values to the labels (e.g. 0/255 masks to 0/1: "
+        "sitk.WriteImage(sitk.Cast(label > 0, sitk.sitkUInt8), path))"
+    )
+    if values.min() < 0 or values.max() >= IGNORE_LABEL:
+        found = [v for v in values.tolist() if v < 0 or v >= IGNORE_LABEL]
         raise DataError(
-            f"{case.label}: label values must lie in 0..255, found {values.min()}..{values.max()}"
+            f"{case.label}: label values must lie in 0..{IGNORE_LABEL - 1} ({IGNORE_LABEL} "
+            f"is reserved for padding, which is ignored), found {_listed(found)}; {remap}"
         )
     if config.allowed_labels is not None:
-        extra = sorted(set(values.tolist()) - set(config.allowed_labels) - {IGNORE_LABEL})
+        extra = sorted(set(values.tolist()) - set(config.allowed_labels))
         if extra:
             raise DataError(
-                f"{case.label}: label values {extra} are not among the declared labels "
-                f"{list(config.allowed_labels)}"
+                f"{case.label}: label values {_listed(extra)} are not among the declared "
+                f"labels {list(config.allowed_labels)} (LRCDataModule(labels=...) or the "
+                f"'labels' of dataset.json); {remap}, or declare them"
             )
     return label_arr.astype(np.uint8)
+
+
+def _listed(values: list[Any], limit: int = 10) -> str:
+    """``values`` as a list for a message: the first ``limit`` and a count of the rest."""
+    shown = ", ".join(str(int(v) if float(v).is_integer() else v) for v in values[:limit])
+    more = f", ... ({len(values)} in all)" if len(values) > limit else ""
+    return f"[{shown}{more}]"
 
 
 def _resample_slices(volume: np.ndarray, count: int, label: bool) -> np.ndarray:
@@ -206,8 +231,9 @@ def _in_plane_size(
 def read_case(
     case: Case, config: PreprocessConfig, read_image: Any = read_volume
 ) -> ReadCase:
-    """Steps 1-4 of the module docstring for one case."""
-    image = read_image(case.image)
+    """Steps 1-4 of the module docstring for one case (``read_image(path, series)`` reads
+    the image: :func:`~lrc_lightning.data.io.read_volume` or a parallel DICOM reader)."""
+    image = read_image(case.image, case.series)
     arr = sitk.GetArrayFromImage(image)  # (z, y, x), LPS
     label_arr = _read_label(case, image, config)
     spacing_zyx = tuple(reversed(image.GetSpacing()))
@@ -218,6 +244,14 @@ def read_case(
     )
     in_plane = [a for a in range(3) if a != axis]
     row_spacing, col_spacing = (float(spacing_zyx[a]) for a in in_plane)
+    size, (sy, sx) = _in_plane_size(
+        tuple(arr.shape[a] for a in in_plane), (row_spacing, col_spacing), config
+    )
+    if not config.supervoxels:  # before normalising: a slice too large is an OOM kill later
+        try:
+            check_slice_size(size)
+        except ValueError as err:
+            raise DataError(f"{case.image}: super-pixels: {err}") from err
     ratio = max(row_spacing, col_spacing) / min(row_spacing, col_spacing)
     if ratio > _ANISOTROPY_WARNING and config.spacing is None:
         warnings.warn(
@@ -230,7 +264,6 @@ def read_case(
     norm = np.moveaxis(norm, axis, 0)
     if label_arr is not None:
         label_arr = np.moveaxis(label_arr, axis, 0)
-    size, (sy, sx) = _in_plane_size(norm.shape[1:], (row_spacing, col_spacing), config)
     norm = _resize(norm, size, label=False)
     if label_arr is not None:
         label_arr = np.ascontiguousarray(_resize(label_arr, size, label=True))

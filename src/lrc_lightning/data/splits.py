@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from lrc_lightning.data.cases import Case
+from lrc_lightning.data.cases import Case, DataError
 
-__all__ = ["Split", "split_cases"]
+__all__ = ["Split", "check_evaluation_labels", "split_cases"]
 
 
 @dataclass(frozen=True)
@@ -63,3 +64,32 @@ def split_cases(
             f"got {labelled_cases!r}"
         )
     return Split(pool=pool, labelled=labelled, val=val, test=test)
+
+
+def check_evaluation_labels(cases: Sequence[Case], what: str) -> None:
+    """Validation and test Dice are computed on labelled cases only: say so, naming them.
+
+    Some of ``cases`` without a label file is a :class:`DataError` (the Dice would pass
+    for one over all of them while it covers a part, e.g. a case whose label went missing
+    from a CSV); none labelled (self-supervised data) is a warning: no Dice at all.
+
+    Args:
+        cases: the validation or test cases of a split.
+        what: the option that chose them (``"val_cases"``, ``"test_cases"``).
+
+    Raises:
+        DataError: some but not all of ``cases`` have a label.
+    """
+    missing = [c.case_id for c in cases if c.label is None]
+    if not missing:
+        return
+    if len(missing) < len(cases):
+        raise DataError(
+            f"{what}: case(s) {missing} have no label file, so their Dice would be left "
+            f"out silently ({len(cases) - len(missing)} of {len(cases)} cases scored); "
+            f"give them labels, or name labelled cases in {what}=[...]"
+        )
+    warnings.warn(
+        f"{what}: none of the cases {missing} has a label file: no Dice is computed on them",
+        stacklevel=3,
+    )
