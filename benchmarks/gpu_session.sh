@@ -23,8 +23,10 @@ SEEDS="${SEEDS:-0 1 2 3 4 5 6 7}"
 timeout "${BENCH_SECONDS:-480}" python3 benchmarks/label_efficiency.py --data .gpu_data/chaos-t2 \
     --out "$OUT" --work-dir /tmp/lrc_bench --cache-dir /tmp/lrc_cache --size 256 --width 16 \
     --depth 4 --pretrain-steps 1000 --finetune-steps 1200 --val-every 100 --patience 4 \
-    --foreground-ratio 0.5 --mirror-labels right_kidney left_kidney --split-seed 1 \
-    --test-cases 6 --val-cases 3 --ks 1 2 4 --arms random moco moco_lrc moco_lrc_grid \
+    --foreground-ratio 0.5 --mirror-labels right_kidney left_kidney \
+    --test-ids chaos_t2_001 chaos_t2_002 chaos_t2_015 chaos_t2_021 chaos_t2_033 chaos_t2_038 \
+    --val-ids chaos_t2_031 chaos_t2_034 chaos_t2_037 --ks 1 2 4 \
+    --arms random moco moco_lrc moco_lrc_grid \
     --grid-cell 29 --probe-levels bottleneck -4 -3 -2 -1 --noise-floor --noise-seeds 0 1 2 \
     --seeds $SEEDS --precision bf16-mixed --device-batches --channels-last \
     --precompute-workers 8 --tag _gpu256_v3 || echo "stopped (time limit or signal): rerun to resume"

@@ -370,6 +370,8 @@ def test_every_preprocessing_option_changes_the_cache_key(tmp_path) -> None:
         "allowed_labels": (0, 1),
         "supervoxels": True,
         "slice_spacing": 2.0,
+        "regions": "grid",
+        "grid_cell": 8,
     }
     fields = {f.name: f.default for f in dataclasses.fields(PreprocessConfig)}
     assert set(changed) == set(fields), "give every PreprocessConfig field a changed value"

@@ -35,6 +35,8 @@ from typing import Any
 import numba
 import numpy as np
 
+from lrc_lightning.processes import die_with_parent
+
 __all__ = [
     "IGNORE_INDEX",
     "check_slice_size",
@@ -516,7 +518,8 @@ def felzenszwalb_volume(
             if progress is not None:
                 progress(1)
     else:
-        with ProcessPoolExecutor(max_workers=n_proc) as pool:
+        with ProcessPoolExecutor(max_workers=n_proc, initializer=die_with_parent,
+                                 initargs=(os.getpid(),)) as pool:  # fmt: skip
             jobs = ((np.ascontiguousarray(sl), kwargs) for sl in moved)
             for i, labels in enumerate(pool.map(_volume_worker, jobs)):
                 out[i] = labels

@@ -13,13 +13,8 @@ would otherwise leave them running, holding hundreds of MB each.
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import os
-import signal
-import sys
-import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -46,36 +41,10 @@ from lrc_lightning.data.preprocess import (
     superpixels_of_slices,
     supervoxels_of_volume,
 )
+from lrc_lightning.processes import die_with_parent
 
 __all__ = ["die_with_parent", "precompute_in_pool"]
 
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def _watch_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(1)
-
-
-def die_with_parent(parent: int) -> None:
-    """Pool initializer: end this worker when process ``parent`` dies.
-
-    On Linux the kernel sends SIGKILL at the parent's death (``prctl(PR_SET_PDEATHSIG)``;
-    it fires when the thread that started the worker ends, here the one that runs the
-    pool's ``with`` block); elsewhere a daemon thread polls ``os.getppid()``. Without
-    this, workers waiting on the pool's queue outlive a SIGKILLed or OOM-killed parent.
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
-                if os.getppid() != parent:  # died before the prctl
-                    os._exit(1)
-                return
-        except (OSError, AttributeError):
-            pass
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
 
 
 def precompute_in_pool(

@@ -174,7 +174,8 @@ RESULT_OPTIONS = (
 
 
 #: Options added later, hashed only when set, so that earlier runs keep their keys.
-OPTIONAL_RESULT_OPTIONS = {"spacing": None, "device_batches": False, "channels_last": False}
+OPTIONAL_RESULT_OPTIONS = {"spacing": None, "device_batches": False, "channels_last": False,
+                           "test_ids": None, "val_ids": None}  # fmt: skip
 
 #: Version 2 of the readouts: fine-tuning until the validation patients plateau with the
 #: checkpoint they choose, foreground-biased slices, flips only with mirror-label swaps,
@@ -279,18 +280,31 @@ class Benchmark:
                               for i in range(0, len(args.mirror_labels or []), 2)]  # fmt: skip
         if args.mirror_labels and len(args.mirror_labels) % 2:
             raise DataError(f"--mirror-labels takes pairs, got {args.mirror_labels}")
-        cases = discover_cases(args.data)
-        needed = args.test_cases + args.val_cases + max(args.ks)
+        cases = discover_cases(args.data, dicom_series=args.dicom_series)
+        known = {c.case_id for c in cases}
+        for option, ids in (("--test-ids", args.test_ids), ("--val-ids", args.val_ids)):
+            unknown = sorted(set(ids or []) - known)
+            if unknown:
+                raise DataError(f"{args.data}: {option} names unknown cases {unknown}; the "
+                                f"cases are {sorted(known)}")  # fmt: skip
+        if args.test_ids and args.val_ids and set(args.test_ids) & set(args.val_ids):
+            raise DataError(f"--test-ids and --val-ids share "
+                            f"{sorted(set(args.test_ids) & set(args.val_ids))}")  # fmt: skip
+        test_spec = list(args.test_ids) if args.test_ids else args.test_cases
+        val_spec = list(args.val_ids) if args.val_ids else args.val_cases
+        n_test = len(args.test_ids) if args.test_ids else args.test_cases
+        n_val = len(args.val_ids) if args.val_ids else args.val_cases
+        needed = n_test + n_val + max(args.ks)
         if len(cases) < needed:
             raise DataError(
-                f"{args.data}: {len(cases)} cases, but {args.test_cases} test + "
-                f"{args.val_cases} validation + k={max(args.ks)} labelled patients need "
+                f"{args.data}: {len(cases)} cases, but {n_test} test + "
+                f"{n_val} validation + k={max(args.ks)} labelled patients need "
                 f"{needed}; lower --test-cases, --val-cases or --ks"
             )
-        if args.val_cases < 1:
+        if n_val < 1:
             raise DataError("--val-cases must be >= 1: the validation patients choose the "
                             "fine-tuned checkpoint (the test patients never do)")  # fmt: skip
-        split = split_cases(cases, args.test_cases, args.val_cases, None, args.split_seed)
+        split = split_cases(cases, test_spec, val_spec, None, args.split_seed)
         unlabelled = [c.case_id for c in [*split.test, *split.val, *split.pool] if c.label is None]
         scored = {c.case_id for c in [*split.test, *split.val]}
         if scored & set(unlabelled) or len(split.pool) - len(unlabelled) < max(args.ks):
@@ -349,7 +363,7 @@ class Benchmark:
             grid_cell=variant.grid_cell if variant else 16,
             mirror_labels=self.mirror_labels, foreground_ratio=a.foreground_ratio,
             num_workers=a.num_workers, persistent_workers=a.num_workers > 0,
-            precompute_workers=a.precompute_workers, **kw,
+            precompute_workers=a.precompute_workers, dicom_series=a.dicom_series, **kw,
         )  # fmt: skip
 
     def backbone(self) -> UNet2d:
@@ -690,7 +704,8 @@ def markdown(
                       and "lowest_organ" in s]  # fmt: skip
             for k in ks:
                 s = summary.get(f"{arm}|{k}")
-                cells.append(f"{s['mean']:.3f} ± {s['std']:.3f} ({s['n_seeds']})" if s else "-")
+                spread = f"{s['std']:.3f}" if s and s["n_seeds"] > 1 else "-"
+                cells.append(f"{s['mean']:.3f} ± {spread} ({s['n_seeds']})" if s else "-")
             low = f"{min(lowest):.3f}" if lowest else "-"
             lines.append(f"| {arm} | " + " | ".join(cells) + f" | {low} |")
         lines += ["", "Per organ (mean over seeds):", "",
@@ -702,7 +717,7 @@ def markdown(
                 if s:
                     cells_o = " | ".join(f"{s['per_organ'][o]:.3f}" for o in organs)
                     lines.append(f"| {arm} | {k} | {cells_o} |")
-        lines += paired_section(summary, arms)
+        lines += paired_section(summary, arms, primary=readout == "finetune")
         lines.append("")
     if noise:
         lines += ["## Noise floor of each readout", "",
@@ -714,20 +729,27 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
+#: The declared primary comparison (on the fine-tuned readout); every other row is a
+#: secondary estimate with an unadjusted interval.
+PRIMARY = ("moco_lrc", "moco")
+
+
 def paired_rows(
-    summary: dict[str, Any], arms: list[str]
+    summary: dict[str, Any], arms: list[str], primary: bool = False
 ) -> list[tuple[str, dict[str, Any] | None]]:
     """Each arm against random init and against MoCo (and the grid arm against MoCo+LRC:
-    do the super-pixels themselves matter?), with the seed as the unit."""
+    do the super-pixels themselves matter?), with the seed as the unit; ``primary`` marks
+    the declared primary row."""
     pairs = [(arm, ref) for ref in ("random", "moco") for arm in arms if arm not in (ref, "random")]
     if "moco_lrc_grid" in arms and "moco_lrc" in arms:
         pairs.append(("moco_lrc", "moco_lrc_grid"))
-    return [(f"{a} - {r}", paired_differences(summary, a, summary, r)) for a, r in pairs]
+    return [(f"{a} - {r}" + (" **(primary)**" if primary and (a, r) == PRIMARY else ""),
+             paired_differences(summary, a, summary, r)) for a, r in pairs]  # fmt: skip
 
 
-def paired_section(summary: dict[str, Any], arms: list[str]) -> list[str]:
+def paired_section(summary: dict[str, Any], arms: list[str], primary: bool = False) -> list[str]:
     """Markdown of :func:`paired_rows`."""
-    rows = paired_rows(summary, arms)
+    rows = paired_rows(summary, arms, primary)
     if not any(d for _, d in rows):
         return []
     return ["", "Paired differences of mean Dice with the seed as the unit: per seed, the mean "
@@ -819,6 +841,9 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
         help="organ names for label values 1, 2, ... (default: dataset.json)",
     )
     parser.add_argument("--modality", default="mr", choices=("mr", "ct"))
+    parser.add_argument("--dicom-series", default=None,
+                        help="DICOM folders with several series: 'largest', 'all' or a "
+                             "SeriesInstanceUID (default: such a folder is an error)")
     parser.add_argument(
         "--ct-window", nargs="+", default="abdomen", help="CT window preset or 'a_min a_max'"
     )
@@ -875,6 +900,11 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
     parser.add_argument("--test-cases", type=int, default=5)
     parser.add_argument("--val-cases", type=int, default=2)
     parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--test-ids", nargs="+", default=None, metavar="CASE",
+                        help="the test patients by id (instead of --test-cases drawn by "
+                             "--split-seed), e.g. patients never scored before")
+    parser.add_argument("--val-ids", nargs="+", default=None, metavar="CASE",
+                        help="the validation patients by id (instead of --val-cases)")
     parser.add_argument(
         "--lrc-weight",
         type=float,

@@ -6,18 +6,24 @@ the seed's pre-training, its fine-tuning seed and nested labelled patients (k=1 
 k=2 inside k=4), and every run of every seed is scored on the same test patients. So:
 
 * the unit is the seed: per seed, the mean over k of the paired difference ``a - b``;
-* the interval is Student's t on the S seed means (S - 1 degrees of freedom);
-* the bootstrap, a secondary interval, resamples whole seeds (all their k together) and the
-  shared test patients once per replicate (the same patients for every seed of a replicate),
-  so that it also carries the test patients' sampling.
+* the interval is Student's t on the S seed means (S - 1 degrees of freedom). Its estimand
+  is conditional on the test patients (and the pre-training pool): given them, the seed
+  means are independent draws. It says nothing about other patients;
+* the bootstrap, secondary and not for decisions, resamples whole seeds (all their k
+  together) and the shared test patients once per replicate (the same patients for every
+  seed of a replicate), so that it also carries the test patients' sampling. A percentile
+  interval over few seeds cannot reach beyond the extreme seed means (too narrow), and
+  resampling seeds and patients independently counts their interaction more than once
+  (Owen 2007): it is only computed from 8 seeds on.
 
-Only seeds that have every k of the comparison count: a seed cut short (an interrupted run)
-would average over other k than the rest.
+Only seeds that have every k of the comparison, with a finite Dice, count: a seed cut short
+(an interrupted run) would average over other k than the rest. Left-out seeds are listed.
 """
 
 from __future__ import annotations
 
 import statistics
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,11 +46,22 @@ def _runs(summary: dict[str, Any], arm: str) -> Runs:
             for v in summary.values() if v["arm"] == arm for r in v["runs"]}  # fmt: skip
 
 
+#: Fewer seeds than this: no bootstrap interval (see the module docstring).
+MIN_BOOTSTRAP_SEEDS = 8
+
+
+def _finite(run: dict[str, Any], key: str = "mean_dice") -> bool:
+    value = run.get(key)
+    return value is not None and np.isfinite(value)
+
+
 def _complete_seeds(runs_a: Runs, runs_b: Runs) -> tuple[list[int], list[int]]:
-    """(ks, seeds): the k of the comparison and the seeds that have all of them in both."""
-    pairs = set(runs_a) & set(runs_b)
-    ks = sorted({k for k, _ in pairs})
-    seeds = sorted(s for s in {s for _, s in pairs} if all((k, s) in pairs for k in ks))
+    """(ks, seeds): the k of the comparison and the seeds that have all of them, with a
+    finite mean Dice, in both arms."""
+    pairs = {p for p in set(runs_a) & set(runs_b) if _finite(runs_a[p]) and _finite(runs_b[p])}
+    everything = set(runs_a) | set(runs_b)
+    ks = sorted({k for k, _ in everything})
+    seeds = sorted(s for s in {s for _, s in everything} if all((k, s) in pairs for k in ks))
     return ks, seeds
 
 
@@ -93,10 +110,11 @@ def bootstrap_interval(
     replacement (the same draw for every seed), and averages per seed over k and patients.
 
     Each run needs ``per_volume_mean``: test case id -> mean Dice over its organs. None when
-    the runs carry no per-volume values or fewer than 2 seeds are complete.
+    the runs carry no per-volume values or fewer than ``MIN_BOOTSTRAP_SEEDS`` seeds are
+    complete.
     """
     ks, seeds = _complete_seeds(runs_a, runs_b)
-    if len(seeds) < 2:
+    if len(seeds) < MIN_BOOTSTRAP_SEEDS:
         return None
     volumes: list[str] | None = None
     cube = []  # (S, K, P) per-volume differences
@@ -109,7 +127,10 @@ def bootstrap_interval(
             volumes = volumes if volumes is not None else sorted(set(va) & set(vb))
             rows.append([va.get(c, np.nan) - vb.get(c, np.nan) for c in volumes])
         cube.append(rows)
-    diffs = np.array(cube, dtype=float).mean(axis=1)  # (S, P): per seed, mean over k
+    cube_array = np.array(cube, dtype=float)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a patient NaN at every k stays NaN
+        diffs = np.nanmean(cube_array, axis=1)  # (S, P): per seed, mean over k
     n_seeds, n_patients = diffs.shape
     if n_patients == 0:
         return None
@@ -137,13 +158,15 @@ def paired_differences(
         ``per_k`` (descriptive: mean over the same seeds at each k), ``won`` (seeds with a
         positive difference), ``sd`` and ``se`` over seeds, ``ci95`` (t interval on
         ``n_seeds - 1`` degrees of freedom, None for one seed) and ``bootstrap95`` (whole
-        seeds and shared test patients resampled), and ``ks``.
+        seeds and shared test patients resampled; from 8 seeds on), ``ks`` and
+        ``dropped_seeds`` (seeds without every k or with a NaN Dice, left out).
     """
     a, b = _runs(summary_a, arm_a), _runs(summary_b, arm_b)
     per_seed = seed_differences(a, b)
     if not per_seed:
         return None
     ks, seeds = _complete_seeds(a, b)
+    dropped = sorted({s for _, s in set(a) | set(b)} - set(seeds))
     values = list(per_seed.values())
     sd = statistics.stdev(values) if len(values) > 1 else float("nan")
     return {
@@ -156,7 +179,7 @@ def paired_differences(
         "se": sd / len(values) ** 0.5,
         "ci95": t_interval(values),
         "bootstrap95": bootstrap_interval(a, b),
-        "ks": ks,
+        "ks": ks, "dropped_seeds": dropped,
     }  # fmt: skip
 
 
@@ -172,12 +195,14 @@ def paired_table(rows: list[tuple[str, dict[str, Any] | None]]) -> list[str]:
     """Markdown rows of :func:`paired_differences` results, the number of seeds beside
     every interval."""
     lines = ["| comparison | seeds | mean difference | 95% t interval (seeds) | s.e. | sd | "
-             "seeds won | per k | 95% bootstrap (seeds, patients) |",
+             "seeds won | per k | bootstrap (seeds, patients; >= 8 seeds, not for decisions) |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for label, d in rows:
         if d:
             per_k = ", ".join(f"k={k}: {v:+.3f}" for k, v in d["per_k"].items())
             n = d["n_seeds"]
+            if d.get("dropped_seeds"):
+                label += f" (left out: seeds {d['dropped_seeds']})"
             lines.append(f"| {label} | {n} | {d['mean']:+.3f} | {_interval(d['ci95'])} (n={n}) | "
                          f"{_spread(d['se'])} | {_spread(d['sd'])} | {d['won']}/{n} | {per_k} | "
                          f"{_interval(d.get('bootstrap95'))} |")  # fmt: skip
