@@ -1,7 +1,7 @@
 """Dice: the segmentation metric (torchmetrics) and the soft Dice loss.
 
 Definition used everywhere in this package (training, validation, test, benchmarks):
-Dice of organ c over a *sample* = 2 |P_c ∩ G_c| / (|P_c| + |G_c|). While training a
+Dice of organ c over a *sample* = ``2 |P_c ∩ G_c| / (|P_c| + |G_c|)``. While training a
 sample is one 2D slice; at validation and test it is one whole 3D volume (all its slices
 together, the paper's and CHAOS's "3D Dice"). Background is not scored. An organ absent
 from both prediction and ground truth has no Dice (NaN) and is left out of every mean; an

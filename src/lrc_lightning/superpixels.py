@@ -660,7 +660,7 @@ def felzenszwalb_3d(
     """Felzenszwalb-Huttenlocher segmentation of a volume into supervoxels.
 
     The 2D algorithm of :func:`felzenszwalb` on the 3D grid: edges join 6- or 26-connected
-    voxels, cost = |intensity difference| after Gaussian smoothing, merged greedily in
+    voxels, cost = ``|intensity difference|`` after Gaussian smoothing, merged greedily in
     increasing cost while the cost stays below both regions' internal difference +
     ``scale`` / size; regions below ``min_size`` voxels are then merged along their cheapest
     edges. Regions are connected and may span slices.

@@ -77,7 +77,8 @@ class LRCConfig:
         weight, schedule, warmup_steps: lambda and its schedule
             (:func:`lrc_lightning.schedules.lrc_weight`), read from the Trainer's
             ``global_step`` at every step.
-        temperature, num_regions, samples_per_region, min_pixels, downsample,
+        temperature, num_regions, samples_per_region, min_pixels, downsample: see
+            :class:`~lrc_lightning.LocalizedRegionContrastLoss`.
         negatives_from_same_view, gather_distributed: see
             :class:`~lrc_lightning.LocalizedRegionContrastLoss`.
         embedding_dim, hidden_dim: projection head sizes (hidden defaults to its input).

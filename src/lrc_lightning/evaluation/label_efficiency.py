@@ -78,7 +78,9 @@ from lrc_lightning.term import LRCConfig
 
 __all__ = ["ARMS", "READOUTS", "Benchmark", "Variant", "class_names", "main"]
 
+#: The pre-training arms that ``--arms`` chooses from.
 ARMS = ("random", "moco", "moco_lrc", "moco_lrc_grid", "lrc_only", "supervised_lrc")
+#: The readouts: ``finetune`` (the headline) and ``probe`` (a diagnostic).
 READOUTS = ("finetune", "probe")
 #: Offset of the readout seed in the noise-floor repeat.
 NOISE_SEED_OFFSET = 1000
@@ -265,6 +267,8 @@ def _readout_record(per_volume: dict[str, list[float]], organs: list[str]) -> di
 
 
 class Benchmark:
+    """One benchmark run of ``lrc-lightning benchmark``: its data, split and resumable runs."""
+
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.organs = class_names(args.data, args.classes)
