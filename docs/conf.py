@@ -18,7 +18,7 @@ import lrc_lightning  # noqa: E402
 
 project = "lrc-lightning"
 author = "lrc-lightning contributors"
-copyright = "lrc-lightning contributors, Apache-2.0"  # noqa: A001
+copyright = "lrc-lightning contributors, Apache-2.0"
 release = lrc_lightning.__version__
 version = release
 

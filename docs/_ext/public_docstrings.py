@@ -68,9 +68,9 @@ def _attribute_doc(module_name: str, name: str) -> str:
 
 def _constant_doc(module_name: str, name: str, obj: Any) -> str:
     """The ``#:`` comment of a constant, in its module or the submodule it comes from."""
-    homes = [module_name] + sorted(
+    homes = [module_name, *sorted(
         other for other, module in list(sys.modules.items())
-        if other.startswith(module_name + ".") and getattr(module, name, None) is obj)
+        if other.startswith(module_name + ".") and getattr(module, name, None) is obj)]
     for home in homes:
         doc = _attribute_doc(home, name)
         if doc:
