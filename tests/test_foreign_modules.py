@@ -339,6 +339,28 @@ def test_too_coarse_features_warn_once(loader) -> None:
         trainer(max_steps=2, callbacks=[cb]).fit(_Coarse(), loader)
 
 
+class _OnePixel(_Coarse):
+    """Its ``pool`` outputs (B, 8, 1, 1): a global vector in a dense shape."""
+
+    def __init__(self, with_example: bool) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        if with_example:
+            self.example_input_array = torch.zeros(2, 1, 32, 32)
+
+
+@pytest.mark.parametrize("with_example", [True, False])
+def test_a_one_pixel_feature_layer_is_refused_before_training(loader, with_example) -> None:
+    model = _OnePixel(with_example)
+    before = [p.detach().clone() for p in model.parameters()]
+    shape = r"\(2, 8, 1, 1\)" if with_example else r"\(4, 8, 1, 1\)"
+    listing = r".*finest first:.*net.decoder" if with_example else ""
+    with pytest.raises(ValueError, match=rf"(?s)feature_layer 'pool' outputs shape {shape}: one "
+                       rf"feature pixel per image.*finer layer{listing}"):  # fmt: skip
+        trainer(max_steps=2, callbacks=[LRCCallback(feature_layer="pool")]).fit(model, loader)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # no step ran
+
+
 def test_under_ddp_unknown_channels_are_a_clear_error() -> None:
     """DDP wraps the module before the first step: a lazy head would be too late."""
     from types import SimpleNamespace

@@ -274,6 +274,7 @@ class LRCCallbackBase:
                     "dense (B, C, h, w) or (B, C, d, h, w) features. Dense candidates, "
                     f"finest first:\n{format_layers(dense_candidates(layers or []))}"
                 )
+            _refuse_single_pixel(self.feature_layer, shape, layers or [])
             if self.feature_channels is not None and self.feature_channels != shape[1]:
                 raise ValueError(
                     f"feature_channels={self.feature_channels}, but feature_layer "
@@ -513,6 +514,7 @@ class LRCCallbackBase:
             )
         if not self._regions_checked:
             self._regions_checked = True
+            _refuse_single_pixel(self.feature_layer, tuple(features_v1.shape), None)
             warn_if_too_coarse(
                 self.criterion,
                 tuple(features_v1.shape),
@@ -619,6 +621,29 @@ class LRCCallbackBase:
                 f"(checkpoint, now): {changed}; the new ones are used",
                 stacklevel=2,
             )
+
+
+def _refuse_single_pixel(
+    name: str | None, shape: tuple[int, ...], layers: list[Any] | None
+) -> None:
+    """A feature layer with one pixel per image (a pooled or 1x1 output) leaves LRC nothing
+    to contrast: refused before training, not a term that is silently 0.
+
+    Raises:
+        ValueError: naming the layer, its shape and, when known, the finer candidates.
+    """
+    if len(shape) not in (4, 5) or any(n > 1 for n in shape[2:]):
+        return
+    listing = (
+        f" Dense candidates, finest first:\n{format_layers(dense_candidates(layers))}"
+        if layers
+        else ""
+    )
+    raise ValueError(
+        f"feature_layer {name!r} outputs shape {shape}: one feature pixel per image, so no "
+        "super-pixel region can be contrasted with another (the LRC term would be 0). "
+        f"Give a finer layer (a decoder level, or an encoder stage before pooling).{listing}"
+    )
 
 
 def _dry_run(pl_module: nn.Module, example: Any) -> list[Any] | None:
