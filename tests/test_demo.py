@@ -67,7 +67,7 @@ def test_monai_pipeline_example_pretrains_a_monai_network(capsys) -> None:
 
 
 @pytest.mark.thirdparty
-def test_lightly_example_adds_lrc_in_three_lines(tmp_path: Path, capsys) -> None:
+def test_lightly_example_adds_lrc_in_three_lines(tmp_path: Path, capsys, monkeypatch) -> None:
     source = (ROOT / "examples" / "lightly_moco.py").read_text()
     marked = [line for line in source.splitlines() if "# LRC" in line and "``" not in line]
     assert len(marked) == 3  # the promise in its docstring
@@ -75,9 +75,13 @@ def test_lightly_example_adds_lrc_in_three_lines(tmp_path: Path, capsys) -> None
     # tests/test_foreign_modules.py with LightlyStyleMoCo); fails in .ci/run's second venv.
     require_thirdparty("lightly")
     example = load_example("lightly_moco")
-    example.main(["--steps", "2", "--cache-dir", str(tmp_path)])
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    example.main(["--steps", "2", "--data", str(ROOT / "data" / "chaos-t2-demo")])
     values = dict(re.findall(r"(\w+)=([0-9.]+)", capsys.readouterr().out))
     assert float(values["lrc_loss"]) > 0 and values["extra_forwards"] == "0"
+    assert sorted(work.iterdir()) == []  # no cache, checkpoints or logs in the working dir
 
 
 def test_ci_runs_the_thirdparty_tests_for_real_in_their_own_venv() -> None:

@@ -358,7 +358,7 @@ def test_a_one_pixel_feature_layer_is_refused_before_training(loader, with_examp
     with pytest.raises(ValueError, match=rf"(?s)feature_layer 'pool' outputs shape {shape}: one "
                        rf"feature pixel per image.*finer layer{listing}"):  # fmt: skip
         trainer(max_steps=2, callbacks=[LRCCallback(feature_layer="pool")]).fit(model, loader)
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # no step ran
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_under_ddp_unknown_channels_are_a_clear_error() -> None:
