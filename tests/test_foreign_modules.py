@@ -138,6 +138,31 @@ def test_solo_learn_module_gets_lrc_with_its_own_batch(tmp_path) -> None:
     assert all(t.eq(-1).all() for t in model.targets_seen)
 
 
+class _SoloLearnableParams(SoloStyleSimCLR):
+    """solo-learn's BaseMethod: the optimizer takes ``self.learnable_params`` (groups)."""
+
+    @property
+    def learnable_params(self) -> list[dict]:
+        return [{"name": "backbone", "params": self.backbone.parameters()}]
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.learnable_params, lr=0.1)
+
+
+def test_the_head_joins_a_solo_learn_modules_learnable_params(tmp_path) -> None:
+    model = _SoloLearnableParams()
+    lrc = LRCCallback(feature_layer="backbone.decoder", batch_format="solo-learn")
+    fit = trainer(max_steps=2, callbacks=[lrc])
+    fit.fit(model, _data(tmp_path, "solo-learn"))
+    names = [group["name"] for group in fit.optimizers[0].param_groups]
+    assert names == ["backbone", "lrc_head"]
+    head = {id(p) for p in lrc.head.parameters()}
+    assert head == {id(p) for p in fit.optimizers[0].param_groups[1]["params"]}
+    # After fit the module is the user's class again, without the head.
+    assert type(model) is _SoloLearnableParams and not hasattr(model, "lrc_head")
+    assert [g["name"] for g in model.learnable_params] == ["backbone"]
+
+
 def test_a_batch_of_the_other_tuple_format_is_a_batch_format_error(tmp_path) -> None:
     """lightly's and solo-learn's batches both hold four items: read with the other format,
     a view would be a target or an index (a 0-d tensor) and the network's shape error

@@ -119,7 +119,9 @@ class LRCCallbackBase:
     optimizer (``self.parameters()``) and DDP see it. It is kept out of the module's
     checkpoint ``state_dict`` (in the checkpoint's ``"lrc_lightning"`` entry instead), so a
     checkpoint loads into the unmodified module; resuming puts it back. After ``fit`` the
-    head is removed from the module.
+    head is removed from the module. A module whose optimizer takes parameter groups from a
+    ``learnable_params`` property (solo-learn's methods) gets the head there too, as the
+    group ``"lrc_head"``, while fitting.
 
     The channels of ``feature_layer`` are read from one dry forward (no gradients, eval
     mode) of the module's ``example_input_array`` or of the data module's
@@ -182,6 +184,8 @@ class LRCCallbackBase:
         self._capturing = False
         self._regions_checked = False
         self._warned_extra: set[str] = set()
+        #: The module's class while a subclass adds the head to its learnable_params.
+        self._original_class: type | None = None
 
     # ------------------------------------------------------------------ set-up / teardown
     @property
@@ -224,11 +228,34 @@ class LRCCallbackBase:
                 "LRCCallback needs that name for its projection head"
             )
         pl_module.add_module(HEAD_ATTRIBUTE, self.head.to(pl_module.device))
+        self._extend_learnable_params(pl_module)
         self._install_hooks(pl_module, layer, target)
         self._wrap(pl_module, "training_step", self._step_with_lrc)
         self._wrap(pl_module, "on_save_checkpoint", self._save_head)
         self._wrap(pl_module, "on_load_checkpoint", self._load_head)
         self._mode = "hook"
+
+    def _extend_learnable_params(self, pl_module: Any) -> None:
+        """solo-learn builds its optimizer from ``self.learnable_params`` (a property that
+        lists parameter groups), not ``self.parameters()``: the head is added there as its
+        own group, on a subclass of the module's class set on this instance for the fit
+        (a property cannot be overridden per instance); teardown restores the class."""
+        cls = type(pl_module)
+        prop = getattr(cls, "learnable_params", None)
+        if not isinstance(prop, property) or prop.fget is None:
+            return
+        head, own = self.head, prop.fget
+        assert head is not None
+
+        def learnable_params(module: Any) -> list[Any]:
+            groups = list(own(module))
+            return [*groups, {"name": HEAD_ATTRIBUTE, "params": list(head.parameters())}]
+
+        namespace = {"learnable_params": property(learnable_params),
+                     "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                     "__doc__": cls.__doc__}  # fmt: skip
+        pl_module.__class__ = type(cls.__name__, (cls,), namespace)
+        self._original_class = cls
 
     def _setup_mixin(self, pl_module: Any) -> None:
         if self.feature_layer is not None or self._configured:
@@ -313,6 +340,9 @@ class LRCCallbackBase:
             # Drop the instance attribute: the class's method is visible again.
             pl_module.__dict__.pop(name, None)
         self._wrapped = []
+        if self._original_class is not None:
+            pl_module.__class__ = self._original_class
+            self._original_class = None
         if self._mode == "hook" and getattr(pl_module, HEAD_ATTRIBUTE, None) is self.head:
             # After fit the module is the user's module again (its checkpoints load into it);
             # the callback keeps the head for the next fit.
