@@ -124,9 +124,10 @@ def test_lightly_module_unmodified_gets_lrc_without_an_extra_forward(tmp_path) -
 def test_without_target_layer_the_extra_forward_is_made_and_reported(tmp_path) -> None:
     model = LightlyStyleMoCo()
     cb = LRCCallback(feature_layer="backbone.2", batch_format="lightly")
-    with pytest.warns(UserWarning, match="extra forward.*target_layer"):
+    with pytest.warns(UserWarning, match="extra forward.*target_layer") as caught:
         trainer(max_steps=2, callbacks=[cb]).fit(model, _data(tmp_path, "lightly"))
     assert cb.extra_forwards == 2
+    assert [w.filename for w in caught if "extra forward" in str(w.message)] == [__file__]
 
 
 def test_solo_learn_module_gets_lrc_with_its_own_batch(tmp_path) -> None:
@@ -360,8 +361,12 @@ class _Coarse(TinySupervisedLike):
 
 def test_too_coarse_features_warn_once(loader) -> None:
     cb = LRCCallback(feature_layer="pool")
-    with pytest.warns(UserWarning, match=r"spatial size \(2, 2\).*region"):
+    with pytest.warns(UserWarning, match=r"spatial size \(2, 2\).*region") as caught:
         trainer(max_steps=2, callbacks=[cb]).fit(_Coarse(), loader)
+    # Attributed to the user's line (this trainer.fit), not to a frame of lrc_lightning,
+    # Lightning or torch.
+    ours = [w for w in caught if "spatial size" in str(w.message)]
+    assert len(ours) == 1 and ours[0].filename == __file__
 
 
 class _OnePixel(_Coarse):

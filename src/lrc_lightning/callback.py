@@ -9,7 +9,6 @@ Trainer gets a callback of its own namespace.
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,6 +36,7 @@ from lrc_lightning.term import (
     trainer_step,
     warn_if_too_coarse,
 )
+from lrc_lightning.user_warnings import warn_user
 
 __all__ = ["CHECKPOINT_KEY", "HEAD_ATTRIBUTE", "LRCCallback", "LRCCallbackBase"]
 
@@ -449,10 +449,9 @@ class LRCCallbackBase:
                     if self.target_layer is None
                     else ""
                 )
-            warnings.warn(
+            warn_user(
                 f"LRCCallback: {why}; the callback forwards view {which} through the module "
                 f"(its forward) once more each step (an extra forward).{hint}",
-                stacklevel=2,
             )
         before = len(self._online)
         self._capturing = True
@@ -596,10 +595,9 @@ class LRCCallbackBase:
         if isinstance(state, dict) and not any(k.startswith(_PREFIX) for k in state):
             saved = checkpoint.get(CHECKPOINT_KEY, {}).get("head")
             if saved is None:
-                warnings.warn(
+                warn_user(
                     "the checkpoint holds no LRC head (it was not trained with LRCCallback); "
                     "the head starts from its initialisation",
-                    stacklevel=2,
                 )
                 assert self.head is not None
                 saved = self.head.state_dict()
@@ -631,11 +629,10 @@ class LRCCallbackBase:
         )
         layer = record.get("feature_layer")
         if layer is not None and layer != self.feature_layer:
-            warnings.warn(
+            warn_user(
                 f"LRCCallback resumes a head trained on feature_layer {layer!r} with "
                 f"feature_layer {self.feature_layer!r} (same channels): the head goes on "
                 "from weights fitted to the other layer's features",
-                stacklevel=2,
             )
 
     def state_dict(self) -> dict[str, Any]:
@@ -646,10 +643,9 @@ class LRCCallbackBase:
         mine = self.config.as_dict()
         changed = {k: (saved[k], mine[k]) for k in saved if k in mine and saved[k] != mine[k]}
         if changed:
-            warnings.warn(
+            warn_user(
                 f"LRCCallback resumed with other LRC options than the checkpoint's "
                 f"(checkpoint, now): {changed}; the new ones are used",
-                stacklevel=2,
             )
 
 
