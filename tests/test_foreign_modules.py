@@ -382,13 +382,13 @@ class _OnePixel(_Coarse):
 @pytest.mark.parametrize("with_example", [True, False])
 def test_a_one_pixel_feature_layer_is_refused_before_training(loader, with_example) -> None:
     model = _OnePixel(with_example)
-    before = [p.detach().clone() for p in model.parameters()]
+    before = [p.detach().clone() for p in model.net.parameters()]
     shape = r"\(2, 8, 1, 1\)" if with_example else r"\(4, 8, 1, 1\)"
     listing = r".*finest first:.*net.decoder" if with_example else ""
     with pytest.raises(ValueError, match=rf"(?s)feature_layer 'pool' outputs shape {shape}: one "
                        rf"feature pixel per image.*finer layer{listing}"):  # fmt: skip
         trainer(max_steps=2, callbacks=[LRCCallback(feature_layer="pool")]).fit(model, loader)
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.net.parameters(), strict=True))
 
 
 def test_under_ddp_unknown_channels_are_a_clear_error() -> None:
