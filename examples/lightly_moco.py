@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import tempfile
 
 import pytorch_lightning as pl
 import torch
@@ -80,15 +81,21 @@ class MoCo(pl.LightningModule):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data/chaos-t2-demo")
-    parser.add_argument("--cache-dir", default=".lrc_cache")
+    parser.add_argument("--cache-dir", default=None,
+                        help="super-pixel cache (default: a temporary folder)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args(argv)
     pl.seed_everything(0)
-    data = LRCDataModule(args.data, cache_dir=args.cache_dir, image_size=128, batch_size=8,
+    # Nothing is written to the working directory: the cache and Lightning's run folder go
+    # to a temporary folder unless --cache-dir is given.
+    scratch = tempfile.TemporaryDirectory(prefix="lrc_lightly_")
+    cache_dir = args.cache_dir or scratch.name
+    data = LRCDataModule(args.data, cache_dir=cache_dir, image_size=128, batch_size=8,
                          batch_format="lightly")  # LRC  # fmt: skip
     lrc = LRCCallback(feature_layer="backbone.4", target_layer="backbone_momentum.4",
                       batch_format="lightly")  # LRC  # fmt: skip
     trainer = pl.Trainer(max_steps=args.steps, accelerator="auto", devices=1, logger=False,
+                         enable_checkpointing=False, default_root_dir=scratch.name,
                          callbacks=[lrc], log_every_n_steps=1)  # LRC: callbacks=[lrc]  # fmt: skip
     model = MoCo()
     trainer.fit(model, data)
@@ -96,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"moco_loss={float(m['train/moco_loss']):.3f} "
           f"lrc_loss={float(m['train/lrc_loss_epoch']):.3f} "
           f"extra_forwards={lrc.extra_forwards}")  # fmt: skip
+    scratch.cleanup()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -19,6 +22,22 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"needs {path} (the full data sets beside the checkout); not present here")
     return path
+
+
+#: Set by .ci/run in its third-party venv: there a library that does not import is a failure.
+REQUIRE_THIRDPARTY = os.environ.get("LRC_REQUIRE_THIRDPARTY") == "1"
+
+
+def require_thirdparty(name: str) -> ModuleType:
+    """Import a third-party library for a ``thirdparty`` test: skip without it, except in
+    .ci/run's third-party venv (LRC_REQUIRE_THIRDPARTY=1), where the test must run."""
+    try:
+        return importlib.import_module(name)
+    except Exception as err:  # lightly imports torchvision, which may not import with torch
+        message = f"{name} does not import here ({type(err).__name__}: {err})"
+        if REQUIRE_THIRDPARTY:
+            pytest.fail(message + "; LRC_REQUIRE_THIRDPARTY=1 says it must", pytrace=False)
+        pytest.skip(message + "; .ci/run runs this test in its third-party venv")
 
 
 @pytest.fixture(scope="session")

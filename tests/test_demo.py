@@ -12,7 +12,7 @@ from types import ModuleType
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import ROOT, require_thirdparty
 
 
 def load_example(name: str) -> ModuleType:
@@ -66,17 +66,36 @@ def test_monai_pipeline_example_pretrains_a_monai_network(capsys) -> None:
     assert set(values) == {"moco_loss", "lrc_loss"} and float(values["lrc_loss"]) > 0
 
 
-def test_lightly_example_adds_lrc_in_three_lines(tmp_path: Path, capsys) -> None:
+@pytest.mark.thirdparty
+def test_lightly_example_adds_lrc_in_three_lines(tmp_path: Path, capsys, monkeypatch) -> None:
     source = (ROOT / "examples" / "lightly_moco.py").read_text()
     marked = [line for line in source.splitlines() if "# LRC" in line and "``" not in line]
     assert len(marked) == 3  # the promise in its docstring
-    try:
-        example = load_example("lightly_moco")
-    except Exception as err:  # lightly imports torchvision, which may not import here
-        pytest.skip(
-            f"lightly cannot import here ({type(err).__name__}: {err}); the same "
-            "structure runs in tests/test_foreign_modules.py with LightlyStyleMoCo"
-        )
-    example.main(["--steps", "2", "--cache-dir", str(tmp_path)])
+    # Skips where lightly (torchvision) does not import (the same structure runs in
+    # tests/test_foreign_modules.py with LightlyStyleMoCo); fails in .ci/run's second venv.
+    require_thirdparty("lightly")
+    example = load_example("lightly_moco")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    example.main(["--steps", "2", "--data", str(ROOT / "data" / "chaos-t2-demo")])
     values = dict(re.findall(r"(\w+)=([0-9.]+)", capsys.readouterr().out))
     assert float(values["lrc_loss"]) > 0 and values["extra_forwards"] == "0"
+    assert sorted(work.iterdir()) == []  # no cache, checkpoints or logs in the working dir
+
+
+def test_ci_runs_the_thirdparty_tests_for_real_in_their_own_venv() -> None:
+    """.ci/run builds a second venv with a torch/torchvision pair that imports together and
+    the `thirdparty` extra, and runs the `thirdparty` tests there, where a missing library
+    fails (LRC_REQUIRE_THIRDPARTY=1) and no test collected fails (exit 5)."""
+    import configparser
+
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert 'torch==2.14.1" "torchvision==0.29.1"' in ci and '-e ".[thirdparty]"' in ci
+    assert "LRC_REQUIRE_THIRDPARTY=1 run_pytest -q -m thirdparty tests" in ci
+    assert ci.count("run_pytest -q") == 2 and '"$status" -eq 5' in ci
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    extra = setup["options.extras_require"]["thirdparty"]
+    assert all(name in extra for name in ("nnunetv2", "lightly", "torchvision", "monai"))
+    assert ".venv-thirdparty/" in (ROOT / ".gitignore").read_text()

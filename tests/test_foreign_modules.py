@@ -124,9 +124,10 @@ def test_lightly_module_unmodified_gets_lrc_without_an_extra_forward(tmp_path) -
 def test_without_target_layer_the_extra_forward_is_made_and_reported(tmp_path) -> None:
     model = LightlyStyleMoCo()
     cb = LRCCallback(feature_layer="backbone.2", batch_format="lightly")
-    with pytest.warns(UserWarning, match="extra forward.*target_layer"):
+    with pytest.warns(UserWarning, match="extra forward.*target_layer") as caught:
         trainer(max_steps=2, callbacks=[cb]).fit(model, _data(tmp_path, "lightly"))
     assert cb.extra_forwards == 2
+    assert [w.filename for w in caught if "extra forward" in str(w.message)] == [__file__]
 
 
 def test_solo_learn_module_gets_lrc_with_its_own_batch(tmp_path) -> None:
@@ -136,6 +137,31 @@ def test_solo_learn_module_gets_lrc_with_its_own_batch(tmp_path) -> None:
     trainer(max_steps=2, callbacks=[cb, history]).fit(model, _data(tmp_path, "solo-learn"))
     assert cb.extra_forwards == 0 and len(history.history["train/lrc_loss_step"]) == 2
     assert all(t.eq(-1).all() for t in model.targets_seen)
+
+
+class _SoloLearnableParams(SoloStyleSimCLR):
+    """solo-learn's BaseMethod: the optimizer takes ``self.learnable_params`` (groups)."""
+
+    @property
+    def learnable_params(self) -> list[dict]:
+        return [{"name": "backbone", "params": self.backbone.parameters()}]
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.learnable_params, lr=0.1)
+
+
+def test_the_head_joins_a_solo_learn_modules_learnable_params(tmp_path) -> None:
+    model = _SoloLearnableParams()
+    lrc = LRCCallback(feature_layer="backbone.decoder", batch_format="solo-learn")
+    fit = trainer(max_steps=2, callbacks=[lrc])
+    fit.fit(model, _data(tmp_path, "solo-learn"))
+    names = [group["name"] for group in fit.optimizers[0].param_groups]
+    assert names == ["backbone", "lrc_head"]
+    head = {id(p) for p in lrc.head.parameters()}
+    assert head == {id(p) for p in fit.optimizers[0].param_groups[1]["params"]}
+    # After fit the module is the user's class again, without the head.
+    assert type(model) is _SoloLearnableParams and not hasattr(model, "lrc_head")
+    assert [g["name"] for g in model.learnable_params] == ["backbone"]
 
 
 def test_a_batch_of_the_other_tuple_format_is_a_batch_format_error(tmp_path) -> None:
@@ -335,8 +361,34 @@ class _Coarse(TinySupervisedLike):
 
 def test_too_coarse_features_warn_once(loader) -> None:
     cb = LRCCallback(feature_layer="pool")
-    with pytest.warns(UserWarning, match=r"spatial size \(2, 2\).*region"):
+    with pytest.warns(UserWarning, match=r"spatial size \(2, 2\).*region") as caught:
         trainer(max_steps=2, callbacks=[cb]).fit(_Coarse(), loader)
+    # Attributed to the user's line (this trainer.fit), not to a frame of lrc_lightning,
+    # Lightning or torch.
+    ours = [w for w in caught if "spatial size" in str(w.message)]
+    assert len(ours) == 1 and ours[0].filename == __file__
+
+
+class _OnePixel(_Coarse):
+    """Its ``pool`` outputs (B, 8, 1, 1): a global vector in a dense shape."""
+
+    def __init__(self, with_example: bool) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        if with_example:
+            self.example_input_array = torch.zeros(2, 1, 32, 32)
+
+
+@pytest.mark.parametrize("with_example", [True, False])
+def test_a_one_pixel_feature_layer_is_refused_before_training(loader, with_example) -> None:
+    model = _OnePixel(with_example)
+    before = [p.detach().clone() for p in model.net.parameters()]
+    shape = r"\(2, 8, 1, 1\)" if with_example else r"\(4, 8, 1, 1\)"
+    listing = r".*finest first:.*net.decoder" if with_example else ""
+    with pytest.raises(ValueError, match=rf"(?s)feature_layer 'pool' outputs shape {shape}: one "
+                       rf"feature pixel per image.*finer layer{listing}"):  # fmt: skip
+        trainer(max_steps=2, callbacks=[LRCCallback(feature_layer="pool")]).fit(model, loader)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.net.parameters(), strict=True))
 
 
 def test_under_ddp_unknown_channels_are_a_clear_error() -> None:

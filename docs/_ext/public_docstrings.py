@@ -31,6 +31,7 @@ PUBLIC_MODULES = (
     "lrc_lightning.data",
     "lrc_lightning.models",
     "lrc_lightning.monai",
+    "lrc_lightning.nnunet",
     "lrc_lightning.lightning",
     "lrc_lightning.evaluation.label_efficiency",
     "lrc_lightning.evaluation.statistics",

@@ -9,7 +9,6 @@ Trainer gets a callback of its own namespace.
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,6 +36,7 @@ from lrc_lightning.term import (
     trainer_step,
     warn_if_too_coarse,
 )
+from lrc_lightning.user_warnings import warn_user
 
 __all__ = ["CHECKPOINT_KEY", "HEAD_ATTRIBUTE", "LRCCallback", "LRCCallbackBase"]
 
@@ -119,7 +119,9 @@ class LRCCallbackBase:
     optimizer (``self.parameters()``) and DDP see it. It is kept out of the module's
     checkpoint ``state_dict`` (in the checkpoint's ``"lrc_lightning"`` entry instead), so a
     checkpoint loads into the unmodified module; resuming puts it back. After ``fit`` the
-    head is removed from the module.
+    head is removed from the module. A module whose optimizer takes parameter groups from a
+    ``learnable_params`` property (solo-learn's methods) gets the head there too, as the
+    group ``"lrc_head"``, while fitting.
 
     The channels of ``feature_layer`` are read from one dry forward (no gradients, eval
     mode) of the module's ``example_input_array`` or of the data module's
@@ -182,6 +184,8 @@ class LRCCallbackBase:
         self._capturing = False
         self._regions_checked = False
         self._warned_extra: set[str] = set()
+        #: The module's class while a subclass adds the head to its learnable_params.
+        self._original_class: type | None = None
 
     # ------------------------------------------------------------------ set-up / teardown
     @property
@@ -224,11 +228,34 @@ class LRCCallbackBase:
                 "LRCCallback needs that name for its projection head"
             )
         pl_module.add_module(HEAD_ATTRIBUTE, self.head.to(pl_module.device))
+        self._extend_learnable_params(pl_module)
         self._install_hooks(pl_module, layer, target)
         self._wrap(pl_module, "training_step", self._step_with_lrc)
         self._wrap(pl_module, "on_save_checkpoint", self._save_head)
         self._wrap(pl_module, "on_load_checkpoint", self._load_head)
         self._mode = "hook"
+
+    def _extend_learnable_params(self, pl_module: Any) -> None:
+        """solo-learn builds its optimizer from ``self.learnable_params`` (a property that
+        lists parameter groups), not ``self.parameters()``: the head is added there as its
+        own group, on a subclass of the module's class set on this instance for the fit
+        (a property cannot be overridden per instance); teardown restores the class."""
+        cls = type(pl_module)
+        prop = getattr(cls, "learnable_params", None)
+        if not isinstance(prop, property) or prop.fget is None:
+            return
+        head, own = self.head, prop.fget
+        assert head is not None
+
+        def learnable_params(module: Any) -> list[Any]:
+            groups = list(own(module))
+            return [*groups, {"name": HEAD_ATTRIBUTE, "params": list(head.parameters())}]
+
+        namespace = {"learnable_params": property(learnable_params),
+                     "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                     "__doc__": cls.__doc__}  # fmt: skip
+        pl_module.__class__ = type(cls.__name__, (cls,), namespace)
+        self._original_class = cls
 
     def _setup_mixin(self, pl_module: Any) -> None:
         if self.feature_layer is not None or self._configured:
@@ -274,6 +301,7 @@ class LRCCallbackBase:
                     "dense (B, C, h, w) or (B, C, d, h, w) features. Dense candidates, "
                     f"finest first:\n{format_layers(dense_candidates(layers or []))}"
                 )
+            _refuse_single_pixel(self.feature_layer, shape, layers or [])
             if self.feature_channels is not None and self.feature_channels != shape[1]:
                 raise ValueError(
                     f"feature_channels={self.feature_channels}, but feature_layer "
@@ -312,6 +340,9 @@ class LRCCallbackBase:
             # Drop the instance attribute: the class's method is visible again.
             pl_module.__dict__.pop(name, None)
         self._wrapped = []
+        if self._original_class is not None:
+            pl_module.__class__ = self._original_class
+            self._original_class = None
         if self._mode == "hook" and getattr(pl_module, HEAD_ATTRIBUTE, None) is self.head:
             # After fit the module is the user's module again (its checkpoints load into it);
             # the callback keeps the head for the next fit.
@@ -418,10 +449,9 @@ class LRCCallbackBase:
                     if self.target_layer is None
                     else ""
                 )
-            warnings.warn(
+            warn_user(
                 f"LRCCallback: {why}; the callback forwards view {which} through the module "
                 f"(its forward) once more each step (an extra forward).{hint}",
-                stacklevel=2,
             )
         before = len(self._online)
         self._capturing = True
@@ -513,6 +543,7 @@ class LRCCallbackBase:
             )
         if not self._regions_checked:
             self._regions_checked = True
+            _refuse_single_pixel(self.feature_layer, tuple(features_v1.shape), None)
             warn_if_too_coarse(
                 self.criterion,
                 tuple(features_v1.shape),
@@ -564,10 +595,9 @@ class LRCCallbackBase:
         if isinstance(state, dict) and not any(k.startswith(_PREFIX) for k in state):
             saved = checkpoint.get(CHECKPOINT_KEY, {}).get("head")
             if saved is None:
-                warnings.warn(
+                warn_user(
                     "the checkpoint holds no LRC head (it was not trained with LRCCallback); "
                     "the head starts from its initialisation",
-                    stacklevel=2,
                 )
                 assert self.head is not None
                 saved = self.head.state_dict()
@@ -599,11 +629,10 @@ class LRCCallbackBase:
         )
         layer = record.get("feature_layer")
         if layer is not None and layer != self.feature_layer:
-            warnings.warn(
+            warn_user(
                 f"LRCCallback resumes a head trained on feature_layer {layer!r} with "
                 f"feature_layer {self.feature_layer!r} (same channels): the head goes on "
                 "from weights fitted to the other layer's features",
-                stacklevel=2,
             )
 
     def state_dict(self) -> dict[str, Any]:
@@ -614,11 +643,33 @@ class LRCCallbackBase:
         mine = self.config.as_dict()
         changed = {k: (saved[k], mine[k]) for k in saved if k in mine and saved[k] != mine[k]}
         if changed:
-            warnings.warn(
+            warn_user(
                 f"LRCCallback resumed with other LRC options than the checkpoint's "
                 f"(checkpoint, now): {changed}; the new ones are used",
-                stacklevel=2,
             )
+
+
+def _refuse_single_pixel(
+    name: str | None, shape: tuple[int, ...], layers: list[Any] | None
+) -> None:
+    """A feature layer with one pixel per image (a pooled or 1x1 output) leaves LRC nothing
+    to contrast: refused before training, not a term that is silently 0.
+
+    Raises:
+        ValueError: naming the layer, its shape and, when known, the finer candidates.
+    """
+    if len(shape) not in (4, 5) or any(n > 1 for n in shape[2:]):
+        return
+    listing = (
+        f" Dense candidates, finest first:\n{format_layers(dense_candidates(layers))}"
+        if layers
+        else ""
+    )
+    raise ValueError(
+        f"feature_layer {name!r} outputs shape {shape}: one feature pixel per image, so no "
+        "super-pixel region can be contrasted with another (the LRC term would be 0). "
+        f"Give a finer layer (a decoder level, or an encoder stage before pooling).{listing}"
+    )
 
 
 def _dry_run(pl_module: nn.Module, example: Any) -> list[Any] | None:

@@ -7,6 +7,8 @@
         --model.init_args.pretrained moco_lrc_backbone.pt
     lrc-lightning benchmark --data path/to/Task/dataset.json --size 128 --out results
     lrc-lightning preview --data path/to/Task/dataset.json --scales 50 100 200
+    lrc-lightning nnunet-pretrain --dataset 901 --configuration 2d --out lrc_2d.pth
+    lrc-lightning export --format nnunet --ckpt lrc_2d.pth.run/last.ckpt --out lrc_2d.pth
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ _DESCRIPTION = (
     "predict; and `lrc-lightning precompute --config CFG` (fill the super-pixel cache), "
     "`lrc-lightning export --ckpt CKPT --out FILE` (backbone weights as a plain state_dict), "
     "`lrc-lightning benchmark --data DATASET` (does LRC help on this data? see --help), "
-    "`lrc-lightning preview --data DATASET` (a PNG of slices and super-pixels). "
+    "`lrc-lightning preview --data DATASET` (a PNG of slices and super-pixels), "
+    "`lrc-lightning nnunet-pretrain --dataset ID --configuration 2d --out FILE` (pre-train "
+    "nnU-Net's own network for nnUNetv2_train -pretrained_weights FILE). "
     "Checkpoints (--ckpt_path) are read with the safe loader; --trust-checkpoint: " + _TRUST_HELP
 )
 
@@ -235,13 +239,79 @@ def export(argv: list[str]) -> int:
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt)")
     parser.add_argument("--out", required=True, help="output file, e.g. backbone.pt")
     parser.add_argument("--prefix", default=BACKBONE_PREFIX, help="state_dict key prefix")
+    parser.add_argument(
+        "--format",
+        choices=("state_dict", "nnunet"),
+        default="state_dict",
+        help="state_dict: the backbone's plain state_dict (default); nnunet: the network of "
+        "an `lrc-lightning nnunet-pretrain` checkpoint as nnUNetv2_train -pretrained_weights "
+        "reads it",
+    )
     parser.add_argument("--trust-checkpoint", action="store_true", help=_TRUST_HELP)
     args = parser.parse_args(argv)
     try:
+        if args.format == "nnunet":
+            from lrc_lightning.nnunet import export_nnunet_weights
+
+            path = export_nnunet_weights(args.ckpt, args.out, args.trust_checkpoint)
+            print(f"wrote {path}: nnUNetv2_train DATASET CONFIGURATION FOLD "
+                  f"-pretrained_weights {path}")  # fmt: skip
+            return 0
         path = export_backbone(args.ckpt, args.out, args.prefix, args.trust_checkpoint)
     except (FileNotFoundError, ValueError, UnpicklingError) as err:
         parser.exit(2, f"lrc-lightning export: error: {err}\n")
     print(f"wrote {path} and {path.name}.json")
+    return 0
+
+
+def nnunet_pretrain(argv: list[str]) -> int:
+    """Pre-train nnU-Net's own network with MoCo v2 + LRC; write its -pretrained_weights."""
+    from lrc_lightning.term import LRCConfig
+
+    parser = argparse.ArgumentParser(
+        prog="lrc-lightning nnunet-pretrain",
+        description="Build the network nnUNetv2_train trains for a configuration (nnU-Net's "
+        "own code, from the plans), pre-train it with MoCo v2 (bottleneck) + LRC (a decoder "
+        "stage) on nnU-Net's preprocessed data, and write FILE for `nnUNetv2_train DATASET "
+        "CONFIGURATION FOLD -pretrained_weights FILE`. Run nnUNetv2_plan_and_preprocess "
+        "first. Needs the [nnunet] extra.",
+    )
+    parser.add_argument("--dataset", required=True,
+                        help="preprocessed dataset: a folder, or an id/name under "
+                        "$nnUNet_preprocessed")  # fmt: skip
+    parser.add_argument("--configuration", default="2d", help="2d, 3d_fullres, ...")
+    parser.add_argument("--out", required=True, help="the weights file to write (.pth)")
+    parser.add_argument("--work-dir", default=None,
+                        help="where the Lightning checkpoint goes (default: OUT.run)")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the plans'")
+    parser.add_argument("--patch-size", type=int, nargs="+", default=None,
+                        help="default: the plans'")  # fmt: skip
+    parser.add_argument("--samples-per-epoch", type=int, default=250)
+    parser.add_argument("--workers", type=int, default=0, help="data loader processes")
+    parser.add_argument("--feature-level", type=int, default=-1,
+                        help="decoder stage for LRC, coarse to fine (-1: the finest)")  # fmt: skip
+    parser.add_argument("--lrc-weight", type=float, default=LRCConfig.weight, help="lambda")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--queue-size", type=int, default=4096, help="MoCo negatives")
+    parser.add_argument("--plans", default="nnUNetPlans", help="nnU-Net's plans (-p)")
+    parser.add_argument("--trainer", default="nnUNetTrainer", help="nnU-Net's trainer (-tr)")
+    parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from lrc_lightning.nnunet import pretrain
+
+    lrc = LRCConfig(weight=args.lrc_weight, feature_level=args.feature_level)
+    try:
+        path = pretrain(args.dataset, args.configuration, args.out, args.work_dir, args.steps,
+                        args.batch_size, args.patch_size, args.samples_per_epoch, args.workers,
+                        lrc, args.plans, args.trainer, args.seed,
+                        {"accelerator": args.accelerator, "devices": 1}, lr=args.lr,
+                        queue_size=args.queue_size)  # fmt: skip
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        parser.exit(2, f"lrc-lightning nnunet-pretrain: error: {err}\n")
+    print(f"wrote {path}: nnUNetv2_train DATASET {args.configuration} FOLD "
+          f"-pretrained_weights {path}")  # fmt: skip
     return 0
 
 
@@ -253,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         return export(args[1:])
     if args and args[0] == "preview":
         return preview(args[1:])
+    if args and args[0] == "nnunet-pretrain":
+        return nnunet_pretrain(args[1:])
     if args and args[0] == "benchmark":
         from lrc_lightning.evaluation.label_efficiency import main as benchmark
 

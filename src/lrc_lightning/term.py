@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -30,6 +29,7 @@ from lrc_lightning.regions import (
     select_regions,
 )
 from lrc_lightning.schedules import DEFAULT_LRC_WEIGHT, WeightSchedule, lrc_weight
+from lrc_lightning.user_warnings import warn_user
 
 __all__ = [
     "LRCConfig",
@@ -276,13 +276,12 @@ def warn_if_too_coarse(
     counts = count_valid_regions(criterion, feature_shape, superpixels_v1, superpixels_v2)
     mean = float(counts.float().mean())
     if mean < 2:
-        warnings.warn(
+        warn_user(
             f"LRC: the features of {source} have spatial size {tuple(feature_shape[2:])}; "
             f"only {mean:.1f} super-pixel region(s) per image cover >= "
             f"{criterion.min_pixels} feature pixels in both views, so the LRC term is "
             "(nearly) 0. Use a finer (decoder) layer, larger images, or larger super-pixels "
             "(superpixel_scale / superpixel_min_size), or lower min_pixels.",
-            stacklevel=3,
         )
     return mean
 
