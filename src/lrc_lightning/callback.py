@@ -106,11 +106,14 @@ class LRCCallbackBase:
     Which output is which view: each view is recognised by its input tensor (the callback
     watches the layers that enclose ``feature_layer``), so the order of calls does not
     matter. When the step runs view 2 only through a momentum or target copy of the network
-    (lightly's and solo-learn's MoCo, BYOL), give that copy's layer as ``target_layer``: its
-    output is view 2's features and no extra forward is made (the LRC gradient then reaches
-    the online network through view 1, as the momentum branch gets none). A copy of a
-    view (``clone``, a cast) and the two views concatenated (``torch.cat([x1, x2])``,
-    either order) are recognised by their values. Outputs of any other input (a view
+    (lightly's documented MoCo example: the key view goes through ``backbone_momentum``
+    only), give that copy's layer as ``target_layer``: its output is view 2's features and
+    no extra forward is made (the LRC gradient then reaches the online network through
+    view 1, as the momentum branch gets none). A step that runs both views through both
+    branches (solo-learn's MoCoV2Plus and BYOL, lightly's BYOL) already gives the online
+    layer both views' outputs, which are used first; ``target_layer`` is then not needed.
+    A copy of a view (``clone``, a cast) and the two views concatenated
+    (``torch.cat([x1, x2])``, either order) are recognised by their values. Outputs of any other input (a view
     normalised in the step, say) are never paired by call order or size: a view without a
     matched output is forwarded once more through the module by the callback, with a
     warning the first time (:attr:`extra_forwards` counts).
