@@ -410,6 +410,69 @@ def test_head_channels_are_inferred_without_any_example(loader) -> None:
     assert cb.head.layers[0].weight.shape == (128, 8, 1, 1)
 
 
+# ---------------------------------------------------------------------- validation loader
+_NO_VAL_STEP = "val_dataloader` but have no `validation_step"
+
+
+class _Validates(TinySupervisedLike):
+    def __init__(self) -> None:
+        super().__init__()
+        self.validated: list[tuple[int, ...]] = []
+
+    def validation_step(self, batch, batch_idx) -> None:
+        self.validated.append(tuple(batch["image"].shape))
+
+
+def _fit_recording_warnings(fit) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit()
+    return [str(w.message) for w in caught]
+
+
+def test_a_module_without_validation_step_fits_without_the_val_dataloader_warning(
+    tmp_path,
+) -> None:
+    """LRCDataModule(val_cases=1) on a module with no validation_step: Lightning sees no
+    validation loader (no warning); a module with one still validates the held-out case."""
+    run = dict(max_epochs=1, limit_train_batches=1, num_sanity_val_steps=0)
+    data = _data(tmp_path, val_cases=1)
+    messages = _fit_recording_warnings(lambda: trainer(**run).fit(TinySupervisedLike(), data))
+    assert not [m for m in messages if _NO_VAL_STEP in m]
+    validating = _Validates()
+    trainer(**run).fit(validating, _data(tmp_path, val_cases=1))
+    assert len(validating.validated) == 1 and validating.validated[0][-2:] == (32, 32)
+    # Called by hand (no Trainer attached), the loader is there.
+    data = _data(tmp_path, val_cases=1)
+    data.prepare_data()
+    data.setup("fit")
+    assert len(data.val_dataloader()) == 1
+
+
+def test_lightning_pytorch_module_without_validation_step_gets_no_warning(tmp_path) -> None:
+    L = pytest.importorskip("lightning.pytorch")
+    from lrc_lightning.lightning import LRCDataModule as LDataModule
+
+    class Plain(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = TinySupervisedLike().net
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch["image_v1"])[1].pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    data = LDataModule(str(DEMO_MR), cache_dir=str(tmp_path / "c"), image_size=32,
+                       batch_size=4, val_cases=1)  # fmt: skip
+    fit = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False).fit  # fmt: skip
+    messages = _fit_recording_warnings(lambda: fit(Plain(), datamodule=data))
+    assert not [m for m in messages if _NO_VAL_STEP in m]
+
+
 # ---------------------------------------------------------------------- checkpoints
 def test_callback_checkpoints_load_into_the_unmodified_module_and_resume_the_head(
     tmp_path, loader

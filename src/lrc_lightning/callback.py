@@ -113,10 +113,10 @@ class LRCCallbackBase:
     branches (solo-learn's MoCoV2Plus and BYOL, lightly's BYOL) already gives the online
     layer both views' outputs, which are used first; ``target_layer`` is then not needed.
     A copy of a view (``clone``, a cast) and the two views concatenated
-    (``torch.cat([x1, x2])``, either order) are recognised by their values. Outputs of any other input (a view
-    normalised in the step, say) are never paired by call order or size: a view without a
-    matched output is forwarded once more through the module by the callback, with a
-    warning the first time (:attr:`extra_forwards` counts).
+    (``torch.cat([x1, x2])``, either order) are recognised by their values. Outputs of any
+    other input (a view normalised in the step, say) are never paired by call order or
+    size: a view without a matched output is forwarded once more through the module by the
+    callback, with a warning the first time (:attr:`extra_forwards` counts).
 
     The projection head is registered on the module as ``lrc_head`` while fitting, so the
     optimizer (``self.parameters()``) and DDP see it. It is kept out of the module's

@@ -24,6 +24,8 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         "(pip install lightning); with `pytorch_lightning` import from lrc_lightning"
     ) from err
 
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
 from lrc_lightning.callback import LRCCallbackBase
 from lrc_lightning.data.datamodule import LRCDataModuleBase
 from lrc_lightning.mixin import LRCMixin
@@ -38,3 +40,4 @@ class LRCCallback(LRCCallbackBase, L.Callback):
 
 class LRCDataModule(LRCDataModuleBase, L.LightningDataModule):
     __doc__ = LRCDataModuleBase.__doc__
+    _is_overridden = staticmethod(is_overridden)

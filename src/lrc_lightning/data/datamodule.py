@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader, default_collate
 
 from lrc_lightning.batches import BatchFormat, BatchFormatName
@@ -116,6 +117,33 @@ class _PackedBatches:
 
     def __iter__(self) -> Iterator[Any]:
         return (self.fmt.pack(batch) for batch in self.batches)
+
+
+class _LoaderIfModuleSteps:
+    """A data-loader method that Lightning sees as not defined while the attached module has
+    no ``step`` (``validation_step``): Lightning tells whether a data module has a validation
+    loader from whether its method is overridden, not from what it returns, and otherwise
+    warns on every fit of such a module ("You passed in a `val_dataloader` but have no
+    `validation_step`"). Without an attached module (called by hand) it is the method."""
+
+    def __init__(self, step: str, method: Callable[..., Any]) -> None:
+        self.step, self.method = step, method
+        self.__doc__ = method.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, instance: Any, owner: type) -> Any:
+        if instance is None:
+            return self.method
+        if not instance._module_lacks(self.step):
+            return self.method.__get__(instance, owner)
+        # The Lightning base class's own (unimplemented) method: is_overridden() says False.
+        for cls in type(instance).__mro__:
+            found = vars(cls).get(self.name)
+            if found is not None and not isinstance(found, _LoaderIfModuleSteps):
+                return found.__get__(instance, owner)
+        return self.method.__get__(instance, owner)
 
 
 class LRCDataModuleBase:
@@ -478,10 +506,29 @@ class LRCDataModuleBase:
             channels_last=self.channels_last,
         )  # fmt: skip
 
-    def val_dataloader(self) -> DataLoader | list:
+    #: Lightning's ``is_overridden`` of the class's namespace (set by the concrete classes).
+    _is_overridden: Callable[[str, Any], bool] | None = None
+
+    def _module_lacks(self, step: str) -> bool:
+        """The module that the attached Trainer fits has no ``step`` (False without one, or
+        for a module of the other Lightning namespace)."""
+        trainer = getattr(self, "trainer", None)
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        if module is None or self._is_overridden is None:
+            return False
+        try:
+            return not self._is_overridden(step, module)
+        except ValueError:  # not a LightningModule of this namespace: keep the loader
+            return False
+
+    def _val_dataloader(self) -> DataLoader | list:
+        """One whole labelled volume per batch from the validation cases. Lightning sees no
+        validation loader while the module it fits has no ``validation_step`` (no warning)."""
         split = self._require_split()
         vols = [v for v in self.volumes(split.val) if v.label is not None]
         return self._loader(Volumes(vols), False, 1) if vols else []
+
+    val_dataloader = _LoaderIfModuleSteps("validation_step", _val_dataloader)
 
     def test_dataloader(self) -> DataLoader | list:
         split = self._require_split()
@@ -491,3 +538,4 @@ class LRCDataModuleBase:
 
 class LRCDataModule(LRCDataModuleBase, pl.LightningDataModule):
     __doc__ = LRCDataModuleBase.__doc__
+    _is_overridden = staticmethod(is_overridden)
