@@ -101,6 +101,37 @@ def test_data_module_emits_lightly_and_solo_learn_batches_from_real_volumes(tmp_
     assert {t.device for t in (indexes, targets, views[0], maps[0])} == {views[0].device}
 
 
+def test_the_baseline_arm_gets_the_plain_structure_without_maps(tmp_path) -> None:
+    """superpixels_in_batch=False: the same data module feeds the module without LRCCallback
+    its own 3-item batch (lightly, solo-learn; loader and device batches) or a dict without
+    maps; with the callback it is a clear error."""
+    pl.seed_everything(0)
+    model = LightlyStyleMoCo()
+    before = copy.deepcopy(model.backbone.state_dict())
+    trainer(max_steps=2).fit(model, _data(tmp_path, "lightly", superpixels_in_batch=False))
+    assert model.steps_seen == [3, 3]
+    assert not torch.equal(before["0.weight"], model.backbone.state_dict()["0.weight"])
+    for fmt, device_batches in (("lightly", False), ("solo-learn", False), ("solo-learn", True)):
+        dm = _data(tmp_path, fmt, superpixels_in_batch=False, device_batches=device_batches)
+        dm.prepare_data()
+        dm.setup("fit")
+        batch = next(iter(dm.train_dataloader()))
+        views = batch[0] if fmt == "lightly" else batch[1]
+        assert len(batch) == 3 and [tuple(v.shape) for v in views] == [(4, 1, 32, 32)] * 2
+    dm = _data(tmp_path, "dict", superpixels_in_batch=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert "image_v2" in batch and not {"superpixels_v1", "superpixels_v2"} & set(batch)
+    cb = LRCCallback(feature_layer="backbone.2", batch_format="lightly")
+    with pytest.raises(ValueError, match="superpixels_in_batch=False"):
+        trainer(max_steps=1, callbacks=[cb]).fit(
+            LightlyStyleMoCo(), _data(tmp_path, "lightly", superpixels_in_batch=False)
+        )
+    with pytest.raises(ValueError, match="superpixels_in_batch=False is for pre-training"):
+        _data(tmp_path, superpixels_in_batch=False, mode="finetune")
+
+
 def test_lightly_module_unmodified_gets_lrc_without_an_extra_forward(tmp_path) -> None:
     """lightly's MoCo as documented + LRCDataModule(batch_format) + LRCCallback: no
     DataModule subclass, no extra forward (view 2's features come from the momentum

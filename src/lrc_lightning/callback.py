@@ -198,6 +198,12 @@ class LRCCallbackBase:
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
+        if getattr(getattr(trainer, "datamodule", None), "superpixels_in_batch", True) is False:
+            raise ValueError(
+                "LRCCallback needs the super-pixel maps, but the data module was made with "
+                "superpixels_in_batch=False (for the baseline run without LRC); drop that "
+                "option (or the callback)"
+            )
         if isinstance(pl_module, LRCMixin):
             self._setup_mixin(pl_module)
             return

@@ -95,28 +95,44 @@ def mirror_label_pairs(
     return MirrorLabels(tuple(resolved))
 
 
+#: The keys of the super-pixel maps in the dict batch.
+_MAP_KEYS = ("superpixels_v1", "superpixels_v2")
+
+
+def _pack(fmt: BatchFormat, batch: dict[str, Any], superpixels: bool) -> Any:
+    """The dict batch in ``fmt``'s structure; without ``superpixels``, the structure the
+    module's own step takes (no maps: a baseline run without LRC)."""
+    if superpixels:
+        return fmt.pack(batch)
+    batch = {k: v for k, v in batch.items() if k not in _MAP_KEYS}
+    if fmt.name == "dict":
+        return batch
+    # The tuple formats append the maps last; module_batch() cuts them (None here) off.
+    return fmt.module_batch(fmt.pack({**batch, **dict.fromkeys(_MAP_KEYS)}))
+
+
 class _PackedCollate:
     """Collates items into the dict batch, then builds the requested batch structure
     (a class, not a closure, so that loader workers can pickle it)."""
 
-    def __init__(self, fmt: BatchFormat) -> None:
-        self.fmt = fmt
+    def __init__(self, fmt: BatchFormat, superpixels: bool = True) -> None:
+        self.fmt, self.superpixels = fmt, superpixels
 
     def __call__(self, items: list[Any]) -> Any:
-        return self.fmt.pack(default_collate(items))
+        return _pack(self.fmt, default_collate(items), self.superpixels)
 
 
 class _PackedBatches:
     """Device batches in the requested batch structure."""
 
-    def __init__(self, batches: DeviceBatches, fmt: BatchFormat) -> None:
-        self.batches, self.fmt = batches, fmt
+    def __init__(self, batches: DeviceBatches, fmt: BatchFormat, superpixels: bool = True) -> None:
+        self.batches, self.fmt, self.superpixels = batches, fmt, superpixels
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __iter__(self) -> Iterator[Any]:
-        return (self.fmt.pack(batch) for batch in self.batches)
+        return (_pack(self.fmt, batch, self.superpixels) for batch in self.batches)
 
 
 class _LoaderIfModuleSteps:
@@ -202,6 +218,11 @@ class LRCDataModuleBase:
             ``"solo-learn"`` (``(indexes, [x1, x2], targets, [s1, s2])``); see
             :mod:`lrc_lightning.batches`. Give LRCCallback the same ``batch_format``: it
             hands the module its own 3-item structure.
+        superpixels_in_batch: False leaves the super-pixel maps out of pre-training batches:
+            the plain lightly ``(views, targets, filenames)`` / solo-learn ``(indexes,
+            views, targets)`` tuple (a dict without ``superpixels_v1``/``_v2``), for the
+            baseline run of the same module without LRCCallback, on the same data, split and
+            augmentations.
         spatial_dims: 2 (slices) or 3: volumes with 3D supervoxels
             (:func:`~lrc_lightning.superpixels.felzenszwalb_3d`, cached), served as
             ``patch_size`` patches (:mod:`lrc_lightning.data.patches`): pre-training batches
@@ -269,6 +290,7 @@ class LRCDataModuleBase:
         device_batches: bool = False,
         channels_last: bool = False,
         batch_format: BatchFormatName = "dict",
+        superpixels_in_batch: bool = True,
         spatial_dims: Literal[2, 3] = 2,
         slice_spacing: float | None = None,
         patch_size: tuple[int, int, int] = (32, 96, 96),
@@ -305,6 +327,7 @@ class LRCDataModuleBase:
         self.device_batches = device_batches
         self.channels_last = channels_last
         self.batch_format = resolve_batch_format(batch_format)
+        self.superpixels_in_batch = bool(superpixels_in_batch)
         self.spatial_dims = spatial_dims
         threshold = foreground_threshold if skip_empty_slices else 0.05
         self.patch_sampling = PatchSampling(
@@ -313,6 +336,11 @@ class LRCDataModuleBase:
             foreground_threshold=threshold,
             patches_per_volume=patches_per_volume,
         )
+        if not superpixels_in_batch and mode != "pretrain":
+            raise ValueError(
+                "superpixels_in_batch=False is for pre-training batches; fine-tuning batches "
+                "carry no super-pixel maps"
+            )
         if self.batch_format.name != "dict" and mode != "pretrain":
             raise ValueError(
                 f"batch_format={batch_format!r} is for pre-training batches; fine-tuning "
@@ -469,11 +497,14 @@ class LRCDataModuleBase:
         )
 
     def train_dataloader(self) -> DataLoader | DeviceBatches | _PackedBatches:
-        packed = self.mode == "pretrain" and self.batch_format.name != "dict"
+        packed = self.mode == "pretrain" and (
+            self.batch_format.name != "dict" or not self.superpixels_in_batch
+        )
+        fmt, maps = self.batch_format, self.superpixels_in_batch
         if self.device_batches:
             batches = self._device_batches()
-            return _PackedBatches(batches, self.batch_format) if packed else batches
-        collate = _PackedCollate(self.batch_format) if packed else None
+            return _PackedBatches(batches, fmt, maps) if packed else batches
+        collate = _PackedCollate(fmt, maps) if packed else None
         dataset = self.train_dataset()
         if isinstance(dataset, LabelledSlices):
             sampler = foreground_sampler(len(dataset), dataset.organ_slices(),
