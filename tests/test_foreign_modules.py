@@ -534,6 +534,38 @@ def test_callback_checkpoints_load_into_the_unmodified_module_and_resume_the_hea
     assert all(torch.equal(seen[k], v) for k, v in head_state.items())
 
 
+def test_a_checkpoint_saved_after_fit_carries_the_trained_head(tmp_path, loader) -> None:
+    """trainer.save_checkpoint(path) after fit (the head is off the module by then) still
+    holds the head, and resuming from it restores the head bit for bit."""
+    pl.seed_everything(0)
+    cb = LRCCallback(feature_layer="net.decoder")
+    fitted = trainer(max_steps=2, callbacks=[cb])
+    fitted.fit(TinySupervisedLike(), loader)
+    trained = {k: v.clone() for k, v in cb.head.state_dict().items()}
+    path = tmp_path / "after_fit.ckpt"
+    fitted.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    assert not any(k.startswith("lrc_head.") for k in ckpt["state_dict"])
+    saved = ckpt[CHECKPOINT_KEY]["head"]
+    assert set(saved) == set(trained) and all(torch.equal(saved[k], trained[k]) for k in trained)
+    assert ckpt[CHECKPOINT_KEY]["feature_layer"] == "net.decoder"
+
+    seen = {}
+
+    class HeadAtStart(pl.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            seen.update({k: v.clone() for k, v in pl_module.lrc_head.state_dict().items()})
+
+    resumed = LRCCallback(feature_layer="net.decoder")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=3, callbacks=[resumed, HeadAtStart()]).fit(
+            TinySupervisedLike(), loader, ckpt_path=path
+        )
+    assert not [w for w in caught if "holds no LRC head" in str(w.message)]
+    assert set(seen) == set(trained) and all(torch.equal(seen[k], trained[k]) for k in trained)
+
+
 def test_callback_resume_with_another_head_size_or_layer(tmp_path, loader) -> None:
     """A head size that differs from the checkpoint's is an error naming the option; a
     feature layer of the same channels is a warning naming both layers."""

@@ -15,6 +15,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from lrc_lightning.batches import BatchFormat, BatchFormatName, LRCInputs
 from lrc_lightning.batches import batch_format as resolve_batch_format
@@ -122,7 +123,8 @@ class LRCCallbackBase:
     optimizer (``self.parameters()``) and DDP see it. It is kept out of the module's
     checkpoint ``state_dict`` (in the checkpoint's ``"lrc_lightning"`` entry instead), so a
     checkpoint loads into the unmodified module; resuming puts it back. After ``fit`` the
-    head is removed from the module. A module whose optimizer takes parameter groups from a
+    head is removed from the module (the callback keeps it: ``trainer.save_checkpoint``
+    after ``fit`` still writes it). A module whose optimizer takes parameter groups from a
     ``learnable_params`` property (solo-learn's methods) gets the head there too, as the
     group ``"lrc_head"``, while fitting.
 
@@ -587,14 +589,28 @@ class LRCCallbackBase:
         state = checkpoint.get("state_dict")
         if isinstance(state, dict):
             head = {k[len(_PREFIX) :]: state.pop(k) for k in list(state) if k.startswith(_PREFIX)}
-            # Checkpoint entry that holds the head's state, outside the module's state_dict,
-            # and what chose its sizes (named when a resume differs).
-            checkpoint[CHECKPOINT_KEY] = {
-                "head": head,
-                "feature_layer": self.feature_layer,
-                "config": self.config.as_dict(),
-            }
+            checkpoint[CHECKPOINT_KEY] = self._head_record(head)
         return result
+
+    def _head_record(self, head: dict[str, Any]) -> dict[str, Any]:
+        """Checkpoint entry that holds the head's state, outside the module's state_dict,
+        and what chose its sizes (named when a resume differs)."""
+        return {"head": head, "feature_layer": self.feature_layer,
+                "config": self.config.as_dict()}  # fmt: skip
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """``trainer.save_checkpoint(path)`` after ``fit``: the head is off the module then
+        (teardown removed it), so the callback writes the trained head it kept; resuming from
+        that file goes on with it instead of a fresh head."""
+        if self._mode != "hook" or self.head is None:
+            return
+        if getattr(pl_module, HEAD_ATTRIBUTE, None) is self.head:
+            return  # fitting: the wrapped on_save_checkpoint moves it out of the state_dict
+        if any(is_lazy(p) for p in self.head.parameters()):
+            return  # channels never inferred (no step ran): nothing trained to keep
+        checkpoint[CHECKPOINT_KEY] = self._head_record(
+            {k: v.detach().clone() for k, v in self.head.state_dict().items()}
+        )
 
     def _load_head(
         self, pl_module: Any, original: Callable[..., Any], checkpoint: dict[str, Any]
