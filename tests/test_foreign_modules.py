@@ -23,6 +23,8 @@ from lrc_lightning import (
     LRCDataModule,
     batch_format,
     find_feature_layers,
+    format_feature_layers,
+    print_feature_layers,
 )
 from lrc_lightning.callback import CHECKPOINT_KEY
 from lrc_lightning.layers import dense_candidates
@@ -349,6 +351,30 @@ def test_find_feature_layers_lists_shapes_and_dense_candidates_finest_first() ->
     names = [layer.name for layer in dense_candidates(layers)]
     assert names.index("net.decoder") < names.index("net.encoder")  # finest first
     assert "net.decoder.1" not in names  # inside net.decoder, same shape: named by its block
+
+
+def test_the_layer_listing_names_momentum_copies_that_forward_does_not_run(capsys) -> None:
+    """finest first, dense only (no pooled 1x1), and backbone_momentum.* (never run by
+    forward) right after the backbone.* layer it copies, usable as target_layer."""
+    model = LightlyStyleMoCo()
+    text = format_feature_layers(model, torch.zeros(2, 1, 32, 32))
+    lines = text.splitlines()
+    assert lines[0] == ("Dense outputs of LightlyStyleMoCo for an input of (2, 1, 32, 32), "
+                        "finest first:")  # fmt: skip
+    names = [line.split()[0] for line in lines[1:]]
+    assert names == [f"backbone{c}.{i}" for i in (2, 1, 0, 5, 4, 3) for c in ("", "_momentum")]
+    assert lines[2] == ("  backbone_momentum.2 (ReLU) -> (2, 8, 32, 32)  [copy of backbone.2, "
+                        "not run by forward: a target_layer]")  # fmt: skip
+    assert lines[7] == "  backbone.5 (ReLU) -> (2, 16, 16, 16)"
+    for name in names:
+        model.get_submodule(name)
+    print_feature_layers(model, torch.zeros(2, 1, 32, 32))
+    assert capsys.readouterr().out == text + "\n"
+    # A module whose copy differs in structure gets no copy line.
+    model.backbone_momentum[0] = nn.Conv2d(1, 4, 3, 1, 1)
+    assert "momentum" not in format_feature_layers(model, torch.zeros(2, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"LightlyStyleMoCo.*example_input"):
+        format_feature_layers(model)
 
 
 def test_layer_errors_name_the_dense_candidates_and_the_layer_shape(loader) -> None:
