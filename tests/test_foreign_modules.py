@@ -494,8 +494,16 @@ def test_a_module_without_validation_step_fits_without_the_val_dataloader_warnin
     validation loader (no warning); a module with one still validates the held-out case."""
     run = dict(max_epochs=1, limit_train_batches=1, num_sanity_val_steps=0)
     data = _data(tmp_path, val_cases=1)
-    messages = _fit_recording_warnings(lambda: trainer(**run).fit(TinySupervisedLike(), data))
+    asked: list[int] = []
+
+    class AsksForTheLoader(pl.Callback):  # a user's callback still gets it when it asks
+        def on_train_end(self, trainer, pl_module) -> None:
+            asked.append(len(trainer.datamodule.val_dataloader()))
+
+    fit = trainer(**run, callbacks=[AsksForTheLoader()]).fit
+    messages = _fit_recording_warnings(lambda: fit(TinySupervisedLike(), data))
     assert not [m for m in messages if _NO_VAL_STEP in m]
+    assert asked == [1]
     validating = _Validates()
     trainer(**run).fit(validating, _data(tmp_path, val_cases=1))
     assert len(validating.validated) == 1 and validating.validated[0][-2:] == (32, 32)

@@ -152,14 +152,23 @@ class _LoaderIfModuleSteps:
     def __get__(self, instance: Any, owner: type) -> Any:
         if instance is None:
             return self.method
+        bound = self.method.__get__(instance, owner)
         if not instance._module_lacks(self.step):
-            return self.method.__get__(instance, owner)
-        # The Lightning base class's own (unimplemented) method: is_overridden() says False.
-        for cls in type(instance).__mro__:
-            found = vars(cls).get(self.name)
-            if found is not None and not isinstance(found, _LoaderIfModuleSteps):
-                return found.__get__(instance, owner)
-        return self.method.__get__(instance, owner)
+            return bound
+        base = next((vars(cls)[self.name] for cls in type(instance).__mro__
+                     if not isinstance(vars(cls).get(self.name, self), _LoaderIfModuleSteps)),
+                    None)  # fmt: skip
+        if base is None:
+            return bound
+
+        def loader() -> Any:
+            return bound()
+
+        # is_overridden() follows __wrapped__: it sees the Lightning base class's own method
+        # (not overridden), while a call (a user's callback) still gets the loader.
+        loader.__wrapped__ = base  # type: ignore[attr-defined]
+        loader.__doc__ = bound.__doc__
+        return loader
 
 
 class LRCDataModuleBase:
