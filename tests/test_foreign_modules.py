@@ -699,6 +699,37 @@ def test_lightning_pytorch_users_get_their_own_callback_mixin_and_data_module(tm
         assert len(seen) == 2 and all(v > 0 for v in seen)
 
 
+def test_which_objects_of_the_other_namespace_a_lightning_pytorch_trainer_takes(
+    tmp_path, loader
+) -> None:
+    """What docs/guides/other-frameworks.md says: the top-level (pytorch_lightning) callback
+    runs on a lightning.pytorch Trainer; the top-level data module is refused."""
+    L = pytest.importorskip("lightning.pytorch")
+
+    class Plain(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = TinySupervisedLike().net
+
+        def training_step(self, batch, batch_idx):
+            views = (batch["image_v1"], batch["image_v2"])
+            return sum(self.net(x)[1].pow(2).mean() for x in views)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def make(callbacks=()):
+        return L.Trainer(accelerator="cpu", max_steps=1, logger=False, callbacks=list(callbacks),
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)  # fmt: skip
+
+    cb = LRCCallback(feature_layer="net.decoder")
+    make([cb]).fit(Plain(), loader)
+    assert cb.head is not None and cb.head.in_channels == 8
+    with pytest.raises(ValueError, match="Expected a parent"):
+        make().fit(Plain(), datamodule=_data(tmp_path))
+
+
 # ---------------------------------------------------------------------- import graph
 def _imports(path: Path, package: Path) -> set[str]:
     module = ".".join(path.relative_to(package.parent).with_suffix("").parts)
