@@ -138,3 +138,13 @@ def test_bootstrap_needs_eight_seeds_and_nan_seeds_are_left_out() -> None:
     assert d["n_seeds"] == 3 and d["dropped_seeds"] == [1]
     assert d["mean"] == pytest.approx(0.01)
     assert "(left out: seeds [1])" in "\n".join(paired_table([("lrc - moco", d)]))
+
+
+def test_a_seed_counts_only_with_every_k_of_the_protocol() -> None:
+    # Both arms have only k=1 of seed 0 so far (the run was stopped): with the protocol's
+    # ks (1, 2, 4) no seed is complete, so there is no primary value yet.
+    base = np.full((1, 1, 6), 0.5)
+    summary = {**_summary("lrc", base + 0.05, ks=(1,)), **_summary("moco", base, ks=(1,))}
+    assert paired_differences(summary, "lrc", summary, "moco", ks=[1, 2, 4]) is None
+    d = paired_differences(summary, "lrc", summary, "moco")
+    assert d is not None and d["ks"] == [1] and d["mean"] == pytest.approx(0.05)

@@ -164,6 +164,9 @@ def atomic_json(path: Path, payload: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(payload, f, indent=1)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide results from the group
     os.replace(tmp, path)
 
 
@@ -679,9 +682,11 @@ def markdown(
     arms: list[str],
     organs: list[str],
     noise: dict[str, dict[str, Any] | None] | None = None,
+    ks: Sequence[int] | None = None,
 ) -> str:
     """The tables of one benchmark: the fine-tuned readout first (the headline), then the
-    probe on each level with its caveat, then the noise floor."""
+    probe on each level with its caveat, then the noise floor. Paired differences count a
+    seed only when it has every k of ``ks`` (the protocol's)."""
     lines = [f"# {title}", "", f"`{head['command']}`", "",
              f"versions: {head['versions']}  ", f"hardware: {head['hardware']}", ""]  # fmt: skip
     for readout, summary in summaries.items():
@@ -721,7 +726,7 @@ def markdown(
                 if s:
                     cells_o = " | ".join(f"{s['per_organ'][o]:.3f}" for o in organs)
                     lines.append(f"| {arm} | {k} | {cells_o} |")
-        lines += paired_section(summary, arms, primary=readout == "finetune")
+        lines += paired_section(summary, arms, primary=readout == "finetune", ks=ks)
         lines.append("")
     if noise:
         lines += ["## Noise floor of each readout", "",
@@ -739,7 +744,10 @@ PRIMARY = ("moco_lrc", "moco")
 
 
 def paired_rows(
-    summary: dict[str, Any], arms: list[str], primary: bool = False
+    summary: dict[str, Any],
+    arms: list[str],
+    primary: bool = False,
+    ks: Sequence[int] | None = None,
 ) -> list[tuple[str, dict[str, Any] | None]]:
     """Each arm against random init and against MoCo (and the grid arm against MoCo+LRC:
     do the super-pixels themselves matter?), with the seed as the unit; ``primary`` marks
@@ -748,12 +756,17 @@ def paired_rows(
     if "moco_lrc_grid" in arms and "moco_lrc" in arms:
         pairs.append(("moco_lrc", "moco_lrc_grid"))
     return [(f"{a} - {r}" + (" **(primary)**" if primary and (a, r) == PRIMARY else ""),
-             paired_differences(summary, a, summary, r)) for a, r in pairs]  # fmt: skip
+             paired_differences(summary, a, summary, r, ks)) for a, r in pairs]  # fmt: skip
 
 
-def paired_section(summary: dict[str, Any], arms: list[str], primary: bool = False) -> list[str]:
-    """Markdown of :func:`paired_rows`."""
-    rows = paired_rows(summary, arms, primary)
+def paired_section(
+    summary: dict[str, Any],
+    arms: list[str],
+    primary: bool = False,
+    ks: Sequence[int] | None = None,
+) -> list[str]:
+    """Markdown of :func:`paired_rows` (a seed counts when it has every k of ``ks``)."""
+    rows = paired_rows(summary, arms, primary, ks)
     if not any(d for _, d in rows):
         return []
     return ["", "Paired differences of mean Dice with the seed as the unit: per seed, the mean "
@@ -1048,19 +1061,19 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
                 rep = summarise([dict(r, arm="repeat") for r in repeats if r], bench.organs,
                                 readout)  # fmt: skip
                 noise[readout] = paired_differences(rep, "repeat", summaries[readout],
-                                                    args.noise_arm)  # fmt: skip
+                                                    args.noise_arm, args.ks)  # fmt: skip
         name = f"label_efficiency{args.tag}"
         main_head = header_of(name)
         payload = {**main_head, "classes": bench.organs, "summary": summaries["finetune"],
                    "probe_summary": summaries["probe"],
                    "probe_levels_summary": {r.split("@", 1)[1]: summaries[r]
                                             for r in level_readouts},
-                   "comparisons": {r: dict(paired_rows(summaries[r], args.arms))
+                   "comparisons": {r: dict(paired_rows(summaries[r], args.arms, ks=args.ks))
                                    for r in summaries},
                    "noise_floor": noise}  # fmt: skip
         atomic_json(out / f"{name}.json", payload)
         title = f"Label efficiency on {Path(args.data).name} (test patients)"
-        text = markdown(summaries, main_head, title, args.arms, bench.organs, noise)
+        text = markdown(summaries, main_head, title, args.arms, bench.organs, noise, args.ks)
         (out / f"{name}.md").write_text(text)
         plot({r: summaries[r] for r in READOUTS}, args.arms, out / f"{name}.png")
         print(text)
@@ -1075,7 +1088,8 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         names = [v.label for v in variants_ab]
         name = f"label_efficiency_ablations{args.tag}"
         ablation_head = header_of(name)
-        text = markdown(summaries, ablation_head, title, names, bench.organs)
+        text = markdown(summaries, ablation_head, title, names, bench.organs,
+                        ks=[args.ablation_k])
         (out / f"{name}.md").write_text(text)
         atomic_json(out / f"{name}.json", {**ablation_head, "classes": bench.organs,
                                            "summary": summaries["finetune"],

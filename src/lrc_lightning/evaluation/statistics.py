@@ -55,17 +55,21 @@ def _finite(run: dict[str, Any], key: str = "mean_dice") -> bool:
     return value is not None and np.isfinite(value)
 
 
-def _complete_seeds(runs_a: Runs, runs_b: Runs) -> tuple[list[int], list[int]]:
-    """(ks, seeds): the k of the comparison and the seeds that have all of them, with a
-    finite mean Dice, in both arms."""
+def _complete_seeds(
+    runs_a: Runs, runs_b: Runs, ks: Sequence[int] | None = None
+) -> tuple[list[int], list[int]]:
+    """(ks, seeds): the k of the comparison (``ks``, else every k either arm has) and the
+    seeds that have all of them, with a finite mean Dice, in both arms."""
     pairs = {p for p in set(runs_a) & set(runs_b) if _finite(runs_a[p]) and _finite(runs_b[p])}
     everything = set(runs_a) | set(runs_b)
-    ks = sorted({k for k, _ in everything})
+    ks = sorted(ks) if ks else sorted({k for k, _ in everything})
     seeds = sorted(s for s in {s for _, s in everything} if all((k, s) in pairs for k in ks))
     return ks, seeds
 
 
-def seed_differences(runs_a: Runs, runs_b: Runs, key: str = "mean_dice") -> dict[int, float]:
+def seed_differences(
+    runs_a: Runs, runs_b: Runs, key: str = "mean_dice", ks: Sequence[int] | None = None
+) -> dict[int, float]:
     """Seed -> mean over k of ``runs_a[k, seed][key] - runs_b[k, seed][key]``, for the
     seeds that have every k of the comparison in both arms.
 
@@ -75,7 +79,7 @@ def seed_differences(runs_a: Runs, runs_b: Runs, key: str = "mean_dice") -> dict
         >>> {s: round(d, 3) for s, d in seed_differences(a, b).items()}  # seed 1 lacks k=2
         {0: 0.2}
     """
-    ks, seeds = _complete_seeds(runs_a, runs_b)
+    ks, seeds = _complete_seeds(runs_a, runs_b, ks)
     return {s: statistics.fmean(runs_a[(k, s)][key] - runs_b[(k, s)][key] for k in ks)
             for s in seeds}  # fmt: skip
 
@@ -104,6 +108,7 @@ def bootstrap_interval(
     replicates: int = 2000,
     level: float = 0.95,
     seed: int = 0,
+    ks: Sequence[int] | None = None,
 ) -> tuple[float, float] | None:
     """Percentile interval of the seed-level mean difference ``a - b``: each replicate
     draws S seeds with replacement (each with all its k) and the test patients once with
@@ -113,7 +118,7 @@ def bootstrap_interval(
     the runs carry no per-volume values or fewer than ``MIN_BOOTSTRAP_SEEDS`` seeds are
     complete.
     """
-    ks, seeds = _complete_seeds(runs_a, runs_b)
+    ks, seeds = _complete_seeds(runs_a, runs_b, ks)
     if len(seeds) < MIN_BOOTSTRAP_SEEDS:
         return None
     volumes: list[str] | None = None
@@ -149,9 +154,14 @@ def bootstrap_interval(
 
 
 def paired_differences(
-    summary_a: dict[str, Any], arm_a: str, summary_b: dict[str, Any], arm_b: str
+    summary_a: dict[str, Any],
+    arm_a: str,
+    summary_b: dict[str, Any],
+    arm_b: str,
+    ks: Sequence[int] | None = None,
 ) -> dict[str, Any] | None:
-    """Mean Dice of ``arm_a`` minus ``arm_b`` with the seed as the unit.
+    """Mean Dice of ``arm_a`` minus ``arm_b`` with the seed as the unit; a seed counts
+    when it has every k of ``ks`` (the protocol's; default: every k either arm has).
 
     Returns (None without a complete seed):
         ``mean`` (over seeds of the per-seed mean over k), ``n_seeds``, ``per_seed``,
@@ -162,10 +172,10 @@ def paired_differences(
         ``dropped_seeds`` (seeds without every k or with a NaN Dice, left out).
     """
     a, b = _runs(summary_a, arm_a), _runs(summary_b, arm_b)
-    per_seed = seed_differences(a, b)
+    per_seed = seed_differences(a, b, ks=ks)
     if not per_seed:
         return None
-    ks, seeds = _complete_seeds(a, b)
+    ks, seeds = _complete_seeds(a, b, ks)
     dropped = sorted({s for _, s in set(a) | set(b)} - set(seeds))
     values = list(per_seed.values())
     sd = statistics.stdev(values) if len(values) > 1 else float("nan")
@@ -178,7 +188,7 @@ def paired_differences(
         "won": sum(d > 0 for d in values), "sd": sd,
         "se": sd / len(values) ** 0.5,
         "ci95": t_interval(values),
-        "bootstrap95": bootstrap_interval(a, b),
+        "bootstrap95": bootstrap_interval(a, b, ks=ks),
         "ks": ks, "dropped_seeds": dropped,
     }  # fmt: skip
 
