@@ -143,3 +143,32 @@ def test_reflection_and_pairs_known_values() -> None:
         MirrorLabels(((2, 3), (3, 4)))
     with pytest.raises(ValueError, match="two different values"):
         MirrorLabels(((2, 2),))
+
+
+def test_mirror_labels_refused_on_sagittal_slices(tmp_path: Path) -> None:
+    # A sagittal slice's columns run anterior-posterior: its flip is no left-right mirror,
+    # and swapping the kidneys' labels with it would put each on the other's place.
+    from lrc_lightning.data.cases import DataError
+
+    dm = LRCDataModule(DEMO_MR, cache_dir=str(tmp_path / "cache"), image_size=64,
+                       mode="finetune", labelled_cases=None, slice_axis=2,
+                       mirror_labels=[("right_kidney", "left_kidney")])  # fmt: skip
+    dm.prepare_data()
+    dm.setup("fit")
+    with pytest.raises(DataError, match=r"chaos_t2_\d+.*sliced sagittally.*slice_axis=0 or 1"):
+        dm.train_dataset()
+    # Unaugmented, or without pairs, sagittal fine-tuning is fine (nothing is flipped).
+    for kw in ({"augment": False}, {}):
+        plain = LRCDataModule(DEMO_MR, cache_dir=str(tmp_path / "cache"), image_size=64,
+                              mode="finetune", labelled_cases=None, slice_axis=2,
+                              mirror_labels=None if not kw else [(2, 3)], **kw)  # fmt: skip
+        plain.prepare_data()
+        plain.setup("fit")
+        assert len(plain.train_dataset()) > 0
+    # Coronal slices keep the patient's left-right in their columns: accepted.
+    coronal = LRCDataModule(DEMO_MR, cache_dir=str(tmp_path / "cache"), image_size=64,
+                            mode="finetune", labelled_cases=None, slice_axis=1,
+                            mirror_labels=[(2, 3)])  # fmt: skip
+    coronal.prepare_data()
+    coronal.setup("fit")
+    assert len(coronal.train_dataset()) > 0

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 from lrc_lightning.data.cache import CachedVolume
+from lrc_lightning.data.cases import DataError
 from lrc_lightning.data.transforms import (
     GeometryAugment,
     IntensityAugment,
@@ -16,7 +19,39 @@ from lrc_lightning.data.transforms import (
     is_reflection,
 )
 
-__all__ = ["LabelledSlices", "PairedViewSlices", "Volumes", "foreground_sampler"]
+__all__ = [
+    "LabelledSlices",
+    "PairedViewSlices",
+    "Volumes",
+    "foreground_sampler",
+    "require_left_right_columns",
+]
+
+#: Slice axis (of the LPS (z, y, x) array) whose slices have rows and columns (S, P): a
+#: sagittal slice, whose column flip is an anterior-posterior flip, not a left-right one.
+SAGITTAL_AXIS = 2
+
+
+def require_left_right_columns(volumes: Sequence[CachedVolume]) -> None:
+    """Refuse mirror-label swaps on slices whose columns do not run left-right.
+
+    A 2D flip mirrors the columns; swapping right/left labels with it is right only where the
+    columns are the patient's left-right axis: axial and coronal slices of the LPS-oriented
+    arrays, not sagittal ones (``slice_axis=2``, or ``"auto"`` on a sagittal acquisition),
+    where the swap would put each kidney's label on the other one.
+
+    Raises:
+        DataError: naming the sagittal cases and what to do.
+    """
+    sagittal = [v.case_id for v in volumes if v.meta.get("slice_axis") == SAGITTAL_AXIS]
+    if sagittal:
+        raise DataError(
+            f"mirror_labels: cases {sagittal} are sliced sagittally (slice_axis 2), where a "
+            "flip mirrors anterior-posterior, not left-right, so swapping left/right labels "
+            "would be wrong; slice them axially or coronally (slice_axis=0 or 1) or drop "
+            "mirror_labels (then labelled batches are not flipped)"
+        )
+
 
 
 def _slice_index(volumes: list[CachedVolume], kept_only: bool) -> list[tuple[int, int]]:
@@ -63,6 +98,8 @@ class PairedViewSlices(_SliceDataset):
         self.geometry = geometry if geometry is not None else GeometryAugment()
         self.intensity = intensity if intensity is not None else IntensityAugment()
         self.with_labels = with_labels and all(v.label is not None for v in volumes)
+        if self.with_labels and mirror is not None:
+            require_left_right_columns(volumes)
         self.mirror = mirror
 
     def __getitem__(self, i: int) -> dict[str, Tensor | str | int]:
@@ -100,6 +137,8 @@ class LabelledSlices(_SliceDataset):
             raise ValueError(f"fine-tuning needs labels; these cases have none: {missing}")
         self.volumes = volumes
         self.index = _slice_index(volumes, kept_only=False)
+        if geometry is not None and mirror is not None:
+            require_left_right_columns(volumes)
         self.geometry = geometry
         self.intensity = intensity
         self.mirror = mirror

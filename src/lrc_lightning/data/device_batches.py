@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from lrc_lightning.data.cache import CachedVolume
+from lrc_lightning.data.datasets import require_left_right_columns
 from lrc_lightning.data.transforms import (
     GeometryAugment,
     IntensityAugment,
@@ -91,6 +92,8 @@ class DeviceBatches:
         labels = mode == "finetune" or (
             with_labels and all(v.label is not None for v in volumes)
         )  # fmt: skip
+        if labels and mirror is not None and geometry is not None:
+            require_left_right_columns(volumes)
         images, maps, label_maps = [], [], []
         for v in volumes:
             index = v.kept_slices if mode == "pretrain" else list(range(v.image.shape[0]))
