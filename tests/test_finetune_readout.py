@@ -29,6 +29,11 @@ def test_readout_scores_the_weights_the_validation_patients_chose(tmp_path: Path
     rows = np.array(list(table.values()))
     assert float(np.nanmean(np.nanmean(rows, axis=0))) == pytest.approx(best, abs=1e-4)
     assert list(table) == bench.val
+    # Each validation also keeps every organ's Dice, whose mean is the curve's point.
+    assert [step for step, _ in record["organ_curve"]] == [2, 4, 6]
+    for (_, mean), (_, organs) in zip(record["curve"], record["organ_curve"], strict=True):
+        assert sorted(organs) == sorted(bench.organs)
+        assert float(np.nanmean(list(organs.values()))) == pytest.approx(mean, abs=1e-3)
 
 
 def test_foreground_sampler_draws_organ_slices_at_the_ratio(tmp_path: Path) -> None:

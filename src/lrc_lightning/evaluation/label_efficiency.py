@@ -227,8 +227,9 @@ class StepTimer(pl.Callback):
 
 
 class BestOnValidation(pl.Callback):
-    """Keeps the weights of the best validation Dice (in memory) and the validation curve;
-    the readout is then scored with those weights. Chosen on the validation patients only.
+    """Keeps the weights of the best validation Dice (in memory) and the validation curve
+    (the mean, and each organ's Dice: a collapsed organ shows as a row of zeros); the
+    readout is then scored with those weights. Chosen on the validation patients only.
     """
 
     def __init__(self, monitor: str = "val/dice_mean", verbose: bool = True) -> None:
@@ -238,6 +239,7 @@ class BestOnValidation(pl.Callback):
         self.best_step = -1
         self.state: dict[str, torch.Tensor] | None = None
         self.curve: list[tuple[int, float]] = []
+        self.organ_curve: list[tuple[int, dict[str, float]]] = []
 
     def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         value = trainer.callback_metrics.get(self.monitor)
@@ -245,6 +247,11 @@ class BestOnValidation(pl.Callback):
             return
         score = float(value)
         self.curve.append((trainer.global_step, round(score, 4)))
+        prefix = self.monitor.rsplit("_", 1)[0] + "_"  # "val/dice_"
+        organs = {name[len(prefix):]: round(float(v), 4)
+                  for name, v in trainer.callback_metrics.items()
+                  if name.startswith(prefix) and name != self.monitor}  # fmt: skip
+        self.organ_curve.append((trainer.global_step, organs))
         if score > self.best:
             self.best, self.best_step = score, trainer.global_step
             self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
@@ -485,7 +492,8 @@ class Benchmark:
         if not model.last_dice_table:
             raise RuntimeError(f"no {stage} volume was evaluated")
         record = {"best_step": best.best_step, "best_val_dice": round(best.best, 4),
-                  "stopped_step": stopped, "curve": best.curve}  # fmt: skip
+                  "stopped_step": stopped, "curve": best.curve,
+                  "organ_curve": best.organ_curve}  # fmt: skip
         return dict(model.last_dice_table), record
 
     def probe(
