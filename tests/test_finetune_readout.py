@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +78,26 @@ def test_labels_beyond_num_classes_are_refused_at_setup(tmp_path: Path) -> None:
                    enable_progress_bar=False, enable_model_summary=False).fit(
             FineTuneSegmentation(UNet2d(width=4, depth=2), num_classes=3), undeclared
         )  # fmt: skip
+
+
+def test_readout_pilot_scores_only_the_validation_patients(tmp_path: Path) -> None:
+    from lrc_lightning.evaluation.label_efficiency import main
+
+    argv = [
+        "--data", str(DEMO_MR), "--out", str(tmp_path), "--work-dir", str(tmp_path / "w"),
+        "--cache-dir", str(tmp_path / "cache"), "--size", "32", "--width", "4", "--depth", "2",
+        "--batch-size", "4", "--finetune-steps", "4", "--val-every", "2", "--patience", "0",
+        "--test-cases", "1", "--val-cases", "1", "--probe-levels", "-1", "--skip-main",
+        "--readout-pilot", "--pilot-ks", "1", "--pilot-seeds", "0", "1",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    runs = sorted((tmp_path / "label_efficiency_runs").glob("*.json"))
+    assert [p.name.split("-")[0] for p in runs] == ["val_random_k1_s0", "val_random_k1_s1"]
+    saved = json.loads((tmp_path / "label_efficiency_readout_pilot.json").read_text())
+    bench = Benchmark(build_parser().parse_args(argv))
+    for run in saved["runs"]:
+        assert list(run["per_volume"]) == bench.val and bench.test[0] not in run["per_volume"]
+        assert len(run["finetune_validation"]["organ_curve"]) == 2
+    table = (tmp_path / "label_efficiency_readout_pilot.md").read_text()
+    assert table.count("| random | 1 |") == 2 and "runs with an organ below 0.02" in table
+    assert not (tmp_path / "label_efficiency.json").exists()  # no test score at all

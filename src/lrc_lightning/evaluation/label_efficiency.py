@@ -33,8 +33,15 @@ them is an error naming the file. Every finished run is a JSON file under
 for arms with LRC, of the LRC and super-pixel recipe): a rerun skips it (resumable), other
 options never reuse it. ``--report-only`` writes the tables from the finished runs and names
 the missing ones. Outputs: ``label_efficiency{tag}.{md,json,png}`` (and
-``label_efficiency_ablations{tag}.*`` with ``--ablations``, scored on the *validation*
-patients, never the test patients).
+``label_efficiency_ablations{tag}.*`` with ``--ablations``, and
+``label_efficiency_readout_pilot{tag}.*`` with ``--readout-pilot``, both scored on the
+*validation* patients, never the test patients).
+
+``--readout-pilot`` is how the fine-tuning readout is checked or tuned before a protocol
+scores test patients: the ``--pilot-arms`` (default: random init, the arm that needs the
+readout most) fine-tuned at ``--pilot-ks`` for ``--pilot-seeds`` and scored on the
+validation patients, with each organ's validation curve and the validity checks (mean
+Dice, organs below 0.02) per run.
 """
 
 from __future__ import annotations
@@ -308,11 +315,12 @@ class Benchmark:
         val_spec = list(args.val_ids) if args.val_ids else args.val_cases
         n_test = len(args.test_ids) if args.test_ids else args.test_cases
         n_val = len(args.val_ids) if args.val_ids else args.val_cases
-        needed = n_test + n_val + max(args.ks)
+        largest_k = _largest_k(args)
+        needed = n_test + n_val + largest_k
         if len(cases) < needed:
             raise DataError(
                 f"{args.data}: {len(cases)} cases, but {n_test} test + "
-                f"{n_val} validation + k={max(args.ks)} labelled patients need "
+                f"{n_val} validation + k={largest_k} labelled patients need "
                 f"{needed}; lower --test-cases, --val-cases or --ks"
             )
         if n_val < 1:
@@ -321,19 +329,19 @@ class Benchmark:
         split = split_cases(cases, test_spec, val_spec, None, args.split_seed)
         unlabelled = [c.case_id for c in [*split.test, *split.val, *split.pool] if c.label is None]
         scored = {c.case_id for c in [*split.test, *split.val]}
-        if scored & set(unlabelled) or len(split.pool) - len(unlabelled) < max(args.ks):
+        if scored & set(unlabelled) or len(split.pool) - len(unlabelled) < largest_k:
             raise DataError(
                 f"{args.data}: cases without a label: {unlabelled}. Test and validation "
-                f"patients need labels, and the pool needs k={max(args.ks)} labelled ones: "
+                f"patients need labels, and the pool needs k={largest_k} labelled ones: "
                 "add the label files or leave the unlabelled cases out"
             )
         self.test = [c.case_id for c in split.test]
         self.val = [c.case_id for c in split.val]
         self.pool = sorted(c.case_id for c in split.pool)
         self.labelled_pool = sorted(c.case_id for c in split.pool if c.label is not None)
-        if max(args.ks) > len(self.pool):
+        if largest_k > len(self.pool):
             raise DataError(
-                f"{args.data}: k={max(args.ks)} labelled patients asked for, but the pool "
+                f"{args.data}: k={largest_k} labelled patients asked for, but the pool "
                 f"holds {len(self.pool)} after {len(self.test)} test and {len(self.val)} "
                 "validation patients"
             )
@@ -947,7 +955,14 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
     parser.add_argument("--ablations", action="store_true")
     parser.add_argument("--ablation-k", type=int, default=1)
     parser.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--skip-main", action="store_true", help="run only the ablations")
+    parser.add_argument("--readout-pilot", action="store_true",
+                        help="fine-tune --pilot-arms on the validation patients (never the "
+                             "test patients) to check the readout before a protocol")
+    parser.add_argument("--pilot-arms", nargs="+", default=["random"], choices=ARMS)
+    parser.add_argument("--pilot-ks", type=int, nargs="+", default=[1])
+    parser.add_argument("--pilot-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--skip-main", action="store_true",
+                        help="run only the ablations and/or the readout pilot")
     parser.add_argument(
         "--report-only", action="store_true", help="tables from the finished runs only; run nothing"
     )
@@ -963,6 +978,39 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.set_defaults(**(defaults or {}))
     return parser  # fmt: skip
+
+
+def _largest_k(args: argparse.Namespace) -> int:
+    """The largest k that this invocation runs (main protocol, ablations, readout pilot)."""
+    ks = [] if getattr(args, "skip_main", False) else list(args.ks)
+    ks += [args.ablation_k] if getattr(args, "ablations", False) else []
+    ks += list(args.pilot_ks) if getattr(args, "readout_pilot", False) else []
+    return max(ks or args.ks)
+
+
+def pilot_markdown(runs: Sequence[dict[str, Any]], head: dict[str, Any],
+                   organs: list[str]) -> str:
+    """The readout pilot's table: one row per run (validation patients), the lowest organ
+    and the validity counts the protocol checks."""
+    lines = ["# Readout pilot: fine-tuning scored on the validation patients", "",
+             f"Command: `{head.get('command', '')}`", "",
+             "| arm | k | seed | labelled | mean Dice | " + " | ".join(organs)
+             + " | best step | stopped |",
+             "|" + "---|" * (len(organs) + 7)]  # fmt: skip
+    for r in runs:
+        organ = " | ".join(f"{r['per_organ'][o]:.3f}" for o in organs)
+        v = r.get("finetune_validation", {})
+        lines.append(f"| {r['arm']} | {r['k']} | {r['seed']} | {' '.join(r['labelled'])} | "
+                     f"{r['mean_dice']:.3f} | {organ} | {v.get('best_step', '')} | "
+                     f"{v.get('stopped_step', '')} |")  # fmt: skip
+    if not runs:
+        return "\n".join([*lines, "", "no finished run"]) + "\n"
+    low = [r for r in runs if min(r["per_organ"].values()) < 0.02]
+    means = [r["mean_dice"] for r in runs]
+    lines += ["", f"{len(runs)} runs; mean Dice {np.mean(means):.3f} (lowest "
+              f"{min(means):.3f}); runs with an organ below 0.02: {len(low)}"
+              + (f" ({', '.join(r['run'] for r in low)})" if low else "")]  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def _stop(signum: int, frame: Any) -> None:
@@ -1042,6 +1090,9 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     if args.ablations:
         planned += [(v, args.ablation_k, seed, "val", 0)
                     for seed in args.ablation_seeds for v in ablation_variants(base)]  # fmt: skip
+    if args.readout_pilot:
+        planned += [(variants[arm], k, seed, "val", 0) for seed in args.pilot_seeds
+                    for k in args.pilot_ks for arm in args.pilot_arms]  # fmt: skip
     bench.total = len(planned)
     bench.done_before = bench.total - bench.missing(planned)
     if not args.report_only:
@@ -1102,6 +1153,16 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         atomic_json(out / f"{name}.json", {**ablation_head, "classes": bench.organs,
                                            "summary": summaries["finetune"],
                                            "probe_summary": summaries["probe"]})  # fmt: skip
+        print(text)
+    if args.readout_pilot:
+        pilot = [bench.run(variants[arm], k, seed, stage="val") for seed in args.pilot_seeds
+                 for k in args.pilot_ks for arm in args.pilot_arms]  # fmt: skip
+        name = f"label_efficiency_readout_pilot{args.tag}"
+        pilot_head = header_of(name)
+        text = pilot_markdown([r for r in pilot if r], pilot_head, bench.organs)
+        (out / f"{name}.md").write_text(text)
+        atomic_json(out / f"{name}.json", {**pilot_head, "classes": bench.organs,
+                                           "runs": [r for r in pilot if r]})  # fmt: skip
         print(text)
     if bench.run_seconds > 0:
         share = bench.train_seconds / bench.run_seconds
