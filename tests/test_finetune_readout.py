@@ -101,3 +101,28 @@ def test_readout_pilot_scores_only_the_validation_patients(tmp_path: Path) -> No
     table = (tmp_path / "label_efficiency_readout_pilot.md").read_text()
     assert table.count("| random | 1 |") == 2 and "runs with an organ below 0.02" in table
     assert not (tmp_path / "label_efficiency.json").exists()  # no test score at all
+
+
+def test_intensity_scale_multiplies_each_item_within_its_range(tmp_path: Path) -> None:
+    import torch
+
+    from lrc_lightning.data.transforms import IntensityAugment
+
+    images = torch.rand(64, 1, 8, 8) * 0.5 + 0.1
+    still = dict(brightness=0.0, contrast=0.0, gamma=(1.0, 1.0), noise_std=0.0,
+                 blur_probability=0.0)  # fmt: skip
+    doubled = IntensityAugment(**still, scale=(2.0, 2.0)).batch(images)
+    assert torch.allclose(doubled, 2 * images)
+    ratio = IntensityAugment(**still, scale=(0.5, 2.0)).batch(images) / images
+    per_item = ratio.flatten(1)
+    assert torch.allclose(per_item, per_item[:, :1].expand_as(per_item))  # one scale per item
+    assert per_item.min() >= 0.5 - 1e-6 and per_item.max() <= 2.0 + 1e-6
+    assert (per_item[:, 0] < 0.8).any() and (per_item[:, 0] > 1.4).any()  # spread, both ways
+    assert torch.allclose(IntensityAugment(**still).batch(images), images, atol=1e-6)  # off
+    for bad in ((0.0, 2.0), (2.0, 1.0), (1.0,)):
+        with pytest.raises(ValueError, match="intensity scale"):
+            IntensityAugment(scale=bad)  # type: ignore[arg-type]
+    # The data module applies it to training items only when augmenting.
+    dm = LRCDataModule(DEMO_MR, cache_dir=str(tmp_path / "cache"), image_size=32,
+                       mode="finetune", labelled_cases=None, intensity_scale=(0.5, 2.0))  # fmt: skip
+    assert dm.intensity.scale == (0.5, 2.0)

@@ -245,6 +245,11 @@ class LRCDataModuleBase:
         foreground_ratio: share of training items drawn from foreground, the rest drawn
             uniformly: 3D patches centred on an organ (fine-tuning; else on a voxel brighter
             than ``foreground_threshold``), 2D fine-tuning slices that hold an organ.
+        intensity_scale: ``(low, high)`` range of a multiplicative intensity scale drawn
+            log-uniformly per training item (with ``augment``); default off. MR has no
+            intensity unit, and after percentile normalisation the same tissue of two
+            patients can differ twofold: e.g. ``(0.5, 2.0)`` when fine-tuning on few
+            patients.
         mirror_labels: label pairs that are mirror images, by name (dataset.json) or value,
             e.g. ``[("right_kidney", "left_kidney")]``. Wherever labels are served
             (fine-tuning, ``pretrain_with_labels``), a left-right flip swaps them; without
@@ -304,6 +309,7 @@ class LRCDataModuleBase:
         slice_spacing: float | None = None,
         patch_size: tuple[int, int, int] = (32, 96, 96),
         foreground_ratio: float = 0.5,
+        intensity_scale: tuple[float, float] = (1.0, 1.0),
         patches_per_volume: int = 8,
         dicom_series: str | None = None,
     ) -> None:
@@ -381,7 +387,9 @@ class LRCDataModuleBase:
             else GeometryAugment(crop_scale=(1.0, 1.0), horizontal_flip=0.0, max_rotation=0.0)
         )
         self.intensity = (
-            IntensityAugment() if augment else IntensityAugment(0.0, 0.0, (1.0, 1.0), 0.0, 0.0)
+            IntensityAugment(scale=intensity_scale)
+            if augment
+            else IntensityAugment(0.0, 0.0, (1.0, 1.0), 0.0, 0.0)
         )
         self.augment = augment
         self.mirror = mirror_label_pairs(mirror_labels, data)

@@ -210,7 +210,14 @@ def apply_affine(
 
 @dataclass
 class IntensityAugment:
-    """Brightness shift, contrast scale, gamma, Gaussian noise and blur (image only)."""
+    """Brightness shift, contrast scale, gamma, Gaussian noise and blur (image only), and
+    optionally a multiplicative intensity ``scale`` drawn log-uniformly from its range.
+
+    ``scale`` (default off) is for MR, whose intensities have no physical unit: after
+    percentile normalisation the same tissue of two patients can differ twofold (an
+    unusually bright structure moves the upper percentile), and a model fine-tuned on one
+    patient must not depend on the absolute level.
+    """
 
     brightness: float = 0.1
     contrast: float = 0.2
@@ -218,6 +225,14 @@ class IntensityAugment:
     noise_std: float = 0.02
     blur_probability: float = 0.2
     blur_sigma: tuple[float, float] = (0.3, 1.0)
+    scale: tuple[float, float] = (1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        if len(self.scale) != 2:
+            raise ValueError(f"intensity scale is a (low, high) range, got {self.scale}")
+        self.scale = (float(self.scale[0]), float(self.scale[1]))
+        if not 0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"intensity scale must satisfy 0 < low <= high, got {self.scale}")
 
     def __call__(self, image: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """One (C, H, W) image."""
@@ -230,6 +245,11 @@ class IntensityAugment:
         x = images.float().clamp(0, 1)
         lo, hi = math.log(self.gamma[0]), math.log(self.gamma[1])
         x = x ** torch.exp(lo + (hi - lo) * u[:, 0])
+        if self.scale != (1.0, 1.0):
+            # Drawn apart from u, so that the default keeps its random stream.
+            v = torch.rand(b, 1, 1, 1, generator=generator, device=device)
+            s_lo, s_hi = math.log(self.scale[0]), math.log(self.scale[1])
+            x = x * torch.exp(s_lo + (s_hi - s_lo) * v)
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = (x - mean) * (1 - self.contrast + 2 * self.contrast * u[:, 1]) + mean
         x = x + (2 * u[:, 2] - 1) * self.brightness

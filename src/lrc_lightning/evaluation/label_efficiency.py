@@ -187,7 +187,8 @@ RESULT_OPTIONS = (
 
 #: Options added later, hashed only when set, so that earlier runs keep their keys.
 OPTIONAL_RESULT_OPTIONS = {"spacing": None, "device_batches": False, "channels_last": False,
-                           "test_ids": None, "val_ids": None}  # fmt: skip
+                           "test_ids": None, "val_ids": None,
+                           "finetune_intensity_scale": [1.0, 1.0]}  # fmt: skip
 
 #: Version 2 of the readouts: fine-tuning until the validation patients plateau with the
 #: checkpoint they choose, foreground-biased slices, flips only with mirror-label swaps,
@@ -477,7 +478,8 @@ class Benchmark:
             num_classes=self.num_classes, class_names=self.organs, lr=a.lr,
             warmup_steps=a.finetune_steps // 10,
         )  # fmt: skip
-        datamodule = self.datamodule(None, labelled, mode="finetune")
+        datamodule = self.datamodule(None, labelled, mode="finetune",
+                                     intensity_scale=tuple(a.finetune_intensity_scale))
         best = BestOnValidation()
         callbacks: list[pl.Callback] = [best]
         if a.patience:
@@ -912,6 +914,11 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
                              "(0: run all steps)")
     parser.add_argument("--foreground-ratio", type=float, default=0.5,
                         help="fine-tuning: share of slices drawn from those with an organ")
+    parser.add_argument("--finetune-intensity-scale", type=float, nargs=2, default=[1.0, 1.0],
+                        metavar=("LOW", "HIGH"),
+                        help="fine-tuning augmentation: a multiplicative intensity scale drawn "
+                             "log-uniformly from [LOW, HIGH] per slice (MR intensities differ "
+                             "between patients; default off)")
     parser.add_argument("--mirror-labels", nargs="+", default=None, metavar="NAME",
                         help="pairs of mirror-image labels swapped on flips, e.g. "
                              "right_kidney left_kidney (without: no flips when fine-tuning)")
