@@ -124,5 +124,5 @@ def test_intensity_scale_multiplies_each_item_within_its_range(tmp_path: Path) -
             IntensityAugment(scale=bad)  # type: ignore[arg-type]
     # The data module applies it to training items only when augmenting.
     dm = LRCDataModule(DEMO_MR, cache_dir=str(tmp_path / "cache"), image_size=32,
-                       mode="finetune", labelled_cases=None, intensity_scale=(0.5, 2.0))  # fmt: skip
+                       mode="finetune", intensity_scale=(0.5, 2.0))
     assert dm.intensity.scale == (0.5, 2.0)
