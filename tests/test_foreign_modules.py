@@ -730,6 +730,230 @@ def test_which_objects_of_the_other_namespace_a_lightning_pytorch_trainer_takes(
         make().fit(Plain(), datamodule=_data(tmp_path))
 
 
+# ---------------------------------------------------------------------- channels (RGB backbones)
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> Path:
+    """One super-pixel cache for the tests below (channels are not part of the cache)."""
+    return tmp_path_factory.mktemp("shared")
+
+
+def _first_batch(dm: LRCDataModule, seed: int = 0):
+    dm.prepare_data()
+    dm.setup("fit")
+    torch.manual_seed(seed)  # the same augmentation draw for channels=1 and channels=3
+    return next(iter(dm.train_dataloader()))
+
+
+def _copies(images: torch.Tensor, channels: int, dim: int = 1) -> bool:
+    """``images`` has ``channels`` channels on ``dim``, each equal to the first."""
+    first = images.narrow(dim, 0, 1)
+    return images.shape[dim] == channels and torch.equal(images, first.expand_as(images))
+
+
+def test_channels_repeats_every_served_image_and_leaves_the_maps(shared) -> None:
+    """channels=3: each image the loaders serve (2D pre-training in the dict and the tuple
+    formats, device batches, fine-tuning, whole validation volumes) and example_input() has
+    3 identical channels equal to the channels=1 image of the same draw; maps and labels are
+    the channels=1 ones."""
+    one = _first_batch(_data(shared, "dict"))
+    three = _first_batch(_data(shared, "dict", channels=3))
+    for key in ("image_v1", "image_v2"):
+        assert three[key].shape == (4, 3, 32, 32) and _copies(three[key], 3)
+        assert torch.equal(three[key][:, :1], one[key])
+    for key in ("superpixels_v1", "superpixels_v2"):
+        assert three[key].shape == (4, 32, 32) and torch.equal(three[key], one[key])
+    (x1, x2), targets, _, (s1, s2) = _first_batch(_data(shared, "lightly", channels=3))
+    assert x1.shape == x2.shape == (4, 3, 32, 32) and _copies(x1, 3) and _copies(x2, 3)
+    assert s1.shape == s2.shape == (4, 32, 32) and s1.dtype == torch.long
+    assert (targets == -1).all()
+    dev_one = _first_batch(_data(shared, "solo-learn", device_batches=True))
+    dev_three = _first_batch(_data(shared, "solo-learn", device_batches=True, channels=3))
+    for v1, v3 in zip(dev_one[1], dev_three[1], strict=True):
+        assert v3.shape == (4, 3, 32, 32) and _copies(v3, 3) and torch.equal(v3[:, :1], v1)
+    assert all(torch.equal(a, b) for a, b in zip(dev_one[3], dev_three[3], strict=True))
+    tune = _first_batch(_data(shared, mode="finetune", channels=2, val_cases=1))
+    assert tune["image"].shape == (4, 2, 32, 32) and _copies(tune["image"], 2)
+    assert tune["label"].shape == (4, 32, 32)
+    dm = _data(shared, mode="finetune", channels=2, val_cases=1, device_batches=True)
+    assert _first_batch(dm)["image"].shape == (4, 2, 32, 32)
+    volume = next(iter(dm.val_dataloader()))
+    assert volume["image"].shape[2] == 2 and _copies(volume["image"], 2, dim=2)
+    assert volume["label"].ndim == 4  # (1, S, H, W)
+    example = _data(shared, channels=3)
+    example.prepare_data()
+    example.setup("fit")
+    assert example.example_input().shape == (2, 3, 32, 32)
+
+
+def test_channels_for_3d_patches(shared) -> None:
+    dm = LRCDataModule(str(DEMO_MR), cache_dir=str(shared / "cache3d"), image_size=32,
+                       spatial_dims=3, patch_size=(8, 16, 16), batch_size=2,
+                       channels=3)  # fmt: skip
+    batch = _first_batch(dm)
+    assert batch["image_v1"].shape == (2, 3, 8, 16, 16) and _copies(batch["image_v1"], 3)
+    assert batch["superpixels_v1"].shape == (2, 8, 16, 16)
+    assert dm.example_input().shape == (2, 3, 8, 16, 16)
+
+
+@pytest.mark.parametrize("channels", [0, -1, 1.5, True, "3"])
+def test_channels_must_be_a_positive_integer(shared, channels) -> None:
+    with pytest.raises(ValueError, match=r"channels must be an integer >= 1 \(3 for a "
+                       rf"backbone that expects RGB input\), got {channels!r}"):  # fmt: skip
+        _data(shared, channels=channels)
+
+
+# ---------------------------------------------------------------------- unlabelled targets
+class _SoloWithClassifier(SoloStyleSimCLR):
+    """solo-learn's BaseMethod: an online linear classifier on detached features, its loss
+    ``F.cross_entropy(logits, targets, ignore_index=-1)`` added to the method's loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.classifier = nn.Linear(8, 4)
+
+    def _base_shared_step(self, x: torch.Tensor, targets: torch.Tensor) -> dict:
+        logits = self.classifier(self.backbone(x)[0].mean((2, 3)).detach())
+        return {"logits": logits, "loss": F.cross_entropy(logits, targets, ignore_index=-1)}
+
+    def training_step(self, batch, batch_idx):
+        _, views, targets = batch
+        class_loss = sum(self._base_shared_step(x, targets)["loss"] for x in views) / 2
+        self.log("train/class_loss", class_loss)
+        return super().training_step(batch, batch_idx) + class_loss
+
+
+class _SoloWithClassifierFixed(_SoloWithClassifier):
+    """The guide's recipe ('Targets'): the classifier's mean over the labelled targets,
+    0 when a batch has none."""
+
+    def _base_shared_step(self, x, targets):
+        out = super()._base_shared_step(x, targets)
+        labelled = (targets != -1).sum().clamp(min=1)
+        out["loss"] = F.cross_entropy(out["logits"], targets, ignore_index=-1,
+                                      reduction="sum") / labelled  # fmt: skip
+        return out
+
+
+def test_unlabelled_targets_and_a_classifier_loss(shared) -> None:
+    """Tuple batches' targets are -1 (unlabelled). solo-learn's online classifier loss on
+    them is NaN: the callback names that at the first step instead of training on a NaN
+    loss; the guide's recipe gives a finite classifier loss and training goes on."""
+    guide = (ROOT / "docs" / "guides" / "other-frameworks.md").read_text()
+    assert "### Targets" in guide and "reduction=\"sum\") / labelled" in guide
+    cb = LRCCallback(feature_layer="backbone.decoder", batch_format="solo-learn")
+    with pytest.raises(ValueError, match=r"(?s)_SoloWithClassifier.training_step returned a "
+                       r"non-finite loss \(nan\).*'solo-learn' batch whose targets are all -1"
+                       r".*ignore_index=-1.*other-frameworks.md, 'Targets'"):  # fmt: skip
+        trainer(max_steps=2, callbacks=[cb]).fit(_SoloWithClassifier(),
+                                                 _data(shared, "solo-learn"))  # fmt: skip
+    history = MetricHistory("train/class_loss", "train/lrc_loss_step")
+    cb = LRCCallback(feature_layer="backbone.decoder", batch_format="solo-learn")
+    model = _SoloWithClassifierFixed()
+    trainer(max_steps=2, callbacks=[cb, history]).fit(model, _data(shared, "solo-learn"))
+    assert history.history["train/class_loss"] == [0.0, 0.0]
+    assert len(history.history["train/lrc_loss_step"]) == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # With labelled targets the recipe is solo-learn's mean (ignore_index=-1) exactly.
+    logits, targets = torch.randn(4, 4), torch.tensor([2, -1, 0, -1])
+    fixed = F.cross_entropy(logits, targets, ignore_index=-1, reduction="sum") / 2
+    assert torch.allclose(fixed, F.cross_entropy(logits, targets, ignore_index=-1))
+
+
+# ---------------------------------------------------------------------- resume without it
+@pytest.mark.parametrize("module_cls", [TinySupervisedLike, _SoloLearnableParams])
+def test_resuming_an_lrc_checkpoint_without_the_callback_says_what_to_do(
+    shared, tmp_path, module_cls
+) -> None:
+    """A checkpoint of a fit with LRCCallback holds the head in its optimizer state: a
+    Trainer without the callback gets an error naming the checkpoint, the callback's options
+    and both ways on (add the callback; load the weights only), not an optimizer-group size
+    error. With the callback it resumes; a fit without LRCCallback writes no entry."""
+    fmt, layer = ("dict", "net.decoder") if module_cls is TinySupervisedLike else (
+        "solo-learn", "backbone.decoder")  # fmt: skip
+    ckpts = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    lrc = LRCCallback(feature_layer=layer, batch_format=fmt)
+    trainer(max_steps=2, callbacks=[lrc, ckpts], enable_checkpointing=True).fit(
+        module_cls(), _data(shared, fmt)
+    )
+    path = tmp_path / "last.ckpt"
+    options = f"feature_layer={layer!r}" + (", batch_format='solo-learn'" if fmt != "dict" else "")
+    expected = (rf"(?s)checkpoint {path} was saved by a fit with LRCCallback\({options}\).*"
+                rf"add LRCCallback\({options}\) to the Trainer's callbacks.*load the weights "
+                rf"only: {module_cls.__name__}.load_from_checkpoint\(path\).*without ckpt_path")
+    with pytest.raises(ValueError, match=expected):
+        trainer(max_steps=3).fit(module_cls(), _data(shared, fmt), ckpt_path=path)
+    # The way on with the callback, and the weights-only way.
+    again = LRCCallback(feature_layer=layer, batch_format=fmt)
+    resumed = trainer(max_steps=3, callbacks=[again])
+    resumed.fit(module_cls(), _data(shared, fmt), ckpt_path=path)
+    assert resumed.global_step == 3
+    module_cls.load_from_checkpoint(path)  # strict
+    # trainer.save_checkpoint after fit records it too (the optimizer still holds the head).
+    resumed.save_checkpoint(tmp_path / "after.ckpt")
+    with pytest.raises(ValueError, match="was saved by a fit with LRCCallback"):
+        trainer(max_steps=4).fit(module_cls(), _data(shared, fmt),
+                                 ckpt_path=tmp_path / "after.ckpt")  # fmt: skip
+    plain = trainer(max_steps=1)
+    plain.fit(module_cls(), _data(shared, fmt, superpixels_in_batch=fmt == "dict"))
+    plain.save_checkpoint(tmp_path / "plain.ckpt")
+    assert "LRCDataModule" not in torch.load(tmp_path / "plain.ckpt", weights_only=True)
+
+
+# ---------------------------------------------------------------------- a fit that raises
+class _FailsAtStep3(_SoloLearnableParams):
+    fail = True
+
+    def training_step(self, batch, batch_idx):
+        if self.fail and batch_idx == 2:
+            raise RuntimeError("the user's step fails at step 3")
+        return super().training_step(batch, batch_idx)
+
+
+#: The module methods the callback wraps on the instance while fitting.
+_WRAPPED = {"training_step", "on_save_checkpoint", "on_load_checkpoint"}
+
+
+def _hooks(module: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+def test_a_fit_that_raises_leaves_the_module_as_it_found_it(shared) -> None:
+    """An exception in training_step at step 3 (and one from the callback's own check in
+    on_fit_start): the module keeps no hook, wrapped method, swapped class or head, and a
+    second fit in the same process with a fresh Trainer and callback trains (notebooks)."""
+    model = _FailsAtStep3()
+    hooks = _hooks(model)
+    first = LRCCallback(feature_layer="backbone.decoder", batch_format="solo-learn")
+    with pytest.raises(RuntimeError, match="fails at step 3"):
+        trainer(max_steps=5, callbacks=[first]).fit(model, _data(shared, "solo-learn"))
+    assert _hooks(model) == hooks and not _WRAPPED & set(vars(model))
+    assert type(model) is _FailsAtStep3 and not hasattr(model, "lrc_head")
+    assert [g["name"] for g in model.learnable_params] == ["backbone"]
+    model.fail = False
+    second = LRCCallback(feature_layer="backbone.decoder", batch_format="solo-learn")
+    history = MetricHistory("train/lrc_loss_step")
+    fit = trainer(max_steps=2, callbacks=[second, history])
+    fit.fit(model, _data(shared, "solo-learn"))
+    assert len(history.history["train/lrc_loss_step"]) == 2
+    in_optimizer = {id(p) for g in fit.optimizers[0].param_groups for p in g["params"]}
+    expected = {id(p) for p in (*model.backbone.parameters(), *second.head.parameters())}
+    assert in_optimizer == expected  # the first callback's head is in no later optimizer
+    assert _hooks(model) == hooks and not hasattr(model, "lrc_head")
+
+    class NoHeadInOptimizer(TinySupervisedLike):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.net.parameters(), lr=0.1)
+
+    refused = NoHeadInOptimizer()
+    hooks = _hooks(refused)
+    with pytest.raises(RuntimeError, match="did not include its parameters"):
+        trainer(max_steps=1, callbacks=[LRCCallback(feature_layer="net.decoder")]).fit(
+            refused, _data(shared)
+        )
+    assert _hooks(refused) == hooks and not _WRAPPED & set(vars(refused))
+    assert not hasattr(refused, "lrc_head")
+
+
 # ---------------------------------------------------------------------- import graph
 def _imports(path: Path, package: Path) -> set[str]:
     module = ".".join(path.relative_to(package.parent).with_suffix("").parts)

@@ -13,8 +13,12 @@ from it (and, for :class:`~lrc_lightning.LRCDataModule`, builds that structure):
 
 In the two tuple formats the maps travel as a fourth element that LRCCallback removes
 before the module's ``training_step`` sees the batch, so that a lightly or solo-learn module
-gets exactly the structure it was written for. Any other structure: a :class:`KeyPathBatch`
-(dotted paths, ``"0.1"`` = ``batch[0][1]``) or a callable ``batch -> (x1, x2, s1, s2)``.
+gets exactly the structure it was written for. Their ``targets`` are -1 (unlabelled, as
+solo-learn marks its unlabelled data sets): a classifier loss must skip such a batch, since
+``F.cross_entropy(logits, targets, ignore_index=-1)`` then averages over no target and is
+NaN (solo-learn's online classifier; the guide gives the fix). Any other structure: a
+:class:`KeyPathBatch` (dotted paths, ``"0.1"`` = ``batch[0][1]``) or a callable
+``batch -> (x1, x2, s1, s2)``.
 
 Example:
     >>> import torch
@@ -66,6 +70,10 @@ class BatchFormat:
     def module_batch(self, batch: Any) -> Any:
         """The batch as the wrapped module's ``training_step`` expects it."""
         return batch
+
+    def targets(self, batch: Any) -> Tensor | None:
+        """The class targets the module's step gets in ``batch`` (None: the format has none)."""
+        return None
 
     def pack(self, batch: Mapping[str, Any]) -> Any:
         """Build this structure from LRCDataModule's dict batch (``image_v1``, ...)."""
@@ -223,9 +231,17 @@ def _names(batch: Mapping[str, Any]) -> list[str]:
     return [f"{c}:{int(s)}" for c, s in zip(cases, slices, strict=True)]
 
 
+def _targets_at(batch: Any, item: int) -> Tensor | None:
+    found = batch[item] if isinstance(batch, (list, tuple)) and len(batch) > item else None
+    return found if isinstance(found, Tensor) else None
+
+
 class _LightlyBatch(KeyPathBatch):
     def __init__(self) -> None:
         super().__init__(("0.0", "0.1"), ("3.0", "3.1"), module_items=3, name="lightly")
+
+    def targets(self, batch: Any) -> Tensor | None:
+        return _targets_at(batch, 1)
 
     def pack(self, batch: Mapping[str, Any]) -> Any:
         views = [batch["image_v1"], batch["image_v2"]]
@@ -238,10 +254,15 @@ class _SoloLearnBatch(KeyPathBatch):
     def __init__(self) -> None:
         super().__init__(("1.0", "1.1"), ("3.0", "3.1"), module_items=3, name="solo-learn")
 
+    def targets(self, batch: Any) -> Tensor | None:
+        return _targets_at(batch, 2)
+
     def pack(self, batch: Mapping[str, Any]) -> Any:
         views = [batch["image_v1"], batch["image_v2"]]
         b = len(views[0])
-        # solo-learn's online classifier ignores target -1 (cross_entropy ignore_index=-1).
+        # Unlabelled, as solo-learn's own unlabelled datasets mark them. Its online classifier
+        # (cross_entropy with ignore_index=-1) averages over no target then: NaN; the
+        # callback names that at the first step, the guide gives the 3-line fix.
         device = views[0].device
         targets = torch.full((b,), -1, dtype=torch.long, device=device)
         maps = [batch["superpixels_v1"], batch["superpixels_v2"]]

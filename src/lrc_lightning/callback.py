@@ -126,7 +126,14 @@ class LRCCallbackBase:
     head is removed from the module (the callback keeps it: ``trainer.save_checkpoint``
     after ``fit`` still writes it). A module whose optimizer takes parameter groups from a
     ``learnable_params`` property (solo-learn's methods) gets the head there too, as the
-    group ``"lrc_head"``, while fitting.
+    group ``"lrc_head"``, while fitting. Resuming such a checkpoint needs the callback (its
+    optimizer state holds the head; with LRCDataModule, a Trainer without the callback gets
+    an error that says so). A fit that raises leaves the module as after ``fit``
+    (``on_exception``): no hook, wrapped method or head stays for the next fit.
+
+    The module's own loss is checked once, at the first step: not finite on a tuple batch
+    whose targets are all -1 (unlabelled), it is an error naming the cause (a classifier
+    loss that averages over no target, as solo-learn's online classifier does).
 
     The channels of ``feature_layer`` are read from one dry forward (no gradients, eval
     mode) of the module's ``example_input_array`` or of the data module's
@@ -188,11 +195,19 @@ class LRCCallbackBase:
         self._view_stack: list[int | None] = []
         self._capturing = False
         self._regions_checked = False
+        self._loss_checked = False
         self._warned_extra: set[str] = set()
         #: The module's class while a subclass adds the head to its learnable_params.
         self._original_class: type | None = None
 
     # ------------------------------------------------------------------ set-up / teardown
+    @property
+    def adds_head_to_optimizer(self) -> bool:
+        """This callback registered its head on the module for a fit (not an LRCMixin
+        module's): that fit's optimizer, and its checkpoints' optimizer state, hold the
+        head's parameters, so resuming them needs the callback."""
+        return self._mode == "hook" and self.head is not None
+
     @property
     def state_key(self) -> str:
         return self._generate_state_key(feature_layer=self.feature_layer)  # type: ignore[attr-defined]
@@ -344,6 +359,19 @@ class LRCCallbackBase:
             self._handles.append(module.register_forward_hook(self._leave))
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._restore(pl_module)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """A fit that raised (in the module's step, a hook, or the callback's own checks)
+        leaves the module as ``teardown`` does: Lightning calls no callback ``teardown``
+        then, and a second ``fit`` in the same process (a notebook) would find the hooks, the
+        wrapped step and the head of this one."""
+        if pl_module is not None:
+            self._restore(pl_module)
+
+    def _restore(self, pl_module: Any) -> None:
+        """Remove what setup installed (each part on its own, so that a setup that raised
+        half-way is undone too): the module is the user's module again."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -354,10 +382,12 @@ class LRCCallbackBase:
         if self._original_class is not None:
             pl_module.__class__ = self._original_class
             self._original_class = None
-        if self._mode == "hook" and getattr(pl_module, HEAD_ATTRIBUTE, None) is self.head:
+        if self.head is not None and getattr(pl_module, HEAD_ATTRIBUTE, None) is self.head:
             # After fit the module is the user's module again (its checkpoints load into it);
             # the callback keeps the head for the next fit.
             delattr(pl_module, HEAD_ATTRIBUTE)
+        self._capturing = False
+        self._clear()
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if self._mode != "hook":
@@ -540,6 +570,9 @@ class LRCCallbackBase:
             self._view_stack.clear()
         if output is None:  # the module skipped this batch
             return output
+        if not self._loss_checked:
+            self._loss_checked = True
+            self._refuse_nan_from_unlabelled_targets(pl_module, output, batch)
         try:
             features_v1, features_v2 = self._view_features(pl_module, inputs)
         finally:
@@ -578,6 +611,33 @@ class LRCCallbackBase:
                 raise KeyError("training_step returned a dict without a 'loss' key")
             return {**output, "loss": output["loss"] + term}
         return output + term
+
+    def _refuse_nan_from_unlabelled_targets(self, pl_module: Any, output: Any, batch: Any) -> None:
+        """The module's own loss is not finite at the first step of a batch whose targets are
+        all -1 (LRCDataModule's tuple batches are unlabelled): a classifier loss that ignores
+        -1 averages over nothing (solo-learn's online classifier). Checked once (one
+        synchronisation), before the LRC term is added, so the cause is named, not a NaN
+        that training carries on with.
+
+        Raises:
+            ValueError: naming the module, the targets and the fix.
+        """
+        targets = self.batch_format.targets(batch)
+        loss = output.get("loss") if isinstance(output, Mapping) else output
+        if targets is None or not isinstance(loss, Tensor) or bool(torch.isfinite(loss).all()):
+            return
+        if targets.numel() == 0 or not bool((targets == -1).all()):
+            return
+        raise ValueError(
+            f"{type(pl_module).__name__}.training_step returned a non-finite loss "
+            f"({float(loss.detach().float().mean())}) at its first step, on a "
+            f"{self.batch_format.name!r} batch whose targets are all -1 (LRCDataModule's "
+            "pre-training batches are unlabelled). A classifier loss such as solo-learn's "
+            "online classifier, F.cross_entropy(logits, targets, ignore_index=-1), averages "
+            "over no target then and gives NaN. Skip the classifier loss on unlabelled "
+            "batches (the recipe: docs/guides/other-frameworks.md, 'Targets'), or give "
+            "batches with real targets."
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def _save_head(

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from lrc_lightning.batches import BatchFormat, BatchFormatName
 from lrc_lightning.batches import batch_format as resolve_batch_format
+from lrc_lightning.callback import LRCCallbackBase
 from lrc_lightning.data.cache import CachedVolume, PreprocessConfig, VolumeCache
 from lrc_lightning.data.cases import Case, DataError, discover_cases, read_json
 from lrc_lightning.data.datasets import (
@@ -97,6 +98,20 @@ def mirror_label_pairs(
 
 #: The keys of the super-pixel maps in the dict batch.
 _MAP_KEYS = ("superpixels_v1", "superpixels_v2")
+#: The keys of the images in the dict batches (pre-training, fine-tuning, whole volumes).
+_IMAGE_KEYS = ("image", "image_v1", "image_v2")
+#: This data module's checkpoint state: what a fit with LRCCallback needs to resume.
+_CALLBACK_STATE = "lrc_callback"
+
+
+def _repeat_channels(batch: dict[str, Any], channels: int, dim: int = 1) -> dict[str, Any]:
+    """``batch`` with the one channel (axis ``dim``) of each image repeated ``channels``
+    times: identical copies, for a backbone that expects RGB input. Maps and labels are
+    left as they are."""
+    if channels == 1:
+        return batch
+    return {k: v.repeat_interleave(channels, dim=dim) if k in _IMAGE_KEYS else v
+            for k, v in batch.items()}  # fmt: skip
 
 
 def _pack(fmt: BatchFormat, batch: dict[str, Any], superpixels: bool) -> Any:
@@ -112,14 +127,19 @@ def _pack(fmt: BatchFormat, batch: dict[str, Any], superpixels: bool) -> Any:
 
 
 class _PackedCollate:
-    """Collates items into the dict batch, then builds the requested batch structure
-    (a class, not a closure, so that loader workers can pickle it)."""
+    """Collates items into the dict batch, repeats its images' channel ``channels`` times
+    (axis ``channel_dim`` of the batch), then builds the requested batch structure (a class,
+    not a closure, so that loader workers can pickle it)."""
 
-    def __init__(self, fmt: BatchFormat, superpixels: bool = True) -> None:
+    def __init__(
+        self, fmt: BatchFormat, superpixels: bool = True, channels: int = 1, channel_dim: int = 1
+    ) -> None:
         self.fmt, self.superpixels = fmt, superpixels
+        self.channels, self.channel_dim = channels, channel_dim
 
     def __call__(self, items: list[Any]) -> Any:
-        return _pack(self.fmt, default_collate(items), self.superpixels)
+        batch = _repeat_channels(default_collate(items), self.channels, self.channel_dim)
+        return _pack(self.fmt, batch, self.superpixels)
 
 
 class _PackedBatches:
@@ -183,7 +203,8 @@ class LRCDataModuleBase:
     with ``pretrain_with_labels``), from every case except validation and test cases.
     ``mode="finetune"``: ``image`` (B, 1, H, W) and ``label`` (B, H, W) from the labelled
     cases. Validation and test: one whole volume per batch (``image`` (1, S, 1, H, W),
-    ``label`` (1, S, H, W)) for 3D Dice.
+    ``label`` (1, S, H, W)) for 3D Dice. With ``channels=C`` every image has C channels
+    instead of 1.
 
     Args:
         data: MSD ``dataset.json`` or its folder, a CSV, a folder of volumes / DICOM series,
@@ -262,6 +283,30 @@ class LRCDataModuleBase:
             the axial series): None (an error listing them), ``"largest"``, ``"all"`` (one
             case per series) or a SeriesInstanceUID; see
             :func:`~lrc_lightning.data.cases.discover_cases`.
+        channels: channels of every image the loaders (device batches included) and
+            :meth:`example_input` serve: the one CT/MR channel repeated, for a backbone
+            that expects RGB input (``channels=3`` for torchvision's and solo-learn's
+            ResNets, which then need no new first layer). The copies are identical and
+            keep the intensity range ([0, 1]); normalise them in the module if its
+            backbone expects ImageNet statistics. Maps and labels are unchanged.
+
+    Raises:
+        ValueError: an option out of its range (``channels`` below 1, an unknown ``mode``).
+
+    A fit with :class:`~lrc_lightning.LRCCallback` records it in this data module's
+    checkpoint state: resuming such a checkpoint (``ckpt_path=``) with a Trainer without the
+    callback is an error that names the checkpoint and the two ways on, before Lightning
+    fails to load the optimizer state (which holds the LRC head's parameters).
+
+    Example:
+        For a torchvision ResNet-18 (3 input channels), in lightly's batch structure:
+
+        >>> data = LRCDataModule("data/chaos-t2-demo", image_size=64, channels=3,
+        ...                      batch_format="lightly")  # doctest: +SKIP
+        >>> data.prepare_data(); data.setup("fit")  # doctest: +SKIP
+        >>> (x1, x2), _, _, (s1, s2) = next(iter(data.train_dataloader()))  # doctest: +SKIP
+        >>> x1.shape, s1.shape  # doctest: +SKIP
+        (torch.Size([8, 3, 64, 64]), torch.Size([8, 64, 64]))
     """
 
     def __init__(
@@ -312,8 +357,14 @@ class LRCDataModuleBase:
         intensity_scale: tuple[float, float] = (1.0, 1.0),
         patches_per_volume: int = 8,
         dicom_series: str | None = None,
+        channels: int = 1,
     ) -> None:
         super().__init__()
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(
+                f"channels must be an integer >= 1 (3 for a backbone that expects RGB "
+                f"input), got {channels!r}"
+            )
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
         if spatial_dims == 3 and device_batches:
@@ -341,6 +392,7 @@ class LRCDataModuleBase:
         self.shard = shard
         self.device_batches = device_batches
         self.channels_last = channels_last
+        self.channels = channels
         self.batch_format = resolve_batch_format(batch_format)
         self.superpixels_in_batch = bool(superpixels_in_batch)
         self.spatial_dims = spatial_dims
@@ -494,11 +546,13 @@ class LRCDataModuleBase:
         )  # fmt: skip
 
     def example_input(self, count: int = 2) -> torch.Tensor:
-        """(count, 1, H, W) images (3D: (count, 1, D, H, W) patches) of the training set: what
-        a network gets (LRCCallback runs one dry forward of it to read a layer's channels)."""
+        """(count, C, H, W) images (3D: (count, C, D, H, W) patches; C: ``channels``) of the
+        training set: what a network gets (LRCCallback runs one dry forward of it to read a
+        layer's channels)."""
         dataset = self.train_dataset()
         key = "image_v1" if self.mode == "pretrain" else "image"
-        return torch.stack([dataset[i][key] for i in range(min(count, len(dataset)))])
+        images = torch.stack([dataset[i][key] for i in range(min(count, len(dataset)))])
+        return images.repeat_interleave(self.channels, dim=1)
 
     def _loader(
         self, dataset: Any, shuffle: bool, batch_size: int, collate: Any = None
@@ -521,7 +575,7 @@ class LRCDataModuleBase:
         if self.device_batches:
             batches = self._device_batches()
             return _PackedBatches(batches, fmt, maps) if packed else batches
-        collate = _PackedCollate(fmt, maps) if packed else None
+        collate = _PackedCollate(fmt, maps, self.channels) if packed or self.channels > 1 else None
         dataset = self.train_dataset()
         if isinstance(dataset, LabelledSlices):
             sampler = foreground_sampler(len(dataset), dataset.organ_slices(),
@@ -530,7 +584,7 @@ class LRCDataModuleBase:
                 return DataLoader(
                     dataset, batch_size=self.batch_size, sampler=sampler,
                     num_workers=self.num_workers, persistent_workers=self.persistent_workers,
-                    drop_last=len(dataset) > self.batch_size,
+                    drop_last=len(dataset) > self.batch_size, collate_fn=collate,
                 )  # fmt: skip
         return self._loader(dataset, True, self.batch_size, collate)
 
@@ -551,7 +605,7 @@ class LRCDataModuleBase:
             foreground_ratio=self.foreground_ratio,
             intensity=self.intensity if pretrain or self.augment else None,
             with_labels=self.pretrain_with_labels, device=device, seed=self.seed + rank,
-            channels_last=self.channels_last,
+            channels_last=self.channels_last, channels=self.channels,
         )  # fmt: skip
 
     #: Lightning's ``is_overridden`` of the class's namespace (set by the concrete classes).
@@ -574,14 +628,65 @@ class LRCDataModuleBase:
         validation loader while the module it fits has no ``validation_step`` (no warning)."""
         split = self._require_split()
         vols = [v for v in self.volumes(split.val) if v.label is not None]
-        return self._loader(Volumes(vols), False, 1) if vols else []
+        return self._loader(Volumes(vols), False, 1, self._volume_collate()) if vols else []
 
     val_dataloader = _LoaderIfModuleSteps("validation_step", _val_dataloader)
 
     def test_dataloader(self) -> DataLoader | list:
         split = self._require_split()
         vols = [v for v in self.volumes(split.test) if v.label is not None]
-        return self._loader(Volumes(vols), False, 1) if vols else []
+        return self._loader(Volumes(vols), False, 1, self._volume_collate()) if vols else []
+
+    def _volume_collate(self) -> _PackedCollate | None:
+        # Whole volumes: image (1, S, 1, H, W), the channel on axis 2.
+        if self.channels == 1:
+            return None
+        return _PackedCollate(resolve_batch_format("dict"), True, self.channels, channel_dim=2)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpoint state: the LRCCallback of the fit, when one added its head to the
+        optimizer (then resuming needs it; see :meth:`load_state_dict`); else nothing, and
+        the checkpoint gets no entry of this data module."""
+        trainer = getattr(self, "trainer", None)
+        for callback in getattr(trainer, "callbacks", None) or []:
+            if isinstance(callback, LRCCallbackBase) and callback.adds_head_to_optimizer:
+                return {_CALLBACK_STATE: {
+                    "feature_layer": callback.feature_layer,
+                    "target_layer": callback.target_layer,
+                    "batch_format": callback.batch_format.name,
+                }}  # fmt: skip
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resuming (``fit(ckpt_path=...)``) a checkpoint of a fit with LRCCallback needs the
+        callback: its optimizer state holds the LRC head's parameters, which Lightning
+        otherwise fails to load with a parameter-group size error that names neither.
+
+        Raises:
+            ValueError: the Trainer has no LRCCallback; names the checkpoint and what to do.
+        """
+        saved = state_dict.get(_CALLBACK_STATE)
+        trainer = getattr(self, "trainer", None)
+        if saved is None or trainer is None:
+            return
+        if any(isinstance(c, LRCCallbackBase) for c in trainer.callbacks):
+            return
+        options = [f"feature_layer={saved.get('feature_layer')!r}"]
+        if saved.get("target_layer") is not None:
+            options.append(f"target_layer={saved['target_layer']!r}")
+        if saved.get("batch_format") not in (None, "dict"):
+            options.append(f"batch_format={saved['batch_format']!r}")
+        module = type(trainer.lightning_module).__name__
+        raise ValueError(
+            f"checkpoint {trainer.ckpt_path} was saved by a fit with LRCCallback("
+            f"{', '.join(options)}): its optimizer state holds the LRC projection head's "
+            "parameters, and this Trainer has no LRCCallback to restore them. To resume it, "
+            f"add LRCCallback({', '.join(options)}) to the Trainer's callbacks (from "
+            "lrc_lightning.lightning for a lightning.pytorch Trainer). To go on without "
+            f"LRC, load the weights only: {module}.load_from_checkpoint(path) (the head is "
+            "not in its state_dict) and fit without ckpt_path."
+        )
 
 
 class LRCDataModule(LRCDataModuleBase, pl.LightningDataModule):

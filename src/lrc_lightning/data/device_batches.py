@@ -52,6 +52,8 @@ class DeviceBatches:
         device: where slices are kept and batches made.
         seed: seeds the device generator of shuffling and augmentation.
         channels_last: images in ``torch.channels_last`` memory format.
+        channels: channels of the images: the one channel repeated (identical copies,
+            after augmentation), for a backbone that expects RGB input.
         mirror: label pairs swapped in samples whose warp is a reflection.
         foreground_ratio: fine-tuning: share of slices drawn from those that hold an organ
             (the rest uniformly, with replacement), as
@@ -74,11 +76,14 @@ class DeviceBatches:
         channels_last: bool = False,
         mirror: MirrorLabels | None = None,
         foreground_ratio: float = 0.0,
+        channels: int = 1,
     ) -> None:
         if mode not in ("pretrain", "finetune"):
             raise ValueError(f"mode must be 'pretrain' or 'finetune', got {mode!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels must be an integer >= 1, got {channels!r}")
         sizes = {tuple(v.image.shape[1:]) for v in volumes}
         if len(sizes) > 1:
             raise ValueError(f"DeviceBatches needs one slice size, got {sorted(sizes)}")
@@ -88,6 +93,7 @@ class DeviceBatches:
         self.intensity = intensity
         self.device = torch.device(device)
         self.channels_last = channels_last
+        self.channels = channels
         self.mirror = mirror
         labels = mode == "finetune" or (
             with_labels and all(v.label is not None for v in volumes)
@@ -143,6 +149,8 @@ class DeviceBatches:
             maps = {k: m.long() for k, m in maps.items()}
         if self.intensity is not None:
             images = self.intensity.batch(images, self.generator)
+        if self.channels > 1:
+            images = images.repeat_interleave(self.channels, dim=1)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, maps
