@@ -97,5 +97,6 @@ def test_ci_runs_the_thirdparty_tests_for_real_in_their_own_venv() -> None:
     setup = configparser.ConfigParser()
     setup.read(ROOT / "setup.cfg")
     extra = setup["options.extras_require"]["thirdparty"]
-    assert all(name in extra for name in ("nnunetv2", "lightly", "torchvision", "monai"))
+    assert all(name in extra for name in ("nnunetv2", "lightly", "torchvision", "monai",
+                                          "lightning"))
     assert ".venv-thirdparty/" in (ROOT / ".gitignore").read_text()
