@@ -26,13 +26,18 @@ import SimpleITK as sitk
 from lrc_lightning.data.intensity import normalise
 
 
-def organ_medians(image: Path, label: Path, values: list[int], modality: str) -> list[float]:
-    """Median normalised intensity of each label value (NaN where absent)."""
+def organ_medians(
+    image: Path, label: Path, values: list[int], modality: str
+) -> tuple[list[float], float]:
+    """Median normalised intensity of each label value (NaN where absent), and the share
+    of the brightest 0.5% of voxels (those that set the MR upper percentile) in an organ."""
     volume = sitk.GetArrayFromImage(sitk.ReadImage(str(image)))
     array = normalise(volume, modality, source=str(image))  # type: ignore[arg-type]
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(label)))
-    return [float(np.median(array[labels == v])) if (labels == v).any() else float("nan")
-            for v in values]  # fmt: skip
+    medians = [float(np.median(array[labels == v])) if (labels == v).any() else float("nan")
+               for v in values]  # fmt: skip
+    brightest = volume >= np.percentile(volume, 99.5)
+    return medians, float((labels[brightest] > 0).mean())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,25 +53,29 @@ def main(argv: list[str] | None = None) -> int:
     names = {int(k): v for k, v in spec["labels"].items() if int(k) > 0}
     values = sorted(names)
     rows: dict[str, list[float]] = {}
+    bright: dict[str, float] = {}
     for item in spec["training"]:
         image = root / item["image"]
         case = image.name.split(".")[0]
         if case in args.exclude:
             continue
-        rows[case] = organ_medians(image, root / item["label"], values, args.modality)
+        rows[case], bright[case] = organ_medians(image, root / item["label"], values,
+                                                 args.modality)
     table = np.array(list(rows.values()))
     print(f"{len(rows)} cases (excluded: {len(args.exclude)}); median normalised intensity "
-          "per organ, and (z) its distance from the other cases in their standard deviations")
-    print("case".ljust(16) + "".join(names[v].rjust(22) for v in values))
+          "per organ, and (z) its distance from the other cases in their standard deviations; "
+          "last column: share of the brightest 0.5% of voxels that lie in an organ")
+    print("case".ljust(16) + "".join(names[v].rjust(22) for v in values) + "  bright in organs")
     result = {}
     for i, case in enumerate(rows):
         others = np.delete(table, i, axis=0)
         z = (table[i] - np.nanmean(others, 0)) / np.nanstd(others, 0)
         result[case] = {names[v]: {"median": round(float(m), 3), "z": round(float(s), 1)}
                         for v, m, s in zip(values, table[i], z, strict=True)}  # fmt: skip
+        result[case]["brightest_in_organs"] = round(bright[case], 2)
         flag = "  <- outlier (|z| > 3)" if np.nanmax(np.abs(z)) > 3 else ""
         cells = [f"{m:8.3f} (z {s:+5.1f})".rjust(22) for m, s in zip(table[i], z, strict=True)]
-        print(case.ljust(16) + "".join(cells) + flag)
+        print(case.ljust(16) + "".join(cells) + f"{bright[case]:18.2f}" + flag)
     if args.out:
         shown = " ".join(argv if argv is not None else sys.argv[1:])
         command = f"python benchmarks/organ_intensities.py {shown}"

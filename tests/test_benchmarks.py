@@ -177,3 +177,37 @@ def test_benchmark_progress_grid_arm_and_sigterm_keeps_finished_runs(tmp_path: P
     after = {p.name: p.read_bytes() for p in (tmp_path / "label_efficiency_runs").iterdir()}
     assert after == before  # finished runs kept as they were, nothing half-written
     assert not list((tmp_path / "work").glob("*s1*"))  # no weights of the stopped run
+
+
+def test_organ_intensities_flags_a_patient_whose_bright_spot_darkens_its_organs(
+    tmp_path: Path,
+) -> None:
+    import shutil
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    data = tmp_path / "data"
+    shutil.copytree(DEMO_MR, data)
+    # chaos_t2_005 gets a bright non-organ structure (1% of the voxels at 4x the maximum):
+    # the upper percentile rises and its organs come out dark after normalisation.
+    path = data / "imagesTr" / "chaos_t2_005.nii.gz"
+    image = sitk.ReadImage(str(path))
+    array = sitk.GetArrayFromImage(image)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(data / "labelsTr" / path.name)))
+    outside = np.flatnonzero(labels == 0)[:: max(1, (labels == 0).sum() // (array.size // 100))]
+    array.flat[outside] = 4 * array.max()
+    bright = sitk.GetImageFromArray(array)
+    bright.CopyInformation(image)
+    sitk.WriteImage(bright, str(path))
+    out = run("benchmarks/organ_intensities.py", "--data", str(data), "--exclude",
+              "chaos_t2_001", "--out", str(tmp_path / "o.json"))  # fmt: skip
+    flagged = [line.split()[0] for line in out.splitlines() if "outlier" in line]
+    assert flagged == ["chaos_t2_005"]
+    cases = json.loads((tmp_path / "o.json").read_text())["cases"]
+    assert sorted(cases) == ["chaos_t2_002", "chaos_t2_003", "chaos_t2_005"]  # 001 excluded
+    assert cases["chaos_t2_005"]["brightest_in_organs"] == 0.0
+    assert cases["chaos_t2_002"]["brightest_in_organs"] > 0.0
+    assert cases["chaos_t2_005"]["right_kidney"]["median"] < 0.5 * min(
+        cases[c]["right_kidney"]["median"] for c in ("chaos_t2_002", "chaos_t2_003")
+    )
