@@ -11,8 +11,6 @@ import torch
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader, default_collate
 
-from lrc_lightning.batches import BatchFormat, BatchFormatName
-from lrc_lightning.batches import batch_format as resolve_batch_format
 from lrc_lightning.data.cache import CachedVolume, PreprocessConfig, VolumeCache
 from lrc_lightning.data.cases import Case, DataError, discover_cases, read_json
 from lrc_lightning.data.datasets import (
@@ -32,6 +30,8 @@ from lrc_lightning.data.patches import (
 from lrc_lightning.data.preprocess import RegionMethod
 from lrc_lightning.data.splits import Split, check_evaluation_labels, split_cases
 from lrc_lightning.data.transforms import GeometryAugment, IntensityAugment, MirrorLabels
+from lrc_lightning.objective.batches import BatchFormat, BatchFormatName
+from lrc_lightning.objective.batches import batch_format as resolve_batch_format
 
 __all__ = ["LRCDataModule", "LRCDataModuleBase"]
 
@@ -225,7 +225,7 @@ class LRCDataModuleBase:
         batch_format: the structure of pre-training batches: ``"dict"`` (above),
             ``"lightly"`` (``([x1, x2], targets, filenames, [s1, s2])``) or
             ``"solo-learn"`` (``(indexes, [x1, x2], targets, [s1, s2])``); see
-            :mod:`lrc_lightning.batches`. Give LRCCallback the same ``batch_format``: it
+            :mod:`lrc_lightning.objective.batches`. Give LRCCallback the same ``batch_format``: it
             hands the module its own 3-item structure.
         superpixels_in_batch: False leaves the super-pixel maps out of pre-training batches:
             the plain lightly ``(views, targets, filenames)`` / solo-learn ``(indexes,
