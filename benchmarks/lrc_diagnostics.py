@@ -35,8 +35,8 @@ from lrc_lightning.evaluation.label_efficiency import (
     atomic_json,
     build_parser,
 )
-from lrc_lightning.regions import downsample_superpixels, select_regions
-from lrc_lightning.term import LRCConfig
+from lrc_lightning.objective.regions import downsample_superpixels, select_regions
+from lrc_lightning.objective.term import LRCConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

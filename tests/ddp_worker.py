@@ -24,8 +24,8 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from lrc_lightning import LRCCallback, LRCConfig, LRCDataModule  # noqa: E402
+from lrc_lightning.distributed.sync_batchnorm import GlobalBatchNormSync  # noqa: E402
 from lrc_lightning.models import MoCoV2, MoCoV2LRC, UNet2d, UNet3d  # noqa: E402
-from lrc_lightning.sync_batchnorm import GlobalBatchNormSync  # noqa: E402
 from tests.helpers import PairedPatches, PairedSlices  # noqa: E402
 
 LRC_EXACT = dict(samples_per_region=None, num_regions=64, min_pixels=1, gather_distributed=True)

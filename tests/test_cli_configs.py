@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lrc_lightning.cli import main
 from lrc_lightning.models import UNet2d
+from lrc_lightning.tools.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs"

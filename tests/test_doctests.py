@@ -8,16 +8,16 @@ import importlib
 import pytest
 
 MODULES = [
-    "lrc_lightning.batches",
-    "lrc_lightning.callback",
     "lrc_lightning.data.transforms",
     "lrc_lightning.evaluation.statistics",
-    "lrc_lightning.heads",
-    "lrc_lightning.layers",
-    "lrc_lightning.metrics",
-    "lrc_lightning.monai",
-    "lrc_lightning.superpixels",
-    "lrc_lightning.term",
+    "lrc_lightning.frameworks.monai",
+    "lrc_lightning.integrations.callback",
+    "lrc_lightning.integrations.layers",
+    "lrc_lightning.models.metrics",
+    "lrc_lightning.objective.batches",
+    "lrc_lightning.objective.heads",
+    "lrc_lightning.objective.term",
+    "lrc_lightning.superpixels.graph",
 ]
 
 

@@ -11,11 +11,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from lrc_lightning.cli import main as cli
 from lrc_lightning.data.cases import DataError
 from lrc_lightning.evaluation.label_efficiency import class_names
+from lrc_lightning.evaluation.probe import fit_pixel_classifier, linear_probe_dice
 from lrc_lightning.models import UNet2d
-from lrc_lightning.probe import fit_pixel_classifier, linear_probe_dice
+from lrc_lightning.tools.cli import main as cli
 from tests.conftest import DEMO_MR
 
 #: CHAOS labels 1 liver, 2/3 kidneys, 4 spleen -> a two-organ task with other names.

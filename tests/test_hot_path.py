@@ -4,7 +4,7 @@ Host syncs are counted on CPU with a TorchDispatchMode: every op that would make
 for the device (``.item()`` = ``aten._local_scalar_dense``, ``nonzero``, boolean-mask
 indexing, ``masked_select``) is recorded. (The loss's bound check on ids reads maps in host
 memory through numpy, outside this count: on CPU there is no device to wait for, and maps
-on an accelerator are not read, see ``lrc_lightning.regions.check_region_ids``.)
+on an accelerator are not read, see ``lrc_lightning.objective.regions.check_region_ids``.)
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from lrc_lightning import DenseProjectionHead, LocalizedRegionContrastLoss
 from lrc_lightning.models import MoCoV2LRC, UNet2d
-from lrc_lightning.regions import downsample_superpixels
+from lrc_lightning.objective.regions import downsample_superpixels
 from tests.helpers import PairedSlices
 
 SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "item"}

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lrc_lightning import DenseProjectionHead, LocalizedRegionContrastLoss
-from lrc_lightning.regions import (
+from lrc_lightning.objective.regions import (
     _id_counts,
     downsample_superpixels,
     region_embeddings,

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lrc_lightning import LRCCallback, LRCMixin
-from lrc_lightning.schedules import lrc_weight
+from lrc_lightning.objective.schedules import lrc_weight
 
 from .helpers import MetricHistory, PairedSlices, TinyMoCo, TinyMoCoLRC, TinySupervisedLike, trainer
 

@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lrc_lightning.metrics import dice_per_organ, nanmean, soft_dice_loss
+from lrc_lightning.evaluation.probe import fit_pixel_classifier, sample_pixels
 from lrc_lightning.models import (
     FineTuneSegmentation,
     MoCoV2,
@@ -18,7 +18,7 @@ from lrc_lightning.models import (
     UNet2d,
     load_backbone_weights,
 )
-from lrc_lightning.probe import fit_pixel_classifier, sample_pixels
+from lrc_lightning.models.metrics import dice_per_organ, nanmean, soft_dice_loss
 from tests.helpers import PairedSlices, trainer
 
 

@@ -23,9 +23,9 @@ from monai.transforms import (  # noqa: E402
 )
 
 from lrc_lightning.data.transforms import GeometryAugment, IntensityAugment  # noqa: E402
-from lrc_lightning.metrics import dice_per_organ  # noqa: E402
+from lrc_lightning.frameworks.monai import MonaiBackbone, PairedViewsd, Superpixelsd  # noqa: E402
 from lrc_lightning.models import FineTuneSegmentation, MoCoV2LRC  # noqa: E402
-from lrc_lightning.monai import MonaiBackbone, PairedViewsd, Superpixelsd  # noqa: E402
+from lrc_lightning.models.metrics import dice_per_organ  # noqa: E402
 from lrc_lightning.superpixels import felzenszwalb  # noqa: E402
 
 from .conftest import DEMO_MR  # noqa: E402
@@ -168,7 +168,7 @@ def test_monai_3d_network_pretrains_on_ct_volumes_with_the_callback(tmp_path) ->
     import pytorch_lightning as pl
 
     from lrc_lightning import LRCCallback, LRCDataModule
-    from lrc_lightning.term import lrc_term
+    from lrc_lightning.objective.term import lrc_term
 
     from .conftest import DEMO_CT
     from .helpers import MetricHistory, trainer

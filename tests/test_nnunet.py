@@ -128,7 +128,7 @@ def _nnunet_loads(preprocessed: Path, configuration: str, weights: Path, ckpt: P
 def test_2d_pretraining_cli_writes_weights_that_nnunet_loads_and_trains_from(
     preprocessed: Path, tmp_path: Path
 ) -> None:
-    from lrc_lightning.cli import main
+    from lrc_lightning.tools.cli import main
 
     out = tmp_path / "lrc_2d.pth"
     assert main(["nnunet-pretrain", "--dataset", str(preprocessed), "--configuration", "2d",
@@ -153,7 +153,7 @@ def test_3d_fullres_pretraining_trains_the_3d_network_nnunet_loads(
     preprocessed: Path, tmp_path: Path
 ) -> None:
     from lrc_lightning import LRCConfig
-    from lrc_lightning.nnunet import NnUNetPretrainData, pretrain
+    from lrc_lightning.frameworks.nnunet import NnUNetPretrainData, pretrain
 
     data = NnUNetPretrainData(preprocessed, "3d_fullres", samples_per_epoch=2)
     batch = next(iter(data.train_dataloader()))
@@ -173,7 +173,7 @@ def test_3d_fullres_pretraining_trains_the_3d_network_nnunet_loads(
 
 
 def test_configuration_and_dataset_errors_name_what_to_run(preprocessed: Path, tmp_path) -> None:
-    from lrc_lightning.nnunet import NnUNetPretrainData, export_nnunet_weights
+    from lrc_lightning.frameworks.nnunet import NnUNetPretrainData, export_nnunet_weights
 
     with pytest.raises(ValueError, match=r"nnUNetPlans\.json: no configuration '3d_lowres'.*'2d'"):
         NnUNetPretrainData(preprocessed, "3d_lowres")

@@ -10,15 +10,15 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from lrc_lightning import LRCDataModule
-from lrc_lightning.image_logging import (
+from lrc_lightning.evaluation.image_logging import (
     SuperpixelViewLogger,
     log_images,
     log_table,
     overlay_boundaries,
     overlay_labels,
 )
+from lrc_lightning.evaluation.probe import SegmentationProbe
 from lrc_lightning.models import MoCoV2LRC, UNet2d
-from lrc_lightning.probe import SegmentationProbe
 from tests.conftest import DEMO_MR
 
 ORGANS = ["liver", "right_kidney", "left_kidney", "spleen"]

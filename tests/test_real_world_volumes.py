@@ -18,11 +18,11 @@ import SimpleITK as sitk
 import torch
 
 from lrc_lightning import LRCDataModule
-from lrc_lightning.cli import main as cli
 from lrc_lightning.data import DataError, PreprocessConfig, read_volume
 from lrc_lightning.data.cases import Case
 from lrc_lightning.data.preprocess import IGNORE_LABEL, build_entry, choose_slice_axis
-from lrc_lightning.image_logging import SuperpixelViewLogger
+from lrc_lightning.evaluation.image_logging import SuperpixelViewLogger
+from lrc_lightning.tools.cli import main as cli
 
 from .conftest import DEMO_CT, DEMO_MR
 

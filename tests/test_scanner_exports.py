@@ -205,7 +205,7 @@ def test_unlabelled_validation_case_is_named_not_dropped(tmp_path) -> None:
 
 
 def test_huge_2d_slice_is_an_error_before_any_allocation() -> None:
-    from lrc_lightning.superpixels import BYTES_PER_PIXEL_2D, _memory_limit, felzenszwalb
+    from lrc_lightning.superpixels.graph import BYTES_PER_PIXEL_2D, _memory_limit, felzenszwalb
 
     side = 23171  # 4 edges per pixel no longer fit int32 indices
     view = np.broadcast_to(np.float32(0.5), (side, side))  # no memory behind it

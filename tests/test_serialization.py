@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lrc_lightning.cli import main
-from lrc_lightning.cli import main as cli_main
 from lrc_lightning.models import FineTuneSegmentation, UNet2d
 from lrc_lightning.models.weights import read_backbone_state
-from lrc_lightning.serialization import UnsafeCheckpointError, load_checkpoint
+from lrc_lightning.runtime.serialization import UnsafeCheckpointError, load_checkpoint
+from lrc_lightning.tools.cli import main
+from lrc_lightning.tools.cli import main as cli_main
 
 
 class RunsCode:

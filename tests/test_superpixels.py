@@ -7,7 +7,7 @@ import pytest
 from skimage.segmentation import felzenszwalb as sk_felzenszwalb
 from sklearn.metrics import adjusted_rand_score
 
-from lrc_lightning.superpixels import (
+from lrc_lightning.superpixels.graph import (
     IGNORE_INDEX,
     _gaussian_weights,
     _smooth_rows_cols,

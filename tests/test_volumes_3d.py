@@ -23,7 +23,7 @@ from lrc_lightning.data.patches import (
 )
 from lrc_lightning.data.preprocess import supervoxels_of_volume
 from lrc_lightning.data.warping import warp_ids_nearest
-from lrc_lightning.image_logging import SuperpixelViewLogger
+from lrc_lightning.evaluation.image_logging import SuperpixelViewLogger
 from lrc_lightning.models import FineTuneSegmentation, MoCoV2LRC, UNet3d
 from lrc_lightning.models.segmentation import sliding_window_logits
 

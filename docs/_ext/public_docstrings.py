@@ -30,9 +30,9 @@ PUBLIC_MODULES = (
     "lrc_lightning",
     "lrc_lightning.data",
     "lrc_lightning.models",
-    "lrc_lightning.monai",
-    "lrc_lightning.nnunet",
-    "lrc_lightning.lightning",
+    "lrc_lightning.frameworks.monai",
+    "lrc_lightning.frameworks.nnunet",
+    "lrc_lightning.frameworks.lightning",
     "lrc_lightning.evaluation.label_efficiency",
     "lrc_lightning.evaluation.statistics",
 )
@@ -40,8 +40,8 @@ PUBLIC_MODULES = (
 #: Public methods that had no docstring when this check was written (``Class.method`` of
 #: the defining module). Add a docstring and remove the entry; never add one.
 KNOWN_UNDOCUMENTED = frozenset({
-    "lrc_lightning.batches.KeyPathBatch.inputs",
-    "lrc_lightning.term.LRCConfig.as_dict",
+    "lrc_lightning.objective.batches.KeyPathBatch.inputs",
+    "lrc_lightning.objective.term.LRCConfig.as_dict",
     "lrc_lightning.data.cache.VolumeCache.key",
     "lrc_lightning.data.cache.VolumeCache.entry_dir",
     "lrc_lightning.data.cache.VolumeCache.load",
@@ -161,7 +161,7 @@ def setup(app: Sphinx) -> dict[str, Any]:
 
 # --- References to lrc_lightning objects by another path -------------------------------
 #
-# Docstrings name objects where they are defined (``lrc_lightning.superpixels.felzenszwalb``)
+# Docstrings name objects where they are defined (``lrc_lightning.superpixels.graph.felzenszwalb``)
 # while the reference documents them where users import them (``lrc_lightning.felzenszwalb``).
 # A reference that Sphinx cannot resolve is therefore looked up by *object*: if the target
 # exists and a documented name is the same object, the reference links there; if it exists

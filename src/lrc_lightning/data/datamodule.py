@@ -11,9 +11,6 @@ import torch
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader, default_collate
 
-from lrc_lightning.batches import BatchFormat, BatchFormatName
-from lrc_lightning.batches import batch_format as resolve_batch_format
-from lrc_lightning.callback import LRCCallbackBase
 from lrc_lightning.data.cache import CachedVolume, PreprocessConfig, VolumeCache
 from lrc_lightning.data.cases import Case, DataError, discover_cases, read_json
 from lrc_lightning.data.datasets import (
@@ -33,6 +30,8 @@ from lrc_lightning.data.patches import (
 from lrc_lightning.data.preprocess import RegionMethod
 from lrc_lightning.data.splits import Split, check_evaluation_labels, split_cases
 from lrc_lightning.data.transforms import GeometryAugment, IntensityAugment, MirrorLabels
+from lrc_lightning.objective.batches import BatchFormat, BatchFormatName
+from lrc_lightning.objective.batches import batch_format as resolve_batch_format
 
 __all__ = ["LRCDataModule", "LRCDataModuleBase"]
 
@@ -246,7 +245,7 @@ class LRCDataModuleBase:
         batch_format: the structure of pre-training batches: ``"dict"`` (above),
             ``"lightly"`` (``([x1, x2], targets, filenames, [s1, s2])``) or
             ``"solo-learn"`` (``(indexes, [x1, x2], targets, [s1, s2])``); see
-            :mod:`lrc_lightning.batches`. Give LRCCallback the same ``batch_format``: it
+            :mod:`lrc_lightning.objective.batches`. Give LRCCallback the same ``batch_format``: it
             hands the module its own 3-item structure.
         superpixels_in_batch: False leaves the super-pixel maps out of pre-training batches:
             the plain lightly ``(views, targets, filenames)`` / solo-learn ``(indexes,
@@ -650,7 +649,7 @@ class LRCDataModuleBase:
         the checkpoint gets no entry of this data module."""
         trainer = getattr(self, "trainer", None)
         for callback in getattr(trainer, "callbacks", None) or []:
-            if isinstance(callback, LRCCallbackBase) and callback.adds_head_to_optimizer:
+            if _is_lrc_callback(callback) and callback.adds_head_to_optimizer:
                 return {_CALLBACK_STATE: {
                     "feature_layer": callback.feature_layer,
                     "target_layer": callback.target_layer,
@@ -670,7 +669,7 @@ class LRCDataModuleBase:
         trainer = getattr(self, "trainer", None)
         if saved is None or trainer is None:
             return
-        if any(isinstance(c, LRCCallbackBase) for c in trainer.callbacks):
+        if any(_is_lrc_callback(c) for c in trainer.callbacks):
             return
         options = [f"feature_layer={saved.get('feature_layer')!r}"]
         if saved.get("target_layer") is not None:
@@ -687,6 +686,12 @@ class LRCDataModuleBase:
             f"LRC, load the weights only: {module}.load_from_checkpoint(path) (the head is "
             "not in its state_dict) and fit without ckpt_path."
         )
+
+
+def _is_lrc_callback(callback: Any) -> bool:
+    """An LRCCallback (of either Lightning namespace), known by its attribute: the data
+    module sits below the integrations and does not import them (one-way imports)."""
+    return isinstance(getattr(callback, "adds_head_to_optimizer", None), bool)
 
 
 class LRCDataModule(LRCDataModuleBase, pl.LightningDataModule):

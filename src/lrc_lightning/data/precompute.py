@@ -41,7 +41,7 @@ from lrc_lightning.data.preprocess import (
     superpixels_of_slices,
     supervoxels_of_volume,
 )
-from lrc_lightning.processes import die_with_parent
+from lrc_lightning.runtime.processes import die_with_parent
 
 __all__ = ["die_with_parent", "precompute_in_pool"]
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from lrc_lightning.data.cases import Case, DataError
 from lrc_lightning.data.intensity import Modality, normalise
 from lrc_lightning.data.io import check_same_geometry, read_volume
-from lrc_lightning.superpixels import (
+from lrc_lightning.superpixels.graph import (
     check_slice_size,
     felzenszwalb,
     felzenszwalb_3d,

@@ -16,7 +16,7 @@ import torch
 from pytorch_lightning.plugins import LayerSync
 from torch import Tensor, nn
 
-from lrc_lightning.distributed import all_reduce_with_grad, is_distributed
+from lrc_lightning.distributed.collectives import all_reduce_with_grad, is_distributed
 
 __all__ = [
     "GlobalBatchNorm",

@@ -15,7 +15,7 @@ Arms (same U-Net): ``random`` (no pre-training), ``moco`` (MoCo v2 with shuffle-
 arm and seed (it never sees labels, so it does not depend on k), except ``supervised_lrc``.
 
 Two readouts of every pre-trained network, both scored as 3D Dice per organ on each test
-volume (:mod:`lrc_lightning.metrics`):
+volume (:mod:`lrc_lightning.models.metrics`):
 
 * ``finetune``: the whole network fine-tuned on the k labelled patients
   (``--finetune-steps``), the paper's protocol. Chaotic: one run carries noise of its own.
@@ -67,10 +67,11 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping
 
-from lrc_lightning import __version__
+from lrc_lightning._version import __version__
 from lrc_lightning.data import LRCDataModule, discover_cases
 from lrc_lightning.data.cases import DataError, read_json
 from lrc_lightning.data.splits import split_cases
+from lrc_lightning.evaluation.probe import FeatureLevel, linear_probe_dice
 from lrc_lightning.evaluation.statistics import paired_differences, paired_table
 from lrc_lightning.models import (
     FineTuneSegmentation,
@@ -80,8 +81,7 @@ from lrc_lightning.models import (
     UNet2d,
 )
 from lrc_lightning.models.weights import load_backbone_weights
-from lrc_lightning.probe import FeatureLevel, linear_probe_dice
-from lrc_lightning.term import LRCConfig
+from lrc_lightning.objective.term import LRCConfig
 
 __all__ = ["ARMS", "READOUTS", "Benchmark", "Variant", "class_names", "main"]
 

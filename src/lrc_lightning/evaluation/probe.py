@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrc_lightning.metrics import dice_per_organ, nanmean
+from lrc_lightning.models.metrics import dice_per_organ, nanmean
 
 __all__ = [
     "SegmentationProbe",

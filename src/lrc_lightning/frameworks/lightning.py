@@ -26,10 +26,10 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from lrc_lightning.callback import LRCCallbackBase
 from lrc_lightning.data.datamodule import LRCDataModuleBase
-from lrc_lightning.mixin import LRCMixin
-from lrc_lightning.term import LRCConfig
+from lrc_lightning.integrations.callback import LRCCallbackBase
+from lrc_lightning.integrations.mixin import LRCMixin
+from lrc_lightning.objective.term import LRCConfig
 
 __all__ = ["LRCCallback", "LRCConfig", "LRCDataModule", "LRCMixin"]
 

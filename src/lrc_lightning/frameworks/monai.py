@@ -39,8 +39,8 @@ from monai.transforms import MapTransform, Randomizable
 from torch import Tensor, nn
 
 from lrc_lightning.data.transforms import GeometryAugment, IntensityAugment, apply_affine
-from lrc_lightning.layers import dense_candidates, find_feature_layers, format_layers
-from lrc_lightning.superpixels import felzenszwalb
+from lrc_lightning.integrations.layers import dense_candidates, find_feature_layers, format_layers
+from lrc_lightning.superpixels.graph import felzenszwalb
 
 __all__ = ["MonaiBackbone", "PairedViewsd", "Superpixelsd"]
 

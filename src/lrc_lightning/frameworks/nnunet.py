@@ -39,9 +39,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from lrc_lightning.models.moco import MoCoV2LRC
 from lrc_lightning.models.weights import _atomic_write
-from lrc_lightning.serialization import load_checkpoint
-from lrc_lightning.superpixels import felzenszwalb, felzenszwalb_3d
-from lrc_lightning.term import LRCConfig
+from lrc_lightning.objective.term import LRCConfig
+from lrc_lightning.runtime.serialization import load_checkpoint
+from lrc_lightning.superpixels.graph import felzenszwalb, felzenszwalb_3d
 
 __all__ = [
     "NETWORK_PREFIX",

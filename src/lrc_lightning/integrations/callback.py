@@ -17,17 +17,17 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
-from lrc_lightning.batches import BatchFormat, BatchFormatName, LRCInputs
-from lrc_lightning.batches import batch_format as resolve_batch_format
-from lrc_lightning.heads import DenseProjectionHead
-from lrc_lightning.layers import (
+from lrc_lightning.integrations.layers import (
     dense_candidates,
     find_feature_layers,
     first_tensor,
     format_layers,
 )
-from lrc_lightning.mixin import CHECKPOINT_KEY, LRCMixin
-from lrc_lightning.term import (
+from lrc_lightning.integrations.mixin import CHECKPOINT_KEY, LRCMixin
+from lrc_lightning.objective.batches import BatchFormat, BatchFormatName, LRCInputs
+from lrc_lightning.objective.batches import batch_format as resolve_batch_format
+from lrc_lightning.objective.heads import DenseProjectionHead
+from lrc_lightning.objective.term import (
     LRCConfig,
     build_criterion,
     build_head,
@@ -37,7 +37,7 @@ from lrc_lightning.term import (
     trainer_step,
     warn_if_too_coarse,
 )
-from lrc_lightning.user_warnings import warn_user
+from lrc_lightning.runtime.user_warnings import warn_user
 
 __all__ = ["CHECKPOINT_KEY", "HEAD_ATTRIBUTE", "LRCCallback", "LRCCallbackBase"]
 
@@ -149,8 +149,8 @@ class LRCCallbackBase:
         target_layer: the same layer in a momentum or target branch that the step already
             runs on view 2 (``"backbone_momentum.6"``).
         batch_format: where the views and maps are in a batch: ``"dict"``, ``"lightly"``,
-            ``"solo-learn"``, a :class:`~lrc_lightning.batches.KeyPathBatch` or a callable
-            (:mod:`lrc_lightning.batches`). The module's step gets the batch it expects.
+            ``"solo-learn"``, a :class:`~lrc_lightning.objective.batches.KeyPathBatch` or a callable
+            (:mod:`lrc_lightning.objective.batches`). The module's step gets the batch it expects.
         **options: :class:`~lrc_lightning.LRCConfig` fields that override ``config``.
 
     With an :class:`~lrc_lightning.LRCMixin` module the callback is not needed (the mixin

@@ -6,11 +6,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lrc_lightning.batches import BatchFormat, BatchFormatName, LRCInputs
-from lrc_lightning.batches import batch_format as resolve_batch_format
-from lrc_lightning.heads import DenseProjectionHead
-from lrc_lightning.loss import LocalizedRegionContrastLoss
-from lrc_lightning.term import (
+from lrc_lightning.objective.batches import BatchFormat, BatchFormatName, LRCInputs
+from lrc_lightning.objective.batches import batch_format as resolve_batch_format
+from lrc_lightning.objective.heads import DenseProjectionHead
+from lrc_lightning.objective.loss import LocalizedRegionContrastLoss
+from lrc_lightning.objective.term import (
     HEAD_OPTIONS,
     LRCConfig,
     build_criterion,
@@ -73,7 +73,7 @@ class LRCMixin:
                 infers them at the first call (before a DDP run, give them or run one step).
             config: the LRC options (:class:`LRCConfig`; default: its defaults).
             batch_format: where :meth:`lrc_inputs` finds views and maps
-                (:mod:`lrc_lightning.batches`).
+                (:mod:`lrc_lightning.objective.batches`).
             **options: :class:`LRCConfig` fields that override ``config``
                 (``init_lrc(32, weight=1.0, schedule="linear", warmup_steps=100)``).
 

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrc_lightning import distributed
-from lrc_lightning.mixin import VIEW_KEYS, LRCMixin
+from lrc_lightning.distributed import collectives as distributed
+from lrc_lightning.integrations.mixin import VIEW_KEYS, LRCMixin
 from lrc_lightning.models.backbone import (
     backbone_features,
     dense_channels,
@@ -24,7 +24,7 @@ from lrc_lightning.models.optim import (
     total_training_steps,
 )
 from lrc_lightning.models.unet import UNet2d
-from lrc_lightning.term import LRCConfig
+from lrc_lightning.objective.term import LRCConfig
 
 __all__ = ["MoCoStepOutput", "MoCoV2", "MoCoV2LRC"]
 

@@ -10,15 +10,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import CatMetric
 
-from lrc_lightning.metrics import (
+from lrc_lightning.integrations.mixin import LRCMixin
+from lrc_lightning.models.backbone import dense_channels
+from lrc_lightning.models.metrics import (
     EMPTY_ORGAN_CONVENTIONS,
     EmptyOrgan,
     dice_per_organ,
     nanmean,
     soft_dice_loss,
 )
-from lrc_lightning.mixin import LRCMixin
-from lrc_lightning.models.backbone import dense_channels
 from lrc_lightning.models.optim import (
     LRSchedule,
     OptimizerName,
@@ -27,7 +27,7 @@ from lrc_lightning.models.optim import (
 )
 from lrc_lightning.models.unet import UNet2d
 from lrc_lightning.models.weights import BACKBONE_PREFIX, load_backbone_weights
-from lrc_lightning.term import LRCConfig
+from lrc_lightning.objective.term import LRCConfig
 
 __all__ = ["FineTuneSegmentation", "SupervisedSegmentation", "SupervisedSegmentationLRC"]
 
@@ -100,7 +100,7 @@ class SupervisedSegmentation(ReferenceModel):
     ``image`` (1, S, 1, H, W) + ``label`` (1, S, H, W), predicted slice by slice.
 
     Logs ``train/dice_mean`` (per 2D slice), ``{val,test}/dice_<organ>`` and
-    ``{val,test}/dice_mean`` (per 3D volume); see :mod:`lrc_lightning.metrics` for the
+    ``{val,test}/dice_mean`` (per 3D volume); see :mod:`lrc_lightning.models.metrics` for the
     exact Dice definition. ``last_dice_table`` keeps the per-volume values of the last
     validation/test epoch for loggers.
 
@@ -114,7 +114,8 @@ class SupervisedSegmentation(ReferenceModel):
             with a 3D backbone (:class:`UNet3d`; windows overlap by half).
         empty_organ: Dice where a volume lacks an organ: ``"lrc"`` (this package's
             definition), or MONAI ``DiceMetric``'s ``"ignore"`` (``ignore_empty=True``) /
-            ``"one"`` (``ignore_empty=False``); see :func:`lrc_lightning.metrics.dice_per_organ`.
+            ``"one"`` (``ignore_empty=False``); see
+            :func:`lrc_lightning.models.metrics.dice_per_organ`.
     """
 
     def __init__(
@@ -341,7 +342,7 @@ class FineTuneSegmentation(SupervisedSegmentation):
         backbone_lr_scale: learning-rate factor of the pre-trained backbone.
         trust_checkpoint: load ``pretrained`` with the unrestricted unpickler, which runs
             whatever code the file asks for (default: the safe loader,
-            :mod:`lrc_lightning.serialization`). Only for files you made yourself.
+            :mod:`lrc_lightning.runtime.serialization`). Only for files you made yourself.
         Others: see :class:`SupervisedSegmentation`.
     """
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lrc_lightning.serialization import load_checkpoint
+from lrc_lightning.runtime.serialization import load_checkpoint
 
 __all__ = ["BACKBONE_PREFIX", "export_backbone", "load_backbone_weights", "read_backbone_state"]
 
@@ -31,7 +31,7 @@ def read_backbone_state(
     """Backbone weights from a Lightning checkpoint (keys under ``prefix``) or from a file
     written by :func:`export_backbone` / ``torch.save(backbone.state_dict())``.
 
-    Loaded with the safe loader (:func:`lrc_lightning.serialization.load_checkpoint`): no
+    Loaded with the safe loader (:func:`lrc_lightning.runtime.serialization.load_checkpoint`): no
     code from the file runs unless ``trust_checkpoint=True``.
 
     Raises:

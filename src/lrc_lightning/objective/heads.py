@@ -6,7 +6,7 @@ import warnings
 
 from torch import Tensor, nn
 
-from lrc_lightning.sync_batchnorm import MaskedBatchNorm
+from lrc_lightning.distributed.sync_batchnorm import MaskedBatchNorm
 
 __all__ = ["DenseProjectionHead"]
 
@@ -18,7 +18,7 @@ class DenseProjectionHead(nn.Module):
     form (as in MoCo v2's projector, made dense) is our choice. The output is normalised by
     the loss, not here, so that the head can be reused by other objectives.
 
-    The BatchNorm is a :class:`~lrc_lightning.sync_batchnorm.MaskedBatchNorm`: given a
+    The BatchNorm is a :class:`~lrc_lightning.distributed.sync_batchnorm.MaskedBatchNorm`: given a
     ``mask``, only the valid positions set its statistics (the LRC loss passes the samples of
     existing regions), so ignored pixels neither shift the statistics nor get gradient.
 
@@ -106,8 +106,8 @@ class DenseProjectionHead(nn.Module):
                 warnings.warn(
                     f"the LRC head's BatchNorm was replaced by {type(norm).__name__}: its "
                     "statistics now include ignored samples; use "
-                    "lrc_lightning.sync_batchnorm.GlobalBatchNormSync for synchronised, "
-                    "masked statistics",
+                    "lrc_lightning.distributed.sync_batchnorm.GlobalBatchNormSync for "
+                    "synchronised, masked statistics",
                     stacklevel=2,
                 )
                 self._warned_unmasked = True

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrc_lightning import distributed
-from lrc_lightning.regions import (
+from lrc_lightning.distributed import collectives as distributed
+from lrc_lightning.objective.regions import (
     DownsampleMode,
     average_samples,
     check_region_ids,
@@ -60,7 +60,7 @@ class LocalizedRegionContrastLoss(nn.Module):
     1-D scatter instead of a sort. Super-pixels numbered per image, or per 3D patch
     (:func:`lrc_lightning.data.patches.relabel_patch`, which ``LRCDataModule`` applies),
     always fit; ids numbered over a whole volume do not. An id beyond the bound raises a
-    ValueError (:func:`~lrc_lightning.regions.check_region_ids`) whenever the maps are in
+    ValueError (:func:`~lrc_lightning.objective.regions.check_region_ids`) whenever the maps are in
     host memory, and on every device on the first batch that ``LRCMixin`` and
     ``LRCCallback`` see; maps on an accelerator are not read back on later steps (no host
     sync), where such ids are never counted: left out of the draw, never merged.

@@ -214,7 +214,7 @@ def check_region_ids(
 
     Maps in host memory are always read (there is no device to wait for). Maps on an
     accelerator are read only with ``read_device=True`` (one host sync: the library does it
-    once, on the first batch, in :func:`lrc_lightning.term.warn_if_too_coarse`); otherwise
+    once, on the first batch, in :func:`lrc_lightning.objective.term.warn_if_too_coarse`); otherwise
     the counting leaves their out-of-bound ids out (:func:`select_regions`) on every device
     alike, instead of a device-side assert (fatal to a CUDA context, absent on ROCm). Not
     read while ``torch.compile`` traces (a data-dependent branch).

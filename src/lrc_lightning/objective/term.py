@@ -20,16 +20,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lrc_lightning.heads import DenseProjectionHead
-from lrc_lightning.loss import LocalizedRegionContrastLoss
-from lrc_lightning.regions import (
+from lrc_lightning.objective.heads import DenseProjectionHead
+from lrc_lightning.objective.loss import LocalizedRegionContrastLoss
+from lrc_lightning.objective.regions import (
     DownsampleMode,
     check_region_ids,
     downsample_superpixels,
     select_regions,
 )
-from lrc_lightning.schedules import DEFAULT_LRC_WEIGHT, WeightSchedule, lrc_weight
-from lrc_lightning.user_warnings import warn_user
+from lrc_lightning.objective.schedules import DEFAULT_LRC_WEIGHT, WeightSchedule, lrc_weight
+from lrc_lightning.runtime.user_warnings import warn_user
 
 __all__ = [
     "LRCConfig",
@@ -75,7 +75,7 @@ class LRCConfig:
 
     Args:
         weight, schedule, warmup_steps: lambda and its schedule
-            (:func:`lrc_lightning.schedules.lrc_weight`), read from the Trainer's
+            (:func:`lrc_lightning.objective.schedules.lrc_weight`), read from the Trainer's
             ``global_step`` at every step.
         temperature, num_regions, samples_per_region, min_pixels, downsample: see
             :class:`~lrc_lightning.LocalizedRegionContrastLoss`.
@@ -137,8 +137,9 @@ class LRCConfig:
 
 
 # Lightning saves hyper-parameters in checkpoints and reloads them with
-# torch.load(weights_only=True): the config must be an allowed global to resume.
-torch.serialization.add_safe_globals([LRCConfig])
+# torch.load(weights_only=True): the config must be an allowed global to resume. Checkpoints
+# written before the chapter folders name it by its old module path (see _moved.py).
+torch.serialization.add_safe_globals([LRCConfig, (LRCConfig, "lrc_lightning.term.LRCConfig")])
 
 
 def build_head(config: LRCConfig, feature_channels: int | None) -> DenseProjectionHead:
@@ -268,7 +269,7 @@ def warn_if_too_coarse(
 
     Also refuses ids beyond the loss's bound (ValueError), reading the maps wherever they
     are: the loss itself reads only maps in host memory (see
-    :func:`~lrc_lightning.regions.check_region_ids`).
+    :func:`~lrc_lightning.objective.regions.check_region_ids`).
     """
     bound = max(superpixels_v1[0].numel(), superpixels_v2[0].numel())
     check_region_ids(superpixels_v1, bound, f"{source}: superpixels_v1", read_device=True)

@@ -92,7 +92,7 @@ def load_checkpoint(
 
     Example:
         >>> import tempfile, torch
-        >>> from lrc_lightning.serialization import load_checkpoint
+        >>> from lrc_lightning.runtime.serialization import load_checkpoint
         >>> path = tempfile.mkdtemp() + "/w.pt"
         >>> torch.save({"weight": torch.ones(2)}, path)
         >>> load_checkpoint(path)["weight"].tolist()

@@ -18,7 +18,8 @@ __all__ = ["warn_user"]
 
 #: Packages whose frames are never "the user's code".
 _LIBRARIES = ("pytorch_lightning", "lightning", "lightning_fabric", "torch")
-_OWN = str(Path(__file__).resolve().parent) + os.sep
+# The whole package (this file is in lrc_lightning/runtime/).
+_OWN = str(Path(__file__).resolve().parents[1]) + os.sep
 
 
 def _internal_prefixes() -> tuple[str, ...]:

@@ -35,7 +35,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from lrc_lightning.processes import die_with_parent
+from lrc_lightning.runtime.processes import die_with_parent
 
 __all__ = [
     "IGNORE_INDEX",

@@ -26,7 +26,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.cli import LightningCLI
 
 from lrc_lightning.data import LRCDataModule
-from lrc_lightning.serialization import is_weights_only_refusal, unsafe_checkpoint_error
+from lrc_lightning.runtime.serialization import is_weights_only_refusal, unsafe_checkpoint_error
 
 __all__ = ["LRCLightningCLI", "main"]
 
@@ -195,7 +195,7 @@ def preview(argv: list[str]) -> int:
     """Write a PNG of a few slices per case with their super-pixels (before pre-training)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    from lrc_lightning.preview import write_preview
+    from lrc_lightning.tools.preview import write_preview
 
     parser = ArgumentParser(
         prog="lrc-lightning preview",
@@ -251,7 +251,7 @@ def export(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         if args.format == "nnunet":
-            from lrc_lightning.nnunet import export_nnunet_weights
+            from lrc_lightning.frameworks.nnunet import export_nnunet_weights
 
             path = export_nnunet_weights(args.ckpt, args.out, args.trust_checkpoint)
             print(f"wrote {path}: nnUNetv2_train DATASET CONFIGURATION FOLD "
@@ -266,7 +266,7 @@ def export(argv: list[str]) -> int:
 
 def nnunet_pretrain(argv: list[str]) -> int:
     """Pre-train nnU-Net's own network with MoCo v2 + LRC; write its -pretrained_weights."""
-    from lrc_lightning.term import LRCConfig
+    from lrc_lightning.objective.term import LRCConfig
 
     parser = argparse.ArgumentParser(
         prog="lrc-lightning nnunet-pretrain",
@@ -299,7 +299,7 @@ def nnunet_pretrain(argv: list[str]) -> int:
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from lrc_lightning.nnunet import pretrain
+    from lrc_lightning.frameworks.nnunet import pretrain
 
     lrc = LRCConfig(weight=args.lrc_weight, feature_level=args.feature_level)
     try:

@@ -19,8 +19,8 @@ import numpy as np
 
 from lrc_lightning.data import LRCDataModule
 from lrc_lightning.data.cache import CachedVolume
-from lrc_lightning.image_logging import overlay_boundaries
-from lrc_lightning.superpixels import felzenszwalb
+from lrc_lightning.evaluation.image_logging import overlay_boundaries
+from lrc_lightning.superpixels.graph import felzenszwalb
 
 __all__ = ["preview_grid", "write_preview"]
 
