@@ -747,6 +747,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(sig, handler)
 
 
+def check_environment(args: argparse.Namespace) -> None:
+    """Before any work: nnU-Net importable, and the device there.
+
+    Raises:
+        DataError: naming what is missing and what to do.
+    """
+    import importlib.util
+
+    import torch
+
+    from lrc_lightning.data.cases import DataError
+
+    if importlib.util.find_spec("nnunetv2") is None:
+        raise DataError("nnU-Net (nnunetv2) is not installed: pip install "
+                        "'lrc-lightning[nnunet]' (--report-only needs no nnU-Net)")  # fmt: skip
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda: no CUDA device is available here; use --device cpu "
+                        "(with --tiny to check the pipeline)")  # fmt: skip
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     command = "python benchmarks/nnunet_label_efficiency.py " + " ".join(
@@ -764,6 +784,8 @@ def _main(argv: Sequence[str] | None) -> int:
     if not args.report_only:
         print(f"{len(done)} of {len(planned)} runs already done (skipped); "
               f"{len(planned) - len(done)} to run", flush=True)  # fmt: skip
+        if len(done) < len(planned):
+            check_environment(args)
     results = [bench.run(*p) for p in planned]
     from lrc_lightning.evaluation.label_efficiency import summarise
 

@@ -103,6 +103,26 @@ def test_bad_ids_and_ks_name_the_option(bench_module: ModuleType, tmp_path: Path
         _bench(bench_module, tmp_path, "--ks", "1", "3")
 
 
+def test_missing_nnunet_or_cuda_is_a_clear_error_before_any_work(
+    bench_module: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    import torch
+
+    has_nnunet = importlib.util.find_spec("nnunetv2") is not None
+    if has_nnunet and torch.cuda.is_available():
+        pytest.skip("nnU-Net and CUDA are both here: nothing is missing")
+    argv = ["--data", str(DEMO_MR), "--out", str(tmp_path / "out"), "--work-dir",
+            str(tmp_path / "work"), "--test-ids", "chaos_t2_005", "--val-ids", "chaos_t2_003",
+            "--ks", "1", "--seeds", "0", "--arms", "random", "--device", "cuda"]  # fmt: skip
+    assert bench_module.main(argv) == 2
+    expected = ("--device cuda: no CUDA device is available here; use --device cpu"
+                if has_nnunet else "nnU-Net (nnunetv2) is not installed: pip install")
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()  # nothing was started
+
+
 def test_run_key_follows_the_results_options_and_the_lrc_recipe(bench_module: ModuleType) -> None:
     from lrc_lightning.term import LRCConfig
 
