@@ -172,6 +172,41 @@ def test_3d_fullres_pretraining_trains_the_3d_network_nnunet_loads(
     assert total - same == 8 and changed > 0
 
 
+def test_moco_baseline_without_lrc_exports_weights_that_nnunet_loads(
+    preprocessed: Path, tmp_path: Path
+) -> None:
+    """pretrain(baseline=True): MoCo v2 alone on nnU-Net's network (the benchmark's moco
+    arm), no LRC head, its export loaded by nnU-Net; only the encoder was trained."""
+    import torch
+
+    from lrc_lightning.nnunet import pretrain
+
+    out = tmp_path / "moco_2d.pth"
+    pretrain(preprocessed, "2d", out, max_steps=1, samples_per_epoch=2, batch_size=2,
+             queue_size=8, baseline=True,
+             trainer_options={"accelerator": "cpu", "enable_progress_bar": False})  # fmt: skip
+    ckpt = tmp_path / "moco_2d.pth.run" / "last.ckpt"
+    saved = torch.load(ckpt, weights_only=False)
+    assert not any(k.startswith("lrc_") for k in saved["state_dict"])
+    assert "lrc" not in saved["hyper_parameters"] and saved["hyper_parameters"]["plans"]
+    same, changed, total = _nnunet_loads(preprocessed, "2d", out, ckpt, 0)
+    assert total - same == 8 and changed > 0
+    # The same initialisation again (pretrain seeds with 0 before building the network):
+    # MoCo's loss reads the pooled bottleneck only, so the decoder keeps it, the encoder not.
+    import pytorch_lightning as pl
+
+    from lrc_lightning.nnunet import NnUNetMoCo, read_nnunet_setup
+
+    pl.seed_everything(0)
+    plans, dataset_json, _ = read_nnunet_setup(preprocessed, "2d")
+    initial = NnUNetMoCo(plans, dataset_json, "2d").backbone.network.state_dict()
+    exported = torch.load(out, weights_only=True)["network_weights"]
+    decoder = [k for k in exported if k.startswith("decoder.stages.")]
+    assert decoder and all(torch.equal(exported[k], initial[k]) for k in decoder)
+    encoder = [k for k in exported if k.startswith("encoder.") and k.endswith(".weight")]
+    assert sum(not torch.equal(exported[k], initial[k]) for k in encoder) > len(encoder) // 2
+
+
 def test_configuration_and_dataset_errors_name_what_to_run(preprocessed: Path, tmp_path) -> None:
     from lrc_lightning.frameworks.nnunet import NnUNetPretrainData, export_nnunet_weights
 

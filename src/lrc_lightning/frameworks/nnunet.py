@@ -17,6 +17,7 @@ size), and writes the file that nnU-Net's ``load_pretrained_weights`` reads::
   preprocessed case (2D slices or 3D patches) with their super-pixel (supervoxel) maps.
 * :class:`NnUNetMoCoLRC`: :class:`~lrc_lightning.models.MoCoV2LRC` on that network; its
   checkpoints hold the plans, so they can be exported without the dataset.
+  :class:`NnUNetMoCo`: the same without LRC (MoCo v2 alone), the baseline to compare with.
 * :func:`export_nnunet_weights`: ``{"network_weights": state_dict}``, every tensor of the
   network (the segmentation layers too, which nnU-Net skips), checked against a network
   built from the plans as nnU-Net checks it.
@@ -37,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from lrc_lightning.models.moco import MoCoV2LRC
+from lrc_lightning.models.moco import MoCoV2, MoCoV2LRC
 from lrc_lightning.models.weights import _atomic_write
 from lrc_lightning.objective.term import LRCConfig
 from lrc_lightning.runtime.serialization import load_checkpoint
@@ -46,6 +47,7 @@ from lrc_lightning.superpixels.graph import felzenszwalb, felzenszwalb_3d
 __all__ = [
     "NETWORK_PREFIX",
     "NnUNetBackbone",
+    "NnUNetMoCo",
     "NnUNetMoCoLRC",
     "NnUNetPretrainData",
     "NnUNetPretrainViews",
@@ -443,6 +445,30 @@ class NnUNetMoCoLRC(MoCoV2LRC):
         super().__init__(backbone=NnUNetBackbone(network), lrc=lrc, **moco_kwargs)
 
 
+class NnUNetMoCo(MoCoV2):
+    """MoCo v2 alone on the network nnU-Net builds from ``plans``: the baseline that
+    :class:`NnUNetMoCoLRC` is compared with (only the encoder trains; the decoder keeps
+    nnU-Net's initialisation). Its checkpoints hold the plans like NnUNetMoCoLRC's, so
+    :func:`export_nnunet_weights` writes them the same way.
+
+    Args:
+        plans, dataset_json, configuration, trainer_class: as :class:`NnUNetMoCoLRC`.
+        **moco_kwargs: :class:`~lrc_lightning.models.MoCoV2` options.
+    """
+
+    def __init__(
+        self,
+        plans: dict[str, Any],
+        dataset_json: dict[str, Any],
+        configuration: str = "2d",
+        trainer_class: str = "nnUNetTrainer",
+        **moco_kwargs: Any,
+    ) -> None:
+        network = build_nnunet_network(plans, dataset_json, configuration, trainer_class)
+        moco_kwargs.setdefault("key_bn_groups", 1)  # InstanceNorm: no shuffle-BN to do
+        super().__init__(backbone=NnUNetBackbone(network), **moco_kwargs)
+
+
 def _compatible(state: Mapping[str, Tensor], network: nn.Module) -> list[str]:
     """What nnU-Net's load_pretrained_weights would refuse: every key of the network but
     the segmentation layers must be in ``state`` with the same shape."""
@@ -469,8 +495,8 @@ def export_nnunet_weights(
     same shape), so a file that nnU-Net would refuse is never written.
 
     Raises:
-        ValueError: not a checkpoint of :class:`NnUNetMoCoLRC`, or weights that do not fit
-            the plans' network (the message names the keys).
+        ValueError: not a checkpoint of :class:`NnUNetMoCoLRC` (or :class:`NnUNetMoCo`),
+            or weights that do not fit the plans' network (the message names the keys).
     """
     saved = load_checkpoint(checkpoint, trust_checkpoint=trust_checkpoint)
     full = saved.get("state_dict", {}) if isinstance(saved, Mapping) else {}
@@ -478,8 +504,8 @@ def export_nnunet_weights(
     hparams = saved.get("hyper_parameters", {}) if isinstance(saved, Mapping) else {}
     if not state or "plans" not in hparams:
         raise ValueError(
-            f"{checkpoint}: not a checkpoint of lrc_lightning.nnunet.NnUNetMoCoLRC (no "
-            f"{NETWORK_PREFIX!r} weights with nnU-Net plans); pre-train with "
+            f"{checkpoint}: not a checkpoint of lrc_lightning.nnunet.NnUNetMoCoLRC or "
+            f"NnUNetMoCo (no {NETWORK_PREFIX!r} weights with nnU-Net plans); pre-train with "
             "`lrc-lightning nnunet-pretrain`"
         )
     network = build_nnunet_network(hparams["plans"], hparams["dataset_json"],
@@ -511,9 +537,11 @@ def pretrain(
     trainer_class: str = "nnUNetTrainer",
     seed: int = 0,
     trainer_options: Mapping[str, Any] | None = None,
+    baseline: bool = False,
     **moco_kwargs: Any,
 ) -> Path:
-    """Pre-train nnU-Net's network of ``configuration`` with MoCo v2 + LRC on the
+    """Pre-train nnU-Net's network of ``configuration`` with MoCo v2 + LRC (with
+    ``baseline``: MoCo v2 alone, :class:`NnUNetMoCo`; ``lrc`` is then unused) on the
     preprocessed dataset and write ``output`` for ``nnUNetv2_train -pretrained_weights``.
 
     The Lightning checkpoint (``last.ckpt``, resumable, exportable again with
@@ -528,13 +556,19 @@ def pretrain(
     pl.seed_everything(seed, workers=True)
     data = NnUNetPretrainData(preprocessed, configuration, batch_size, patch_size,
                               samples_per_epoch, num_workers, plans_name)  # fmt: skip
-    model = NnUNetMoCoLRC(data.plans, data.dataset_json, configuration, trainer_class, lrc,
-                          **moco_kwargs)  # fmt: skip
+    model: MoCoV2
+    if baseline:
+        model = NnUNetMoCo(data.plans, data.dataset_json, configuration, trainer_class,
+                           **moco_kwargs)  # fmt: skip
+    else:
+        model = NnUNetMoCoLRC(data.plans, data.dataset_json, configuration, trainer_class, lrc,
+                              **moco_kwargs)  # fmt: skip
     output = Path(output)
     work = Path(work_dir) if work_dir is not None else output.with_name(output.name + ".run")
     checkpoints = ModelCheckpoint(dirpath=work, save_last=True, save_top_k=0)
     options = {"logger": False, "log_every_n_steps": 1, **(trainer_options or {})}
-    trainer = pl.Trainer(max_steps=max_steps, default_root_dir=work, callbacks=[checkpoints],
+    callbacks = [checkpoints, *(options.pop("callbacks", None) or [])]  # the caller's too
+    trainer = pl.Trainer(max_steps=max_steps, default_root_dir=work, callbacks=callbacks,
                          **options)  # fmt: skip
     trainer.fit(model, data)
     last = work / "last.ckpt"
