@@ -187,7 +187,7 @@ RESULT_OPTIONS = (
 
 #: Options added later, hashed only when set, so that earlier runs keep their keys.
 OPTIONAL_RESULT_OPTIONS = {"spacing": None, "device_batches": False, "channels_last": False,
-                           "test_ids": None, "val_ids": None,
+                           "test_ids": None, "val_ids": None, "not_labelled": None,
                            "finetune_intensity_scale": [1.0, 1.0]}  # fmt: skip
 
 #: Version 2 of the readouts: fine-tuning until the validation patients plateau with the
@@ -304,7 +304,8 @@ class Benchmark:
             raise DataError(f"--mirror-labels takes pairs, got {args.mirror_labels}")
         cases = discover_cases(args.data, dicom_series=args.dicom_series)
         known = {c.case_id for c in cases}
-        for option, ids in (("--test-ids", args.test_ids), ("--val-ids", args.val_ids)):
+        for option, ids in (("--test-ids", args.test_ids), ("--val-ids", args.val_ids),
+                            ("--not-labelled", getattr(args, "not_labelled", None))):
             unknown = sorted(set(ids or []) - known)
             if unknown:
                 raise DataError(f"{args.data}: {option} names unknown cases {unknown}; the "
@@ -340,6 +341,16 @@ class Benchmark:
         self.val = [c.case_id for c in split.val]
         self.pool = sorted(c.case_id for c in split.pool)
         self.labelled_pool = sorted(c.case_id for c in split.pool if c.label is not None)
+        self.not_labelled = sorted(getattr(args, "not_labelled", None) or [])
+        misplaced = sorted(set(self.not_labelled) - set(self.pool))
+        if misplaced:
+            raise DataError(f"--not-labelled names {misplaced}, which are test or validation "
+                            "patients, not pool patients")  # fmt: skip
+        drawable = len(self.labelled_pool) - len(set(self.not_labelled) & set(self.labelled_pool))
+        if largest_k > drawable:
+            raise DataError(f"{args.data}: k={largest_k} labelled patients asked for, but only "
+                            f"{drawable} pool patients can be drawn (--not-labelled "
+                            f"{self.not_labelled})")  # fmt: skip
         if largest_k > len(self.pool):
             raise DataError(
                 f"{args.data}: k={largest_k} labelled patients asked for, but the pool "
@@ -365,9 +376,11 @@ class Benchmark:
 
     def labelled(self, seed: int, k: int) -> list[str]:
         """The k labelled patients of ``seed``: the first k of a seeded permutation of the
-        pool's labelled cases (nested in k)."""
+        pool's labelled cases (nested in k), skipping ``--not-labelled`` cases."""
         order = np.random.default_rng(1000 + seed).permutation(len(self.labelled_pool))
-        return [self.labelled_pool[i] for i in order[:k]]
+        # --not-labelled cases are skipped in the seed's order: the other draws stay.
+        drawn = [self.labelled_pool[i] for i in order]
+        return [case for case in drawn if case not in self.not_labelled][:k]
 
     def datamodule(self, variant: Variant | None, labelled: list[str], **kw: Any) -> LRCDataModule:
         a = self.args
@@ -927,6 +940,10 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
                         help="fine-tuning augmentation: a multiplicative intensity scale drawn "
                              "log-uniformly from [LOW, HIGH] per slice (MR intensities differ "
                              "between patients; default off)")
+    parser.add_argument("--not-labelled", nargs="+", default=None, metavar="CASE",
+                        help="pool cases never drawn as labelled patients (their images stay "
+                             "in pre-training), e.g. intensity outliers found by "
+                             "benchmarks/organ_intensities.py; declare it before the runs")
     parser.add_argument("--mirror-labels", nargs="+", default=None, metavar="NAME",
                         help="pairs of mirror-image labels swapped on flips, e.g. "
                              "right_kidney left_kidney (without: no flips when fine-tuning)")
