@@ -126,3 +126,28 @@ def test_intensity_scale_multiplies_each_item_within_its_range(tmp_path: Path) -
     dm = LRCDataModule(DEMO_MR, cache_dir=str(tmp_path / "cache"), image_size=32,
                        mode="finetune", intensity_scale=(0.5, 2.0))
     assert dm.intensity.scale == (0.5, 2.0)
+
+
+def test_not_labelled_cases_are_skipped_in_each_seeds_draw(tmp_path: Path) -> None:
+    from lrc_lightning.data.cases import DataError
+
+    base = ["--data", str(DEMO_MR), "--out", str(tmp_path), "--cache-dir", str(tmp_path / "c"),
+            "--test-ids", "chaos_t2_001", "--val-ids", "chaos_t2_002", "--ks", "1"]  # fmt: skip
+    plain = Benchmark(build_parser().parse_args(base))
+    assert plain.labelled_pool == ["chaos_t2_003", "chaos_t2_005"]
+    draws = {seed: plain.labelled(seed, 2) for seed in range(6)}
+    assert {d[0] for d in draws.values()} == {"chaos_t2_003", "chaos_t2_005"}
+    skip = Benchmark(build_parser().parse_args([*base, "--not-labelled", "chaos_t2_005"]))
+    for seed, drawn in draws.items():
+        # The excluded case is never drawn; the others keep their order.
+        assert skip.labelled(seed, 1) == [c for c in drawn if c != "chaos_t2_005"][:1]
+    from lrc_lightning.evaluation.label_efficiency import settings_key
+
+    assert settings_key(build_parser().parse_args([*base, "--not-labelled", "chaos_t2_005"])) \
+        != settings_key(build_parser().parse_args(base))  # fmt: skip
+    with pytest.raises(DataError, match=r"--not-labelled names \['chaos_t2_001'\].*test or "):
+        Benchmark(build_parser().parse_args([*base, "--not-labelled", "chaos_t2_001"]))
+    with pytest.raises(DataError, match="only 1 pool patients can be drawn"):
+        Benchmark(build_parser().parse_args([*base[:-1], "2", "--not-labelled", "chaos_t2_005"]))
+    with pytest.raises(DataError, match="--not-labelled names unknown cases"):
+        Benchmark(build_parser().parse_args([*base, "--not-labelled", "chaos_t2_999"]))
