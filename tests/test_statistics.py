@@ -150,7 +150,7 @@ def test_a_seed_counts_only_with_every_k_of_the_protocol() -> None:
     assert d is not None and d["ks"] == [1] and d["mean"] == pytest.approx(0.05)
 
 
-def test_declared_sensitivity_row_leaves_out_the_smallest_k() -> None:
+def test_declared_descriptive_row_leaves_out_the_smallest_k() -> None:
     from lrc_lightning.evaluation.label_efficiency import paired_rows
 
     # MoCo+LRC - MoCo: +0.10 at k = 1 (one atypical patient), +0.01 at k = 2 and 4.
@@ -160,12 +160,12 @@ def test_declared_sensitivity_row_leaves_out_the_smallest_k() -> None:
                **_summary("random", base - 0.1)}  # fmt: skip
     rows = dict(paired_rows(summary, ["random", "moco", "moco_lrc"], primary=True, ks=[1, 2, 4]))
     primary = rows["moco_lrc - moco **(primary)**"]
-    sensitivity = rows["moco_lrc - moco, k = 2, 4 only (sensitivity)"]
-    assert primary is not None and sensitivity is not None
+    descriptive = rows["moco_lrc - moco, k = 2, 4 only (descriptive)"]
+    assert primary is not None and descriptive is not None
     assert primary["mean"] == pytest.approx(0.04 + 0.001)  # (0.10 + 0.01 + 0.01) / 3 + seeds
-    assert sensitivity["mean"] == pytest.approx(0.01 + 0.001) and sensitivity["ks"] == [2, 4]
-    # One k, or without the primary arms: no sensitivity row.
-    assert not any("sensitivity" in name for name, _ in paired_rows(summary, ["random", "moco"],
+    assert descriptive["mean"] == pytest.approx(0.01 + 0.001) and descriptive["ks"] == [2, 4]
+    # One k, or without the primary arms: no descriptive row.
+    assert not any("descriptive" in name for name, _ in paired_rows(summary, ["random", "moco"],
                                                                     ks=[1, 2, 4]))
-    assert not any("sensitivity" in name for name, _ in paired_rows(summary, ["moco", "moco_lrc"],
+    assert not any("descriptive" in name for name, _ in paired_rows(summary, ["moco", "moco_lrc"],
                                                                     ks=[1]))
