@@ -17,13 +17,14 @@ export PYTHONPATH="$PWD/src:/tmp/site" PYTHONUNBUFFERED=1
 OUT="${OUT:-benchmarks/results}"
 SEEDS="${SEEDS:-0 1 2 3 4 5 6 7}"
 # The declared Evidence II protocol (benchmarks/results/README.md) at 256x256: the same split,
-# arms, readout and decision rule as the CPU run at 128x128; grid cell 29 px (81 squares, the
+# arms, readout and decision rule as the CPU run at 128x128 (with amendment 1: chaos_t2_036
+# never a labelled patient); grid cell 29 px (81 squares, the
 # ~79 Felzenszwalb regions of a 256x256 CHAOS slice). Seeds are added by SEEDS; run files are
 # keyed by their options, so every lent session adds to the same table.
 timeout "${BENCH_SECONDS:-480}" python3 benchmarks/label_efficiency.py --data .gpu_data/chaos-t2 \
     --out "$OUT" --work-dir /tmp/lrc_bench --cache-dir /tmp/lrc_cache --size 256 --width 16 \
     --depth 4 --pretrain-steps 1000 --finetune-steps 1200 --val-every 100 --patience 4 \
-    --foreground-ratio 0.5 --mirror-labels right_kidney left_kidney \
+    --foreground-ratio 0.5 --mirror-labels right_kidney left_kidney --not-labelled chaos_t2_036 \
     --test-ids chaos_t2_001 chaos_t2_002 chaos_t2_015 chaos_t2_021 chaos_t2_033 chaos_t2_038 \
     --val-ids chaos_t2_031 chaos_t2_034 chaos_t2_037 --ks 1 2 4 \
     --arms random moco moco_lrc moco_lrc_grid \
