@@ -131,6 +131,79 @@ def test_step_overhead_prints_headline_json() -> None:
     assert summary["step_time_ratio"] > 0 and summary["step_time_ratio_vs_encoder_only"] > 0
 
 
+def test_readout_throughput_ratios_and_seconds_per_seed() -> None:
+    """Side by side on real demo batches: the ratios are those of the printed medians, and
+    seconds per seed follows the docstring's formula from the JSON's own figures."""
+    import re
+
+    out = run("benchmarks/readout_throughput.py", "--size", "32", "--steps", "2", "--warmup",
+              "0", "--no-compile", "--threads", "1", "--width", "4", "--depth", "2",
+              timeout=300)  # fmt: skip
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert set(summary) == {
+        "median_s", "ratio", "compile_s", "compile_notes", "load_s", "seconds_per_seed",
+        "seconds_per_later_seed", "evaluation_share", "seeds_per_cpu_hour", "best",
+        "volume_slices", "load_average_before", "load_average_after", "settings",
+    }  # fmt: skip
+    assert summary["volume_slices"] == 36  # chaos_t2_005, the demo's validation volume
+    assert summary["compile_s"] == {"1": {}}  # --no-compile
+    labels = {"finetune": "finetune step", "validation": "validation (36 sl.)",
+              "pretrain": "pretrain step"}  # fmt: skip
+    # One thread count: two threads on a shared 2-core machine take 10-20 times longer.
+    for threads in ("1",):
+        median, ratio = summary["median_s"][threads], summary["ratio"][threads]
+        assert set(median) == set(ratio) == set(labels)
+        for phase, label in labels.items():
+            assert set(median[phase]) == {"default", "channels_last"}
+            row = re.search(
+                rf"threads {threads} \| {re.escape(label)} +\| default +([\d.]+) ms "
+                rf"\(1\.000x\) \| channels_last +([\d.]+) ms \(([\d.]+)x\)",
+                out,
+            )
+            assert row, f"no table row for threads {threads}, {phase}:\n{out}"
+            default_ms, channels_last_ms, printed = map(float, row.groups())
+            assert ratio[phase]["default"] == 1.0
+            assert ratio[phase]["channels_last"] == pytest.approx(
+                median[phase]["channels_last"] / median[phase]["default"], rel=1e-3
+            )
+            assert ratio[phase]["channels_last"] == pytest.approx(
+                channels_last_ms / default_ms, rel=0.01
+            )
+            assert printed == pytest.approx(ratio[phase]["channels_last"], abs=6e-4)
+            assert median[phase]["default"] * 1e3 == pytest.approx(default_ms, abs=0.06)
+        # seconds per seed: 15 runs of 1200 steps, 12 validations of 107 slices and 206 test
+        # slices each, 3 pre-trainings of 400 steps (loading included; no compile).
+        load = summary["load_s"][threads]
+        for variant in ("default", "channels_last"):
+            per_slice = (median["validation"][variant] + load["validation"]) / 36
+            run_s = (1200 * (median["finetune"][variant] + load["finetune"])
+                     + (12 * 107 + 206) * per_slice)  # fmt: skip
+            pre = 3 * 400 * (median["pretrain"][variant] + load["pretrain"])
+            seed = summary["seconds_per_seed"][threads][variant]
+            assert seed == pytest.approx(15 * run_s + pre, rel=1e-3)
+            assert summary["seconds_per_later_seed"][threads][variant] == pytest.approx(
+                12 * run_s + pre, rel=1e-3
+            )
+            assert summary["evaluation_share"][threads][variant] == pytest.approx(
+                (12 * 107 + 206) * per_slice / run_s, rel=1e-2
+            )
+            assert summary["seeds_per_cpu_hour"][threads][variant] == pytest.approx(
+                3600 / (seed * int(threads)), rel=1e-3
+            )
+    per_hour = {f"threads {t} {v}": x for t, row in summary["seeds_per_cpu_hour"].items()
+                for v, x in row.items()}  # fmt: skip
+    assert summary["best"] == max(per_hour, key=per_hour.__getitem__)
+    assert f"most seeds per CPU hour: {summary['best']}" in out
+
+
+def test_readout_throughput_compile_threads_outside_threads_is_an_error() -> None:
+    done = subprocess.run([sys.executable, "benchmarks/readout_throughput.py", "--threads", "1",
+                           "--compile-threads", "2"], cwd=ROOT, capture_output=True,
+                          encoding="utf-8", timeout=120)  # fmt: skip
+    assert done.returncode == 2
+    assert "--compile-threads [2] are not among --threads [1]" in done.stderr
+
+
 
 def test_benchmark_progress_grid_arm_and_sigterm_keeps_finished_runs(tmp_path: Path) -> None:
     """Progress lines, the moco_lrc_grid arm, and SIGTERM: the benchmark stops within
