@@ -81,6 +81,7 @@ FINETUNE_OPTIONS = ("epochs", "iterations_per_epoch", "val_iterations", "checkpo
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nnunet_label_efficiency.py",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="nnU-Net fine-tuning from random init vs MoCo vs MoCo + LRC pre-training "
         "(lrc_lightning.nnunet) with k labelled patients; nnU-Net plans, preprocesses, "
         "trains and predicts. Resumable: finished runs are skipped.",
@@ -271,6 +272,14 @@ class NnUNetBenchmark:
         from lrc_lightning.evaluation.label_efficiency import class_names
 
         self.args = args
+        if not Path(args.data).exists():
+            raise DataError(f"--data {args.data}: no such file or folder (give the folder of an "
+                            "MSD-style dataset.json, e.g. data/chaos-t2-demo)")  # fmt: skip
+        if not (Path(args.data) / "dataset.json").is_file() and not str(args.data).endswith(
+            ".json"
+        ):
+            raise DataError(f"--data {args.data}: no dataset.json with a 'labels' map (nnU-Net "
+                            "needs one; this script has no --classes)")  # fmt: skip
         self.organs = class_names(args.data, None)
         self.key = run_key(args)
         self.out = Path(args.out)

@@ -230,9 +230,12 @@ def test_benchmark_progress_grid_arm_and_sigterm_keeps_finished_runs(tmp_path: P
     runs = sorted((tmp_path / "label_efficiency_runs").glob("*.json"))
     before = {p.name: p.read_bytes() for p in runs}
 
+    # The same command through `python -m lrc_lightning.cli benchmark`: its exit status
+    # must reach the shell (a SLURM or CI script must see the stop).
     process = subprocess.Popen(
-        [sys.executable, *args, "0", "1"], cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, encoding="utf-8", errors="replace",
+        [sys.executable, "-m", "lrc_lightning.cli", "benchmark", *args[1:], "0", "1"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8",
+        errors="replace",
     )  # fmt: skip
     assert process.stdout is not None
     lines = []

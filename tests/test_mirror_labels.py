@@ -149,14 +149,24 @@ def test_mirror_labels_refused_on_sagittal_slices(tmp_path: Path) -> None:
     # A sagittal slice's columns run anterior-posterior: its flip is no left-right mirror,
     # and swapping the kidneys' labels with it would put each on the other's place.
     from lrc_lightning.data.cases import DataError
+    from lrc_lightning.data.datasets import LabelledSlices
 
+    # Asked for literally: refused at construction, before any case is read.
+    with pytest.raises(DataError, match=r"all cases are.*sliced sagittally.*slice_axis=0 or 1"):
+        LRCDataModule(DEMO_MR, cache_dir=str(tmp_path / "cache"), image_size=64,
+                      mode="finetune", slice_axis=2, mirror_labels={"right_kidney": "left_kidney"})
+    # Chosen per case ("auto" on a sagittal acquisition): refused naming the cases. The
+    # volumes' recorded slice axis is what the check reads.
     dm = LRCDataModule(DEMO_MR, cache_dir=str(tmp_path / "cache"), image_size=64,
-                       mode="finetune", labelled_cases=None, slice_axis=2,
+                       mode="finetune", labelled_cases=None, slice_axis=2, augment=False,
                        mirror_labels=[("right_kidney", "left_kidney")])  # fmt: skip
     dm.prepare_data()
     dm.setup("fit")
     with pytest.raises(DataError, match=r"chaos_t2_\d+.*sliced sagittally.*slice_axis=0 or 1"):
-        dm.train_dataset()
+        LabelledSlices(dm.volumes(dm.split.labelled), GeometryAugment(), None, dm.mirror)
+    # Pre-training without labels keeps its flips whatever the plane.
+    LRCDataModule(DEMO_MR, cache_dir=str(tmp_path / "cache"), image_size=64, slice_axis=2,
+                  mirror_labels=[(2, 3)])
     # Unaugmented, or without pairs, sagittal fine-tuning is fine (nothing is flipped).
     for kw in ({"augment": False}, {}):
         plain = LRCDataModule(DEMO_MR, cache_dir=str(tmp_path / "cache"), image_size=64,

@@ -101,6 +101,12 @@ def test_bad_ids_and_ks_name_the_option(bench_module: ModuleType, tmp_path: Path
         _bench(bench_module, tmp_path, "--test-ids", "chaos_t2_003")
     with pytest.raises(DataError, match=r"--ks \[1, 3\]: k must be 1\.\.2"):
         _bench(bench_module, tmp_path, "--ks", "1", "3")
+    args = bench_module.build_parser().parse_args(["--data", str(tmp_path / "nowhere")])
+    with pytest.raises(DataError, match=r"--data .*nowhere: no such file or folder"):
+        bench_module.NnUNetBenchmark(args)
+    args = bench_module.build_parser().parse_args(["--data", str(tmp_path)])
+    with pytest.raises(DataError, match=r"no dataset.json with a 'labels' map.*no --classes"):
+        bench_module.NnUNetBenchmark(args)
 
 
 def test_missing_nnunet_or_cuda_is_a_clear_error_before_any_work(

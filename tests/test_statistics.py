@@ -169,3 +169,11 @@ def test_declared_descriptive_row_leaves_out_the_smallest_k() -> None:
                                                                     ks=[1, 2, 4]))
     assert not any("descriptive" in name for name, _ in paired_rows(summary, ["moco", "moco_lrc"],
                                                                     ks=[1]))
+
+
+def test_a_negative_lrc_weight_is_refused() -> None:
+    from lrc_lightning import LRCConfig
+
+    with pytest.raises(ValueError, match=r"LRC weight \(lambda\) must be >= 0, got -1"):
+        LRCConfig(weight=-1.0)
+    assert LRCConfig(weight=0.0).weight_at(10) == 0.0

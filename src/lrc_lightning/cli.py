@@ -6,4 +6,6 @@ from lrc_lightning.tools.cli import *  # noqa: F403
 from lrc_lightning.tools.cli import __all__, main  # noqa: F401
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.exit(main())

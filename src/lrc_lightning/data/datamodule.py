@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,10 +14,12 @@ from torch.utils.data import DataLoader, default_collate
 from lrc_lightning.data.cache import CachedVolume, PreprocessConfig, VolumeCache
 from lrc_lightning.data.cases import Case, DataError, discover_cases, read_json
 from lrc_lightning.data.datasets import (
+    SAGITTAL_AXIS,
     LabelledSlices,
     PairedViewSlices,
     Volumes,
     foreground_sampler,
+    sagittal_mirror_error,
 )
 from lrc_lightning.data.device_batches import DeviceBatches
 from lrc_lightning.data.intensity import Modality
@@ -65,7 +67,8 @@ def _label_names(data: Any) -> dict[str, int]:
 
 
 def mirror_label_pairs(
-    pairs: Sequence[Sequence[str | int]] | None, data: Any = None
+    pairs: Sequence[Sequence[str | int]] | Mapping[str | int, str | int] | None,
+    data: Any = None,
 ) -> MirrorLabels | None:
     """:class:`MirrorLabels` from pairs of label names (dataset.json's ``labels``) or values.
 
@@ -75,10 +78,12 @@ def mirror_label_pairs(
     """
     if not pairs:
         return None
+    if isinstance(pairs, Mapping):  # {"right_kidney": "left_kidney"} or {2: 3}
+        pairs = list(pairs.items())
     names = _label_names(data)
     resolved = []
     for pair in pairs:
-        if isinstance(pair, str) or len(pair) != 2:
+        if isinstance(pair, (str, int)) or len(pair) != 2:
             raise ValueError(f"mirror_labels takes pairs such as ('right_kidney', "
                              f"'left_kidney') or (2, 3), got {pair!r}")  # fmt: skip
         values = []
@@ -444,6 +449,11 @@ class LRCDataModuleBase:
         )
         self.augment = augment
         self.mirror = mirror_label_pairs(mirror_labels, data)
+        labelled_batches = mode == "finetune" or pretrain_with_labels
+        if (self.mirror is not None and labelled_batches and augment and spatial_dims == 2
+                and slice_axis == SAGITTAL_AXIS):  # fmt: skip
+            # Known before any case is read: say it now, not after the cache is built.
+            raise sagittal_mirror_error("all cases are (slice_axis=2)")
         # Batches that carry labels: flips only where the mirror pairs can be swapped.
         self.label_geometry = self.geometry.for_labels(self.mirror is not None)
         self.foreground_ratio = foreground_ratio

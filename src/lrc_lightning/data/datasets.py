@@ -25,6 +25,7 @@ __all__ = [
     "Volumes",
     "foreground_sampler",
     "require_left_right_columns",
+    "sagittal_mirror_error",
 ]
 
 #: Slice axis (of the LPS (z, y, x) array) whose slices have rows and columns (S, P): a
@@ -45,12 +46,17 @@ def require_left_right_columns(volumes: Sequence[CachedVolume]) -> None:
     """
     sagittal = [v.case_id for v in volumes if v.meta.get("slice_axis") == SAGITTAL_AXIS]
     if sagittal:
-        raise DataError(
-            f"mirror_labels: cases {sagittal} are sliced sagittally (slice_axis 2), where a "
-            "flip mirrors anterior-posterior, not left-right, so swapping left/right labels "
-            "would be wrong; slice them axially or coronally (slice_axis=0 or 1) or drop "
-            "mirror_labels (then labelled batches are not flipped)"
-        )
+        raise sagittal_mirror_error(f"cases {sagittal} are")
+
+
+def sagittal_mirror_error(what: str) -> DataError:
+    """The error of mirror-label swaps on sagittal slices (``what``: "cases [...] are")."""
+    return DataError(
+        f"mirror_labels: {what} sliced sagittally (slice_axis 2), where a flip mirrors "
+        "anterior-posterior, not left-right, so swapping left/right labels would be wrong; "
+        "slice them axially or coronally (slice_axis=0 or 1) or drop mirror_labels (then "
+        "labelled batches are not flipped)"
+    )
 
 
 

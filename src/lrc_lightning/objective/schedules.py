@@ -31,6 +31,9 @@ def lrc_weight(
         raise ValueError(f"schedule must be 'constant', 'linear' or 'cosine', got {schedule!r}")
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if weight < 0:
+        # A negative lambda would maximise the contrastive loss: never what is meant.
+        raise ValueError(f"the LRC weight (lambda) must be >= 0, got {weight}")
     if schedule == "constant" or warmup_steps == 0 or step >= warmup_steps:
         return float(weight)
     progress = max(step, 0) / warmup_steps
