@@ -188,6 +188,7 @@ RESULT_OPTIONS = (
 #: Options added later, hashed only when set, so that earlier runs keep their keys.
 OPTIONAL_RESULT_OPTIONS = {"spacing": None, "device_batches": False, "channels_last": False,
                            "test_ids": None, "val_ids": None, "not_labelled": None,
+                           "finetune_lr": None,
                            "finetune_intensity_scale": [1.0, 1.0]}  # fmt: skip
 
 #: Version 2 of the readouts: fine-tuning until the validation patients plateau with the
@@ -488,7 +489,8 @@ class Benchmark:
         a = self.args
         model = FineTuneSegmentation(
             self.backbone(), pretrained=str(weights) if weights else None,
-            num_classes=self.num_classes, class_names=self.organs, lr=a.lr,
+            num_classes=self.num_classes, class_names=self.organs,
+            lr=a.finetune_lr if a.finetune_lr is not None else a.lr,
             warmup_steps=a.finetune_steps // 10,
         )  # fmt: skip
         datamodule = self.datamodule(None, labelled, mode="finetune",
@@ -935,6 +937,8 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
                              "(0: run all steps)")
     parser.add_argument("--foreground-ratio", type=float, default=0.5,
                         help="fine-tuning: share of slices drawn from those with an organ")
+    parser.add_argument("--finetune-lr", type=float, default=None,
+                        help="learning rate of the fine-tuning readout (default: --lr)")
     parser.add_argument("--finetune-intensity-scale", type=float, nargs=2, default=[1.0, 1.0],
                         metavar=("LOW", "HIGH"),
                         help="fine-tuning augmentation: a multiplicative intensity scale drawn "
