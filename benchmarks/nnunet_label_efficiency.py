@@ -46,7 +46,6 @@ import platform
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -638,12 +637,10 @@ class NnUNetBenchmark:
         return result
 
     def eta(self) -> str:
-        if not self.finished_seconds:
-            return ""
-        left = (self.total - self.done_before - self.started + 1) * statistics.fmean(
-            self.finished_seconds
-        )
-        return f" (about {left / 60:.0f} min left for the rest)"
+        from lrc_lightning.evaluation.label_efficiency import time_left
+
+        return time_left(self.total - self.done_before - self.started + 1,
+                         self.finished_seconds)  # fmt: skip
 
 
 def _last(values: Any) -> str:

@@ -248,3 +248,26 @@ class PairedPatches(Dataset):
         image, sv = self.images[i].unsqueeze(0), self.maps[i]
         return {"image_v1": image, "image_v2": image.flip(-1) * 0.8 + 0.1,
                 "superpixels_v1": sv, "superpixels_v2": sv.flip(-1)}  # fmt: skip
+
+
+def write_tiny_chaos_volumes(folder: Path, nnunet_names: bool = False) -> list[str]:
+    """The four shipped CHAOS T2 patients, 12 central slices, in-plane 64 x 64 (5 mm), as
+    ``folder/imagesTr`` and ``folder/labelsTr`` (images named ``<case>_0000.nii.gz`` with
+    ``nnunet_names``, nnU-Net's raw layout); returns the case ids."""
+    from .conftest import DEMO_MR
+
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    cases = sorted(p.name.removesuffix(".nii.gz") for p in (DEMO_MR / "imagesTr").glob("*.nii.gz"))
+    for case in cases:
+        for kind, interpolator in (("imagesTr", sitk.sitkLinear),
+                                   ("labelsTr", sitk.sitkNearestNeighbor)):  # fmt: skip
+            image = sitk.ReadImage(str(DEMO_MR / kind / f"{case}.nii.gz"))
+            z0 = image.GetSize()[2] // 2 - 6
+            image = image[:, :, z0 : z0 + 12]
+            small = sitk.Resample(image, [64, 64, 12], sitk.Transform(), interpolator,
+                                  image.GetOrigin(), (5.0, 5.0, image.GetSpacing()[2]),
+                                  image.GetDirection(), 0, image.GetPixelID())  # fmt: skip
+            name = f"{case}_0000" if nnunet_names and kind == "imagesTr" else case
+            sitk.WriteImage(small, str(folder / kind / f"{name}.nii.gz"))
+    return cases

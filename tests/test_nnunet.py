@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import DEMO_MR, require_thirdparty
+from .helpers import write_tiny_chaos_volumes
 
 pytestmark = pytest.mark.thirdparty
 
@@ -21,24 +22,8 @@ DATASET = "Dataset901_ChaosTiny"
 def write_tiny_raw_dataset(raw: Path) -> Path:
     """The four shipped CHAOS T2 patients, 12 central slices, in-plane 64 x 64 (5 mm), as
     an nnU-Net raw dataset (imagesTr/<case>_0000.nii.gz, labelsTr, dataset.json)."""
-    import SimpleITK as sitk
-
     folder = raw / DATASET
-    (folder / "imagesTr").mkdir(parents=True)
-    (folder / "labelsTr").mkdir()
-    cases = sorted(p.name.removesuffix(".nii.gz") for p in (DEMO_MR / "imagesTr").glob("*.nii.gz"))
-    for case in cases:
-        for kind, interpolator in (("imagesTr", sitk.sitkLinear),
-                                   ("labelsTr", sitk.sitkNearestNeighbor)):  # fmt: skip
-            image = sitk.ReadImage(str(DEMO_MR / kind / f"{case}.nii.gz"))
-            z0 = image.GetSize()[2] // 2 - 6
-            image = image[:, :, z0 : z0 + 12]
-            spacing = (5.0, 5.0, image.GetSpacing()[2])
-            size = [64, 64, 12]
-            small = sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(),
-                                  spacing, image.GetDirection(), 0, image.GetPixelID())  # fmt: skip
-            name = f"{case}_0000.nii.gz" if kind == "imagesTr" else f"{case}.nii.gz"
-            sitk.WriteImage(small, str(folder / kind / name))
+    cases = write_tiny_chaos_volumes(folder, nnunet_names=True)
     labels = json.loads((DEMO_MR / "dataset.json").read_text())["labels"]
     (folder / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "T2"},  # not "CT": z-score normalisation

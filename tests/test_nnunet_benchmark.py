@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from .conftest import DEMO_MR, require_thirdparty
+from .helpers import write_tiny_chaos_volumes
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "nnunet_label_efficiency.py"
@@ -37,22 +38,8 @@ def bench_module() -> ModuleType:
 def write_tiny_msd_dataset(folder: Path) -> Path:
     """The four shipped CHAOS T2 patients, 12 central slices at 64 x 64 (5 mm), as an
     MSD-style dataset (dataset.json with labels and a training list), like CHAOS itself."""
-    import SimpleITK as sitk
-
-    (folder / "imagesTr").mkdir(parents=True)
-    (folder / "labelsTr").mkdir()
     meta = json.loads((DEMO_MR / "dataset.json").read_text())
-    cases = sorted(p.name.removesuffix(".nii.gz") for p in (DEMO_MR / "imagesTr").glob("*.nii.gz"))
-    for case in cases:
-        for kind, interpolator in (("imagesTr", sitk.sitkLinear),
-                                   ("labelsTr", sitk.sitkNearestNeighbor)):  # fmt: skip
-            image = sitk.ReadImage(str(DEMO_MR / kind / f"{case}.nii.gz"))
-            z0 = image.GetSize()[2] // 2 - 6
-            image = image[:, :, z0 : z0 + 12]
-            small = sitk.Resample(image, [64, 64, 12], sitk.Transform(), interpolator,
-                                  image.GetOrigin(), (5.0, 5.0, image.GetSpacing()[2]),
-                                  image.GetDirection(), 0, image.GetPixelID())  # fmt: skip
-            sitk.WriteImage(small, str(folder / kind / f"{case}.nii.gz"))
+    cases = write_tiny_chaos_volumes(folder)
     meta["training"] = [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"}
                         for c in cases]  # fmt: skip
     (folder / "dataset.json").write_text(json.dumps(meta))

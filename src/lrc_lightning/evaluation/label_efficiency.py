@@ -609,12 +609,8 @@ class Benchmark:
 
     def eta(self) -> str:
         """' (about N min left)' from the runs finished in this invocation."""
-        if not self.finished_seconds:
-            return ""
-        left = (self.total - self.done_before - self.started + 1) * statistics.fmean(
-            self.finished_seconds
-        )
-        return f" (about {left / 60:.0f} min left for the rest)"
+        return time_left(self.total - self.done_before - self.started + 1,
+                         self.finished_seconds)  # fmt: skip
 
     def missing(self, planned: Sequence[tuple[Variant, int, int, str, int]]) -> int:
         """How many of ``planned`` (variant, k, seed, stage, offset) runs are not on disk."""
@@ -1014,6 +1010,15 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.set_defaults(**(defaults or {}))
     return parser  # fmt: skip
+
+
+def time_left(runs_left: int, finished_seconds: Sequence[float]) -> str:
+    """' (about N min left for the rest)': ``runs_left`` runs at the mean of the finished
+    ones (empty before the first run has finished)."""
+    if not finished_seconds:
+        return ""
+    left = runs_left * statistics.fmean(finished_seconds)
+    return f" (about {left / 60:.0f} min left for the rest)"
 
 
 def _largest_k(args: argparse.Namespace) -> int:
