@@ -440,9 +440,9 @@ class NnUNetMoCoLRC(MoCoV2LRC):
         lrc: LRCConfig | None = None,
         **moco_kwargs: Any,
     ) -> None:
-        network = build_nnunet_network(plans, dataset_json, configuration, trainer_class)
-        moco_kwargs.setdefault("key_bn_groups", 1)
-        super().__init__(backbone=NnUNetBackbone(network), lrc=lrc, **moco_kwargs)
+        backbone = _nnunet_moco_backbone(plans, dataset_json, configuration, trainer_class,
+                                         moco_kwargs)  # fmt: skip
+        super().__init__(backbone=backbone, lrc=lrc, **moco_kwargs)
 
 
 class NnUNetMoCo(MoCoV2):
@@ -464,9 +464,22 @@ class NnUNetMoCo(MoCoV2):
         trainer_class: str = "nnUNetTrainer",
         **moco_kwargs: Any,
     ) -> None:
-        network = build_nnunet_network(plans, dataset_json, configuration, trainer_class)
-        moco_kwargs.setdefault("key_bn_groups", 1)  # InstanceNorm: no shuffle-BN to do
-        super().__init__(backbone=NnUNetBackbone(network), **moco_kwargs)
+        backbone = _nnunet_moco_backbone(plans, dataset_json, configuration, trainer_class,
+                                         moco_kwargs)  # fmt: skip
+        super().__init__(backbone=backbone, **moco_kwargs)
+
+
+def _nnunet_moco_backbone(
+    plans: dict[str, Any],
+    dataset_json: dict[str, Any],
+    configuration: str,
+    trainer_class: str,
+    moco_kwargs: dict[str, Any],
+) -> NnUNetBackbone:
+    """The network nnU-Net builds, wrapped for MoCo; sets MoCo's default of one key-BN group
+    (nnU-Net normalises with InstanceNorm: there is no shuffle-BN to do)."""
+    moco_kwargs.setdefault("key_bn_groups", 1)
+    return NnUNetBackbone(build_nnunet_network(plans, dataset_json, configuration, trainer_class))
 
 
 def _compatible(state: Mapping[str, Tensor], network: nn.Module) -> list[str]:
