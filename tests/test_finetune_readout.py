@@ -151,3 +151,16 @@ def test_not_labelled_cases_are_skipped_in_each_seeds_draw(tmp_path: Path) -> No
         Benchmark(build_parser().parse_args([*base[:-1], "2", "--not-labelled", "chaos_t2_005"]))
     with pytest.raises(DataError, match="--not-labelled names unknown cases"):
         Benchmark(build_parser().parse_args([*base, "--not-labelled", "chaos_t2_999"]))
+
+
+def test_readout_only_options_are_keyed_only_when_set(tmp_path: Path) -> None:
+    from lrc_lightning.evaluation.label_efficiency import settings_key
+
+    base = ["--data", str(DEMO_MR), "--out", str(tmp_path)]
+    key = settings_key(build_parser().parse_args(base))
+    # Defaults leave every earlier run's key as it was; a set value makes a new key.
+    assert settings_key(build_parser().parse_args([*base, "--finetune-intensity-scale", "1",
+                                                   "1"])) == key  # fmt: skip
+    for extra in (["--finetune-lr", "3e-4"], ["--finetune-intensity-scale", "0.5", "2"]):
+        assert settings_key(build_parser().parse_args([*base, *extra])) != key
+    assert build_parser().parse_args(base).finetune_lr is None  # the readout uses --lr
