@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rows[case], bright[case] = organ_medians(image, root / item["label"], values,
                                                  args.modality)
+    if len(rows) < 3:
+        parser.exit(2, f"organ_intensities.py: error: {root}: {len(rows)} case(s) after "
+                       "--exclude; a case's z needs at least 2 others to compare with\n")
     table = np.array(list(rows.values()))
     print(f"{len(rows)} cases (excluded: {len(args.exclude)}); median normalised intensity "
           "per organ, and (z) its distance from the other cases in their standard deviations; "
@@ -69,11 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     result = {}
     for i, case in enumerate(rows):
         others = np.delete(table, i, axis=0)
-        z = (table[i] - np.nanmean(others, 0)) / np.nanstd(others, 0)
-        result[case] = {names[v]: {"median": round(float(m), 3), "z": round(float(s), 1)}
+        spread = np.nanstd(others, 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            # No spread among the others (or an organ they all lack): z is undefined (NaN).
+            z = np.where(spread > 0, (table[i] - np.nanmean(others, 0)) / spread, np.nan)
+        result[case] = {names[v]: {"median": round(float(m), 3),
+                                   "z": None if np.isnan(s) else round(float(s), 1)}
                         for v, m, s in zip(values, table[i], z, strict=True)}  # fmt: skip
         result[case]["brightest_in_organs"] = round(bright[case], 2)
-        flag = "  <- outlier (|z| > 3)" if np.nanmax(np.abs(z)) > 3 else ""
+        flag = "  <- outlier (|z| > 3)" if np.any(np.abs(z[~np.isnan(z)]) > 3) else ""
         cells = [f"{m:8.3f} (z {s:+5.1f})".rjust(22) for m, s in zip(table[i], z, strict=True)]
         print(case.ljust(16) + "".join(cells) + f"{bright[case]:18.2f}" + flag)
     if args.out:

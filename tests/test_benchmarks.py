@@ -284,6 +284,10 @@ def test_organ_intensities_flags_a_patient_whose_bright_spot_darkens_its_organs(
     assert sorted(cases) == ["chaos_t2_002", "chaos_t2_003", "chaos_t2_005"]  # 001 excluded
     assert cases["chaos_t2_005"]["brightest_in_organs"] == 0.0
     assert cases["chaos_t2_002"]["brightest_in_organs"] > 0.0
+    few = subprocess.run([sys.executable, "benchmarks/organ_intensities.py", "--data", str(data),
+                          "--exclude", "chaos_t2_001", "chaos_t2_002"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert few.returncode == 2 and "2 case(s) after --exclude" in few.stderr
     assert cases["chaos_t2_005"]["right_kidney"]["median"] < 0.5 * min(
         cases[c]["right_kidney"]["median"] for c in ("chaos_t2_002", "chaos_t2_003")
     )
