@@ -161,6 +161,8 @@ def test_readout_only_options_are_keyed_only_when_set(tmp_path: Path) -> None:
     # Defaults leave every earlier run's key as it was; a set value makes a new key.
     assert settings_key(build_parser().parse_args([*base, "--finetune-intensity-scale", "1",
                                                    "1"])) == key  # fmt: skip
-    for extra in (["--finetune-lr", "3e-4"], ["--finetune-intensity-scale", "0.5", "2"]):
+    assert settings_key(build_parser().parse_args([*base, "--finetune-head-channels", "0"])) == key
+    for extra in (["--finetune-lr", "3e-4"], ["--finetune-intensity-scale", "0.5", "2"],
+                  ["--finetune-head-channels", "32"]):
         assert settings_key(build_parser().parse_args([*base, *extra])) != key
     assert build_parser().parse_args(base).finetune_lr is None  # the readout uses --lr

@@ -16,6 +16,7 @@ from lrc_lightning.models import (
     MoCoV2LRC,
     SupervisedSegmentation,
     UNet2d,
+    UNet3d,
     load_backbone_weights,
 )
 from lrc_lightning.models.metrics import dice_per_organ, nanmean, soft_dice_loss
@@ -317,3 +318,43 @@ def test_sample_pixels_is_class_balanced() -> None:
     rows, cols = sample_pixels(label, 5, torch.Generator().manual_seed(0))
     picked = label[rows, cols]
     assert (picked == 1).sum() == 5 and (picked == 0).sum() == 5 and (picked == -1).sum() == 0
+
+
+class _TwoFeatures(torch.nn.Identity):
+    """A 'backbone' whose finest features are its 2-channel input."""
+
+    out_channels = 2
+
+
+def test_hidden_head_separates_what_a_1x1_head_cannot() -> None:
+    # Classes by XOR of the signs of two features: no plane separates them, so a 1x1 head
+    # tops out at 3 of 4 quadrants; a 3x3 conv + BN + ReLU head learns all four.
+    torch.manual_seed(0)
+    features = torch.randn(8, 2, 6, 6)
+    target = ((features[:, 0] > 0) ^ (features[:, 1] > 0)).long()
+    accuracy = {}
+    for channels in (0, 16):
+        model = SupervisedSegmentation(_TwoFeatures(), num_classes=2, head_channels=channels)
+        optimizer = torch.optim.Adam(model.head.parameters(), lr=3e-2)
+        for _ in range(300):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(features), target).backward()
+            optimizer.step()
+        model.eval()
+        accuracy[channels] = (model(features).argmax(1) == target).float().mean().item()
+    assert accuracy[0] < 0.8 and accuracy[16] > 0.95, accuracy
+    with pytest.raises(ValueError, match="head_channels must be >= 0"):
+        SupervisedSegmentation(_TwoFeatures(), num_classes=2, head_channels=-1)
+
+
+def test_hidden_head_keeps_pretrained_backbone_loading_and_3d(tmp_path: Path) -> None:
+    source = UNet2d(width=4, depth=2)
+    torch.save(source.state_dict(), tmp_path / "b.pt")
+    model = FineTuneSegmentation(UNet2d(width=4, depth=2), pretrained=str(tmp_path / "b.pt"),
+                                 num_classes=3, head_channels=8)  # fmt: skip
+    torch.testing.assert_close(model.backbone.state_dict(), source.state_dict())
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 3, 16, 16)
+    assert model.hparams["head_channels"] == 8  # travels in the checkpoint's hyperparameters
+    volume = SupervisedSegmentation(UNet3d(width=2, depth=1), num_classes=3, head_channels=4,
+                                    eval_patch_size=(4, 8, 8))  # fmt: skip
+    assert volume(torch.randn(1, 1, 4, 8, 8)).shape == (1, 3, 4, 8, 8)

@@ -188,7 +188,7 @@ RESULT_OPTIONS = (
 #: Options added later, hashed only when set, so that earlier runs keep their keys.
 OPTIONAL_RESULT_OPTIONS = {"spacing": None, "device_batches": False, "channels_last": False,
                            "test_ids": None, "val_ids": None, "not_labelled": None,
-                           "finetune_lr": None,
+                           "finetune_lr": None, "finetune_head_channels": 0,
                            "finetune_intensity_scale": [1.0, 1.0]}  # fmt: skip
 
 #: Version 2 of the readouts: fine-tuning until the validation patients plateau with the
@@ -491,7 +491,7 @@ class Benchmark:
             self.backbone(), pretrained=str(weights) if weights else None,
             num_classes=self.num_classes, class_names=self.organs,
             lr=a.finetune_lr if a.finetune_lr is not None else a.lr,
-            warmup_steps=a.finetune_steps // 10,
+            warmup_steps=a.finetune_steps // 10, head_channels=a.finetune_head_channels,
         )  # fmt: skip
         datamodule = self.datamodule(None, labelled, mode="finetune",
                                      intensity_scale=tuple(a.finetune_intensity_scale))
@@ -935,6 +935,10 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
                         help="fine-tuning: share of slices drawn from those with an organ")
     parser.add_argument("--finetune-lr", type=float, default=None,
                         help="learning rate of the fine-tuning readout (default: --lr)")
+    parser.add_argument("--finetune-head-channels", type=int, default=0, metavar="N",
+                        help="fine-tuning head: 0, a 1x1 convolution; N > 0, a 3x3 convolution "
+                             "to N channels + batch norm + ReLU before it (a narrow backbone's "
+                             "linear head learns the organs one at a time)")
     parser.add_argument("--finetune-intensity-scale", type=float, nargs=2, default=[1.0, 1.0],
                         metavar=("LOW", "HIGH"),
                         help="fine-tuning augmentation: a multiplicative intensity scale drawn "

@@ -29,7 +29,12 @@ from lrc_lightning.models.unet import UNet2d
 from lrc_lightning.models.weights import BACKBONE_PREFIX, load_backbone_weights
 from lrc_lightning.objective.term import LRCConfig
 
-__all__ = ["FineTuneSegmentation", "SupervisedSegmentation", "SupervisedSegmentationLRC"]
+__all__ = [
+    "FineTuneSegmentation",
+    "SupervisedSegmentation",
+    "SupervisedSegmentationLRC",
+    "segmentation_head",
+]
 
 
 def _full_size(logits: Tensor, images: Tensor) -> Tensor:
@@ -39,6 +44,47 @@ def _full_size(logits: Tensor, images: Tensor) -> Tensor:
         return logits
     mode = "bilinear" if logits.ndim == 4 else "trilinear"
     return F.interpolate(logits, size=images.shape[2:], mode=mode, align_corners=False)
+
+
+def segmentation_head(
+    in_channels: int, num_classes: int, head_channels: int = 0, spatial_dims: int = 2
+) -> nn.Module:
+    """The classifier on the finest decoder features: a 1x1 convolution, or with
+    ``head_channels > 0`` a 3x3 convolution to that many channels, batch norm and ReLU
+    before it.
+
+    Why the hidden layer: a linear head can only cut the backbone's finest features with
+    planes. A narrow backbone (8 channels at full resolution) then has too few directions to
+    separate five classes at once, and the organs are learnt one at a time, each after a
+    plateau of hundreds of steps (on CHAOS T2, width 8: both kidneys at 0 Dice on the
+    *training* patient after 600 steps; with 32 hidden channels all four organs above 0.88
+    by step 200).
+
+    Example:
+        >>> import torch
+        >>> head = segmentation_head(8, 5, head_channels=32)
+        >>> head(torch.randn(2, 8, 16, 16)).shape
+        torch.Size([2, 5, 16, 16])
+        >>> segmentation_head(8, 5)
+        Conv2d(8, 5, kernel_size=(1, 1), stride=(1, 1))
+
+    Raises:
+        ValueError: ``head_channels < 0`` or ``spatial_dims`` not 2 or 3.
+    """
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if head_channels < 0:
+        raise ValueError(f"head_channels must be >= 0 (0: a 1x1 head), got {head_channels}")
+    conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+    if head_channels == 0:
+        return conv(in_channels, num_classes, kernel_size=1)
+    norm = nn.BatchNorm3d if spatial_dims == 3 else nn.BatchNorm2d
+    return nn.Sequential(
+        conv(in_channels, head_channels, kernel_size=3, padding=1, bias=False),
+        norm(head_channels),
+        nn.ReLU(inplace=True),
+        conv(head_channels, num_classes, kernel_size=1),
+    )
 
 
 def _window_starts(length: int, window: int, overlap: float) -> list[int]:
@@ -116,6 +162,9 @@ class SupervisedSegmentation(ReferenceModel):
             definition), or MONAI ``DiceMetric``'s ``"ignore"`` (``ignore_empty=True``) /
             ``"one"`` (``ignore_empty=False``); see
             :func:`lrc_lightning.models.metrics.dice_per_organ`.
+        head_channels: 0 (default): a 1x1 convolution head; > 0: a 3x3 convolution to that
+            many channels, batch norm and ReLU before it (:func:`segmentation_head`), for
+            narrow backbones whose linear head learns organs one at a time.
     """
 
     def __init__(
@@ -133,6 +182,7 @@ class SupervisedSegmentation(ReferenceModel):
         ignore_index: int = -1,
         empty_organ: EmptyOrgan = "lrc",
         eval_patch_size: tuple[int, int, int] | None = None,
+        head_channels: int = 0,
     ) -> None:
         super().__init__()
         if empty_organ not in EMPTY_ORGAN_CONVENTIONS:
@@ -152,8 +202,9 @@ class SupervisedSegmentation(ReferenceModel):
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone if backbone is not None else UNet2d()
         self.spatial_dims = int(getattr(self.backbone, "spatial_dims", 2))
-        conv = nn.Conv3d if self.spatial_dims == 3 else nn.Conv2d
-        self.head = conv(dense_channels(self.backbone, -1), num_classes, kernel_size=1)
+        self.head = segmentation_head(
+            dense_channels(self.backbone, -1), num_classes, head_channels, self.spatial_dims
+        )
         if self.spatial_dims == 3 and eval_patch_size is None:
             raise ValueError(
                 f"{type(self.backbone).__name__} is 3D: give eval_patch_size=(D, H, W) for "
