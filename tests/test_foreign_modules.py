@@ -131,6 +131,12 @@ def test_the_baseline_arm_gets_the_plain_structure_without_maps(tmp_path) -> Non
         )
     with pytest.raises(ValueError, match="superpixels_in_batch=False is for pre-training"):
         _data(tmp_path, superpixels_in_batch=False, mode="finetune")
+    # The reverse: maps appended for a callback that is not there (once a bare unpack error).
+    for fmt, device_batches in (("lightly", False), ("solo-learn", True)):
+        advice = rf"no LRCCallback: add LRCCallback\(batch_format='{fmt}'\).*superpixels_in_"
+        dm = _data(tmp_path, fmt, device_batches=device_batches)
+        with pytest.raises(ValueError, match=advice):
+            trainer(max_steps=1).fit(LightlyStyleMoCo(), dm)
 
 
 def test_lightly_module_unmodified_gets_lrc_without_an_extra_forward(tmp_path) -> None:

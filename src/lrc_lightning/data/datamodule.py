@@ -581,6 +581,8 @@ class LRCDataModuleBase:
             self.batch_format.name != "dict" or not self.superpixels_in_batch
         )
         fmt, maps = self.batch_format, self.superpixels_in_batch
+        if self.mode == "pretrain" and fmt.name != "dict" and maps:
+            self._require_lrc_callback_for_tuple_batches()
         if self.device_batches:
             batches = self._device_batches()
             return _PackedBatches(batches, fmt, maps) if packed else batches
@@ -596,6 +598,22 @@ class LRCDataModuleBase:
                     drop_last=len(dataset) > self.batch_size, collate_fn=collate,
                 )  # fmt: skip
         return self._loader(dataset, True, self.batch_size, collate)
+
+    def _require_lrc_callback_for_tuple_batches(self) -> None:
+        """A tuple batch with the super-pixel maps appended reaches a module's step only
+        through LRCCallback, which cuts them off; without it the module's own unpacking
+        fails with a bare "too many values to unpack"."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or any(_is_lrc_callback(c) for c in trainer.callbacks):
+            return
+        name = self.batch_format.name
+        raise ValueError(
+            f"LRCDataModule(batch_format={name!r}) appends the super-pixel maps to each "
+            f"{name} batch for LRCCallback(batch_format={name!r}), and this Trainer has no "
+            f"LRCCallback: add LRCCallback(batch_format={name!r}) to its callbacks, or, for "
+            "the baseline run without LRC, set superpixels_in_batch=False to get the plain "
+            f"{name} batches"
+        )
 
     def _device_batches(self) -> DeviceBatches:
         split = self._require_split()
