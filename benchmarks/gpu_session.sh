@@ -24,7 +24,7 @@ SEEDS="${SEEDS:-0 1 2 3 4 5 6 7}"
 timeout "${BENCH_SECONDS:-480}" python3 benchmarks/label_efficiency.py --data .gpu_data/chaos-t2 \
     --out "$OUT" --work-dir /tmp/lrc_bench --cache-dir /tmp/lrc_cache --size 256 --width 16 \
     --depth 4 --pretrain-steps 1000 --finetune-steps 1200 --val-every 100 --patience 4 \
-    --foreground-ratio 0.5 --mirror-labels right_kidney left_kidney --not-labelled chaos_t2_036 \
+    --foreground-ratio 0.5 --mirror-labels right_kidney left_kidney --finetune-head-channels 32 \
     --test-ids chaos_t2_001 chaos_t2_002 chaos_t2_015 chaos_t2_021 chaos_t2_033 chaos_t2_038 \
     --val-ids chaos_t2_031 chaos_t2_034 chaos_t2_037 --ks 1 2 4 \
     --arms random moco moco_lrc moco_lrc_grid \

@@ -193,6 +193,8 @@ def settings_of(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any
     settings = {name: getattr(args, name) for name in names}
     settings["data"] = data_name(args.data)
     settings["tiny"] = args.tiny
+    if "pretrain_steps" in settings:
+        settings["pretrain_on"] = "pool"  # once every training case: never reuse those
     if "lrc_weight" in settings:
         del settings["lrc_weight"], settings["feature_level"]
         settings["lrc"] = asdict(lrc_config(args))
@@ -335,6 +337,11 @@ class NnUNetBenchmark:
         preprocessing needs one per case; unlabelled pool images are left out of it, and so
         out of the pre-training that reads it)."""
         return [c for c in [*self.pool, *self.val] if self.cases[c].label is not None]
+
+    def pretraining_cases(self) -> list[str]:
+        """The cases pre-training reads: the pool's, never the validation patients' (which
+        choose nnU-Net's checkpoint) nor the test patients', as in label_efficiency."""
+        return [c for c in self.training_cases() if c in set(self.pool)]
 
     def nnunet_env(self, results: Path | None = None) -> dict[str, str]:
         """nnU-Net's environment: its folders under the prepared root, and for training
@@ -481,8 +488,8 @@ class NnUNetBenchmark:
                  batch_size=a.pretrain_batch_size, samples_per_epoch=a.samples_per_epoch,
                  num_workers=a.pretrain_workers, lrc=lrc_config(a),
                  trainer_class=a.trainer, seed=seed, trainer_options=options,
-                 baseline=arm == "moco", lr=a.pretrain_lr,
-                 queue_size=a.queue_size)  # fmt: skip
+                 baseline=arm == "moco", lr=a.pretrain_lr, queue_size=a.queue_size,
+                 cases=self.pretraining_cases())  # fmt: skip
         if not a.keep_checkpoints:
             shutil.rmtree(run_dir)  # its Lightning checkpoint: the export is what is used
         seconds = time.perf_counter() - start

@@ -161,8 +161,10 @@ def test_readout_only_options_are_keyed_only_when_set(tmp_path: Path) -> None:
     # Defaults leave every earlier run's key as it was; a set value makes a new key.
     assert settings_key(build_parser().parse_args([*base, "--finetune-intensity-scale", "1",
                                                    "1"])) == key  # fmt: skip
-    assert settings_key(build_parser().parse_args([*base, "--finetune-head-channels", "0"])) == key
+    # The head's default (32) enters the key: runs of the 1x1 head, made before the option
+    # existed, are found again with 0 and never reused by a default run.
+    assert settings_key(build_parser().parse_args([*base, "--finetune-head-channels", "32"])) == key
     for extra in (["--finetune-lr", "3e-4"], ["--finetune-intensity-scale", "0.5", "2"],
-                  ["--finetune-head-channels", "32"]):
+                  ["--finetune-head-channels", "0"]):
         assert settings_key(build_parser().parse_args([*base, *extra])) != key
     assert build_parser().parse_args(base).finetune_lr is None  # the readout uses --lr

@@ -192,6 +192,17 @@ def test_moco_baseline_without_lrc_exports_weights_that_nnunet_loads(
     assert sum(not torch.equal(exported[k], initial[k]) for k in encoder) > len(encoder) // 2
 
 
+def test_pretraining_reads_only_the_cases_it_is_given(preprocessed: Path) -> None:
+    from lrc_lightning.frameworks.nnunet import NnUNetPretrainData
+
+    every = NnUNetPretrainData(preprocessed, "2d").views.identifiers
+    assert len(every) >= 2
+    kept = NnUNetPretrainData(preprocessed, "2d", cases=every[1:]).views.identifiers
+    assert kept == every[1:]  # e.g. the validation patients left out
+    with pytest.raises(ValueError, match=r"cases \['nobody'\] are not among its preprocessed"):
+        NnUNetPretrainData(preprocessed, "2d", cases=[every[0], "nobody"])
+
+
 def test_configuration_and_dataset_errors_name_what_to_run(preprocessed: Path, tmp_path) -> None:
     from lrc_lightning.frameworks.nnunet import NnUNetPretrainData, export_nnunet_weights
 

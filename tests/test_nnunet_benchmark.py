@@ -60,6 +60,8 @@ def test_split_folds_put_the_labelled_in_train_and_the_validation_patients_in_va
 ) -> None:
     bench = _bench(bench_module, tmp_path)
     assert bench.pool == ["chaos_t2_001", "chaos_t2_002"]  # never a test or val patient
+    assert bench.pretraining_cases() == bench.pool  # nnU-Net's dataset also holds val
+    assert "chaos_t2_003" in bench.training_cases()
     one = bench_module.labelled_patients(bench.labelled_pool, 0, 1)
     two = bench_module.labelled_patients(bench.labelled_pool, 0, 2)
     assert two[:1] == one and sorted(two) == bench.pool  # nested in k

@@ -935,10 +935,11 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
                         help="fine-tuning: share of slices drawn from those with an organ")
     parser.add_argument("--finetune-lr", type=float, default=None,
                         help="learning rate of the fine-tuning readout (default: --lr)")
-    parser.add_argument("--finetune-head-channels", type=int, default=0, metavar="N",
-                        help="fine-tuning head: 0, a 1x1 convolution; N > 0, a 3x3 convolution "
-                             "to N channels + batch norm + ReLU before it (a narrow backbone's "
-                             "linear head learns the organs one at a time)")
+    parser.add_argument("--finetune-head-channels", type=int, default=32, metavar="N",
+                        help="fine-tuning head: a 3x3 convolution to N channels + batch norm "
+                             "+ ReLU before the 1x1 classifier (default 32); 0: the 1x1 head "
+                             "alone, with which a narrow backbone learns the organs one at a "
+                             "time (the head of runs before this option)")
     parser.add_argument("--finetune-intensity-scale", type=float, nargs=2, default=[1.0, 1.0],
                         metavar=("LOW", "HIGH"),
                         help="fine-tuning augmentation: a multiplicative intensity scale drawn "

@@ -293,6 +293,12 @@ class NnUNetPretrainViews(Dataset):
         spacing: the configuration's voxel spacing (3D supervoxels use it).
         samples_per_epoch: items per epoch.
         scale, min_size: Felzenszwalb options (:func:`lrc_lightning.felzenszwalb`).
+        cases: the case identifiers to pre-train on (default: every preprocessed case), e.g.
+            to keep validation or test patients out of pre-training.
+
+    Raises:
+        FileNotFoundError: no preprocessed case.
+        ValueError: ``cases`` names identifiers the folder does not hold, or none.
     """
 
     def __init__(
@@ -303,6 +309,7 @@ class NnUNetPretrainViews(Dataset):
         samples_per_epoch: int = 250,
         scale: float = 100.0,
         min_size: int = 50,
+        cases: Sequence[str] | None = None,
     ) -> None:
         _nnunetv2()
         from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
@@ -318,6 +325,14 @@ class NnUNetPretrainViews(Dataset):
         self.identifiers = list(self.dataset.identifiers)
         if not self.identifiers:
             raise FileNotFoundError(f"{self.folder}: no preprocessed case")
+        if cases is not None:
+            unknown = sorted(set(cases) - set(self.identifiers))
+            if unknown or not cases:
+                raise ValueError(
+                    f"{self.folder}: cases {unknown or '[]'} are not among its preprocessed "
+                    f"cases {sorted(self.identifiers)}"
+                )
+            self.identifiers = [c for c in self.identifiers if c in set(cases)]
 
     def __len__(self) -> int:
         return self.samples_per_epoch
@@ -376,6 +391,8 @@ class NnUNetPretrainData(pl.LightningDataModule):
         batch_size, patch_size: the plans' values when None.
         samples_per_epoch, num_workers: loading.
         plans_name: nnU-Net's plans identifier (``-p``).
+        cases: the case identifiers to pre-train on (default: all; see
+            :class:`NnUNetPretrainViews`).
     """
 
     def __init__(
@@ -387,6 +404,7 @@ class NnUNetPretrainData(pl.LightningDataModule):
         samples_per_epoch: int = 250,
         num_workers: int = 0,
         plans_name: str = "nnUNetPlans",
+        cases: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         self.plans, self.dataset_json, self.data_folder = read_nnunet_setup(
@@ -404,7 +422,7 @@ class NnUNetPretrainData(pl.LightningDataModule):
                 f"{configuration!r} configuration is {len(config.patch_size)}D"
             )
         self.views = NnUNetPretrainViews(self.data_folder, self.patch_size, config.spacing,
-                                         samples_per_epoch)  # fmt: skip
+                                         samples_per_epoch, cases=cases)  # fmt: skip
         self.num_workers = num_workers
 
     def train_dataloader(self) -> DataLoader:
@@ -551,6 +569,7 @@ def pretrain(
     seed: int = 0,
     trainer_options: Mapping[str, Any] | None = None,
     baseline: bool = False,
+    cases: Sequence[str] | None = None,
     **moco_kwargs: Any,
 ) -> Path:
     """Pre-train nnU-Net's network of ``configuration`` with MoCo v2 + LRC (with
@@ -559,7 +578,8 @@ def pretrain(
 
     The Lightning checkpoint (``last.ckpt``, resumable, exportable again with
     ``lrc-lightning export --format nnunet``) goes to ``work_dir`` (default: beside
-    ``output``, ``<output>.run``).
+    ``output``, ``<output>.run``). ``cases`` limits pre-training to those case identifiers
+    (default: every preprocessed case).
 
     Returns:
         ``output``.
@@ -568,7 +588,7 @@ def pretrain(
 
     pl.seed_everything(seed, workers=True)
     data = NnUNetPretrainData(preprocessed, configuration, batch_size, patch_size,
-                              samples_per_epoch, num_workers, plans_name)  # fmt: skip
+                              samples_per_epoch, num_workers, plans_name, cases)  # fmt: skip
     model: MoCoV2
     if baseline:
         model = NnUNetMoCo(data.plans, data.dataset_json, configuration, trainer_class,
