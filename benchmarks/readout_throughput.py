@@ -5,7 +5,8 @@
         [--json-out FILE]
 
 The declared protocol of Evidence II (``benchmarks/results/README.md``) fine-tunes and
-pre-trains ``UNet2d(width=8, depth=4)`` on 128x128 slices, batch 16, AdamW. This script times,
+pre-trains ``UNet2d(width=8, depth=4)`` on 128x128 slices, batch 16, AdamW, and since its
+amendment 2 fine-tunes with a hidden-layer head (``--head-channels 32``). This script times,
 in one process, on real batches of the shipped CHAOS demo volumes (``LRCDataModule`` with a
 temporary cache):
 
@@ -179,7 +180,8 @@ def build(phase: str, variant: str, args: argparse.Namespace) -> tuple[Any, bool
         model: Any = MoCoV2LRC(backbone, queue_size=1024, key_bn_groups=2, lr=1e-3)
     else:
         model = FineTuneSegmentation(backbone, num_classes=len(args.organs) + 1,
-                                     class_names=args.organs, lr=1e-3)  # fmt: skip
+                                     class_names=args.organs, lr=1e-3,
+                                     head_channels=args.head_channels)  # fmt: skip
     if variant == "channels_last":
         model = model.to(memory_format=torch.channels_last)
     return model.train(), phase == "pretrain"
@@ -303,6 +305,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--width", type=int, default=8)
+    parser.add_argument("--head-channels", type=int, default=32,
+                        help="fine-tuning head's hidden channels (the protocol's since "
+                             "amendment 2; 0: the 1x1 head of the session-7 figures)")
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=10, help="measured rounds (median)")

@@ -185,7 +185,9 @@ RESULT_OPTIONS = (
 )  # fmt: skip
 
 
-#: Options added later, hashed only when set, so that earlier runs keep their keys.
+#: Options added later, hashed only when they differ from these values (what the runs made
+#: before each option did), so that earlier runs keep their keys. A default that differs
+#: (``finetune_head_channels``: 32) is therefore always hashed.
 OPTIONAL_RESULT_OPTIONS = {"spacing": None, "device_batches": False, "channels_last": False,
                            "test_ids": None, "val_ids": None, "not_labelled": None,
                            "finetune_lr": None, "finetune_head_channels": 0,

@@ -389,7 +389,8 @@ class FineTuneSegmentation(SupervisedSegmentation):
 
     Args:
         pretrained, pretrained_prefix: where the backbone weights come from.
-        freeze_backbone: train the head only (a linear probe).
+        freeze_backbone: train the head only (a linear probe with the default
+            ``head_channels=0``).
         backbone_lr_scale: learning-rate factor of the pre-trained backbone.
         trust_checkpoint: load ``pretrained`` with the unrestricted unpickler, which runs
             whatever code the file asks for (default: the safe loader,
