@@ -168,3 +168,30 @@ def test_readout_only_options_are_keyed_only_when_set(tmp_path: Path) -> None:
                   ["--finetune-head-channels", "0"]):
         assert settings_key(build_parser().parse_args([*base, *extra])) != key
     assert build_parser().parse_args(base).finetune_lr is None  # the readout uses --lr
+
+
+def test_a_new_readout_reuses_the_pretrained_weights(tmp_path: Path) -> None:
+    from lrc_lightning.evaluation.label_efficiency import Variant, pretraining_key
+    from lrc_lightning.objective.term import LRCConfig
+
+    base = ["--data", str(DEMO_MR), "--out", str(tmp_path), "--work-dir", str(tmp_path / "w")]
+    key = pretraining_key(build_parser().parse_args(base))
+    for readout in (["--finetune-head-channels", "0"], ["--finetune-steps", "99"],
+                    ["--patience", "0"], ["--probe-levels", "bottleneck"],
+                    ["--finetune-lr", "3e-4"]):  # fmt: skip
+        assert pretraining_key(build_parser().parse_args([*base, *readout])) == key, readout
+    for pretraining in (["--pretrain-steps", "7"], ["--width", "4"], ["--mirror-labels",
+                        "right_kidney", "left_kidney"], ["--foreground-ratio", "0.9"]):  # fmt: skip
+        assert pretraining_key(build_parser().parse_args([*base, *pretraining])) != key
+    # Weights saved by an earlier version, named by the runs' key, are still found.
+    bench = Benchmark(build_parser().parse_args([*base, "--test-cases", "1", "--val-cases", "1",
+                                                 "--ks", "1"]))  # fmt: skip
+    variant = Variant("moco", LRCConfig())
+    fresh = bench.weights_path(variant, 0, ["chaos_t2_001"])
+    assert fresh.name == f"pretrain_moco_s0-w{bench.weights_key}.pt" and not fresh.exists()
+    earlier = fresh.with_name(f"pretrain_moco_s0-{bench.key}.pt")
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"weights")
+    assert bench.weights_path(variant, 0, ["chaos_t2_001"]) == earlier
+    fresh.write_bytes(b"weights")
+    assert bench.weights_path(variant, 0, ["chaos_t2_001"]) == fresh

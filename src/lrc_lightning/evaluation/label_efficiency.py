@@ -201,13 +201,42 @@ READOUT_OPTIONS = ("val_every", "patience", "foreground_ratio", "mirror_labels",
                    "probe_levels")  # fmt: skip
 
 
-def settings_key(args: argparse.Namespace) -> str:
+#: Options that only ``Benchmark.finetune`` and ``Benchmark.probe`` read: changing them
+#: changes the runs' key but never the pre-trained weights' (no pre-training is redone).
+#: Options that also reach pre-training's data module (``foreground_ratio``,
+#: ``mirror_labels``: the labelled views of ``supervised_lrc``) are not among them.
+READOUT_ONLY_OPTIONS = ("finetune_steps", "val_every", "patience", "probe_levels",
+                        "probe_pixels", "probe_l2", "finetune_lr", "finetune_head_channels",
+                        "finetune_intensity_scale")  # fmt: skip
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
     settings = {k: getattr(args, k) for k in RESULT_OPTIONS}
     settings["readout"] = {k: getattr(args, k) for k in READOUT_OPTIONS}
     settings.update({k: getattr(args, k) for k, default in OPTIONAL_RESULT_OPTIONS.items()
                      if getattr(args, k, default) != default})  # fmt: skip
     settings["data"] = Path(args.data).name
+    return settings
+
+
+def _hash(settings: dict[str, Any]) -> str:
     return hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=4).hexdigest()
+
+
+def settings_key(args: argparse.Namespace) -> str:
+    """The runs' key: a hash of every option that changes a result."""
+    return _hash(_settings(args))
+
+
+def pretraining_key(args: argparse.Namespace) -> str:
+    """The pre-trained weights' key: :func:`settings_key` without the readout-only options
+    (:data:`READOUT_ONLY_OPTIONS`), so that a new readout reuses the pre-trainings."""
+    settings = _settings(args)
+    for name in READOUT_ONLY_OPTIONS:
+        settings.pop(name, None)
+        settings["readout"].pop(name, None)
+    settings["weights"] = "pretraining"  # never equal to a runs' key
+    return _hash(settings)
 
 
 class BenchmarkStopped(Exception):
@@ -294,6 +323,7 @@ class Benchmark:
         self.args = args
         self.organs = class_names(args.data, args.classes)
         self.key = settings_key(args)
+        self.weights_key = pretraining_key(args)
         self.out = Path(args.out)
         self.runs = self.out / "label_efficiency_runs"
         self.work = Path(args.work_dir)
@@ -441,9 +471,14 @@ class Benchmark:
             print(f"  {text}", flush=True)
 
     def weights_path(self, variant: Variant, seed: int, labelled: list[str]) -> Path:
-        """Where the pre-trained backbone of ``variant`` and ``seed`` is kept."""
+        """Where the pre-trained backbone of ``variant`` and ``seed`` is kept: named by the
+        pre-training key; a file of an earlier version, named by the runs' key, is still
+        found (and used) when it exists."""
         suffix = f"_k{len(labelled)}" if variant.arm == "supervised_lrc" else ""
-        return self.work / f"pretrain_{variant.label}_s{seed}{suffix}-{self.key}{variant.key}.pt"
+        stem = f"pretrain_{variant.label}_s{seed}{suffix}"
+        path = self.work / f"{stem}-w{self.weights_key}{variant.key}.pt"
+        earlier = self.work / f"{stem}-{self.key}{variant.key}.pt"
+        return earlier if not path.is_file() and earlier.is_file() else path
 
     def pretrain(self, variant: Variant, seed: int, labelled: list[str]) -> Path:
         """Pre-train (or reuse) and return the backbone weights file."""
