@@ -35,6 +35,7 @@ PUBLIC_MODULES = (
     "lrc_lightning.frameworks.lightning",
     "lrc_lightning.evaluation.label_efficiency",
     "lrc_lightning.evaluation.statistics",
+    "lrc_lightning.evaluation.decision",
 )
 
 #: Public methods that had no docstring when this check was written (``Class.method`` of

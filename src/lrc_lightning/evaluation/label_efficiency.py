@@ -71,6 +71,7 @@ from lrc_lightning._version import __version__
 from lrc_lightning.data import LRCDataModule, discover_cases
 from lrc_lightning.data.cases import DataError, read_json
 from lrc_lightning.data.splits import split_cases
+from lrc_lightning.evaluation.decision import Decision, decide
 from lrc_lightning.evaluation.probe import FeatureLevel, linear_probe_dice
 from lrc_lightning.evaluation.statistics import paired_differences, paired_table
 from lrc_lightning.models import (
@@ -749,12 +750,20 @@ def markdown(
     organs: list[str],
     noise: dict[str, dict[str, Any] | None] | None = None,
     ks: Sequence[int] | None = None,
+    decision: Decision | None = None,
 ) -> str:
-    """The tables of one benchmark: the fine-tuned readout first (the headline), then the
-    probe on each level with its caveat, then the noise floor. Paired differences count a
-    seed only when it has every k of ``ks`` (the protocol's)."""
+    """The tables of one benchmark: the declared decision and validity checks (when the
+    primary arms ran), the fine-tuned readout (the headline), then the probe on each level
+    with its caveat, then the noise floor. Paired differences count a seed only when it has
+    every k of ``ks`` (the protocol's)."""
     lines = [f"# {title}", "", f"`{head['command']}`", "",
              f"versions: {head['versions']}  ", f"hardware: {head['hardware']}", ""]  # fmt: skip
+    if decision is not None:
+        mark = {True: "passes", False: "**FAILS**", None: "not judged yet"}
+        lines += [f"## Declared decision ({PRIMARY[0]} - {PRIMARY[1]}, fine-tuned)", "",
+                  f"**{decision.text}**", "", "Validity checks of the readout:", "",
+                  *[f"- {c.name}: {mark[c.passed]} ({c.detail})" for c in decision.checks],
+                  ""]  # fmt: skip
     for readout, summary in summaries.items():
         ks = sorted({v["k"] for v in summary.values()})
         if not ks:
@@ -1204,6 +1213,13 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
                                 readout)  # fmt: skip
                 noise[readout] = paired_differences(rep, "repeat", summaries[readout],
                                                     args.noise_arm, args.ks)  # fmt: skip
+        decision = None
+        if all(arm in args.arms for arm in PRIMARY):
+            primary = paired_differences(summaries["finetune"], PRIMARY[0],
+                                         summaries["finetune"], PRIMARY[1], args.ks)  # fmt: skip
+            decision = decide(primary, summaries["finetune"],
+                              noise.get("finetune") if noise else None,
+                              floor_k=2 if 2 in args.ks else min(args.ks))  # fmt: skip
         name = f"label_efficiency{args.tag}"
         main_head = header_of(name)
         payload = {**main_head, "classes": bench.organs, "summary": summaries["finetune"],
@@ -1212,10 +1228,12 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
                                             for r in level_readouts},
                    "comparisons": {r: dict(paired_rows(summaries[r], args.arms, ks=args.ks))
                                    for r in summaries},
-                   "noise_floor": noise}  # fmt: skip
+                   "noise_floor": noise,
+                   "decision": decision.as_dict() if decision else None}  # fmt: skip
         atomic_json(out / f"{name}.json", payload)
         title = f"Label efficiency on {Path(args.data).name} (test patients)"
-        text = markdown(summaries, main_head, title, args.arms, bench.organs, noise, args.ks)
+        text = markdown(summaries, main_head, title, args.arms, bench.organs, noise, args.ks,
+                        decision)  # fmt: skip
         (out / f"{name}.md").write_text(text)
         plot({r: summaries[r] for r in READOUTS}, args.arms, out / f"{name}.png")
         print(text)
