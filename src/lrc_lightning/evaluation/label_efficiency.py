@@ -762,7 +762,9 @@ def markdown(
         mark = {True: "passes", False: "**FAILS**", None: "not judged yet"}
         lines += [f"## Declared decision ({PRIMARY[0]} - {PRIMARY[1]}, fine-tuned)", "",
                   f"**{decision.text}**", "", "Validity checks of the readout:", "",
-                  *[f"- {c.name}: {mark[c.passed]} ({c.detail})" for c in decision.checks],
+                  *[f"- {c.name}: {mark[c.passed]} ({c.detail})"
+                    + ("" if c.declared else "; reported, outside the verdict")
+                    for c in decision.checks],
                   ""]  # fmt: skip
     for readout, summary in summaries.items():
         ks = sorted({v["k"] for v in summary.values()})
@@ -1162,7 +1164,7 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         if args.report_only and saved.is_file():
             return {k: v for k, v in json.loads(saved.read_text()).items()
                     if k not in ("summary", "probe_summary", "noise_floor",
-                                 "probe_levels_summary", "comparisons")}  # fmt: skip
+                                 "probe_levels_summary", "comparisons", "decision")}  # fmt: skip
         seconds = {"wall": round(time.perf_counter() - wall, 1),
                    "training_steps": round(bench.train_seconds, 1)}  # fmt: skip
         return header(args, command, commit, seconds)
@@ -1217,9 +1219,11 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         if all(arm in args.arms for arm in PRIMARY):
             primary = paired_differences(summaries["finetune"], PRIMARY[0],
                                          summaries["finetune"], PRIMARY[1], args.ks)  # fmt: skip
+            repeated = summarise([dict(r, arm="repeat") for r in repeats if r], bench.organs,
+                                 "finetune")  # fmt: skip
             decision = decide(primary, summaries["finetune"],
-                              noise.get("finetune") if noise else None,
-                              floor_k=2 if 2 in args.ks else min(args.ks))  # fmt: skip
+                              noise.get("finetune") if noise else None, repeats=repeated,
+                              seed_order=args.seeds)  # fmt: skip
         name = f"label_efficiency{args.tag}"
         main_head = header_of(name)
         payload = {**main_head, "classes": bench.organs, "summary": summaries["finetune"],
