@@ -122,3 +122,52 @@ def test_bad_thresholds_are_refused_and_the_table_shows_the_decision() -> None:
     assert "- random at k = 2 >= 0.5 mean test Dice: passes (0.700 over 8 seeds)" in text
     assert "reported, outside the verdict" in text
     assert decision.as_dict()["checks"][0]["passed"] is True
+
+
+def test_the_benchmark_report_opens_with_the_decision_from_its_run_files(tmp_path) -> None:
+    """--report-only over finished run files (written here with the benchmark's own names):
+    the JSON and the table carry the declared decision, noise-floor repeats included."""
+    import json
+
+    from lrc_lightning.evaluation.label_efficiency import (
+        NOISE_SEED_OFFSET,
+        Benchmark,
+        Variant,
+        _readout_record,
+        build_parser,
+        main,
+    )
+    from lrc_lightning.objective.term import LRCConfig
+    from tests.conftest import DEMO_MR
+
+    argv = ["--data", str(DEMO_MR), "--out", str(tmp_path), "--work-dir", str(tmp_path / "w"),
+            "--cache-dir", str(tmp_path / "c"), "--test-cases", "1", "--val-cases", "1",
+            "--ks", "1", "--seeds", "0", "1", "2", "--arms", "random", "moco", "moco_lrc",
+            "--noise-floor", "--pretrain-steps", "10"]  # fmt: skip
+    bench = Benchmark(build_parser().parse_args(argv))
+    base = LRCConfig(weight=0.3, schedule="linear", warmup_steps=2)  # main's recipe
+    runs = bench.runs
+    runs.mkdir(parents=True)
+    organs = bench.organs
+
+    def write(arm: str, seed: int, dice: float, offset: int = 0, low: float = 0.5) -> None:
+        variant = Variant(arm, base)
+        record = _readout_record({"case": [dice, low, dice, dice]}, organs)
+        repeat = f"_r{offset}" if offset else ""
+        name = f"test_{variant.label}_k1_s{seed}{repeat}"
+        (runs / f"{name}-{bench.key}{variant.key}.json").write_text(json.dumps({
+            "run": name, "arm": variant.label, "k": 1, "seed": seed, "stage": "test",
+            "readout_offset": offset, "labelled": ["x"], "classes": organs, **record,
+            "probe": record, "probe_levels": {"-1": record}}))  # fmt: skip
+
+    for seed in range(3):
+        for arm, dice in (("random", 0.7), ("moco", 0.70), ("moco_lrc", 0.71 + seed / 100)):
+            write(arm, seed, dice)
+        write("moco", seed, 0.70, NOISE_SEED_OFFSET, low=0.01 if seed == 2 else 0.5)
+    assert main([*argv, "--report-only"]) == 0
+    decision = json.loads((tmp_path / "label_efficiency.json").read_text())["decision"]
+    assert decision["verdict"] == "not interpretable" and decision["seeds"] == [0, 1, 2]
+    organ_check = decision["checks"][2]
+    assert organ_check["passed"] is False and "seed 2: right_kidney 0.010" in organ_check["detail"]
+    text = (tmp_path / "label_efficiency.md").read_text()
+    assert text.index("## Declared decision") < text.index("## Readout: finetune")
