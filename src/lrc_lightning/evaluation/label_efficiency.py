@@ -986,8 +986,8 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
     parser.add_argument("--finetune-head-channels", type=int, default=32, metavar="N",
                         help="fine-tuning head: a 3x3 convolution to N channels + batch norm "
                              "+ ReLU before the 1x1 classifier (default 32); 0: the 1x1 head "
-                             "alone, with which a narrow backbone learns the organs one at a "
-                             "time (the head of runs before this option)")
+                             "alone (the head of runs before this option; on CHAOS with "
+                             "width 8 it failed to learn the kidneys)")
     parser.add_argument("--finetune-intensity-scale", type=float, nargs=2, default=[1.0, 1.0],
                         metavar=("LOW", "HIGH"),
                         help="fine-tuning augmentation: a multiplicative intensity scale drawn "

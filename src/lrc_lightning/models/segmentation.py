@@ -53,12 +53,10 @@ def segmentation_head(
     ``head_channels > 0`` a 3x3 convolution to that many channels, batch norm and ReLU
     before it.
 
-    Why the hidden layer: a linear head can only cut the backbone's finest features with
-    planes. A narrow backbone (8 channels at full resolution) then has too few directions to
-    separate five classes at once, and the organs are learnt one at a time, each after a
-    plateau of hundreds of steps (on CHAOS T2, width 8: both kidneys at 0 Dice on the
-    *training* patient after 600 steps; with 32 hidden channels all four organs above 0.88
-    by step 200).
+    Why the hidden layer, as observed (one draw, one seed; the mechanism is not
+    established): on CHAOS T2 with ``UNet2d(width=8)``, whose finest features have 8
+    channels, the 1x1 head left both kidneys at 0 Dice on its own *training* patient after
+    600 steps; with 32 hidden channels all four organs were above 0.88 by step 200.
 
     Example:
         >>> import torch
@@ -138,7 +136,8 @@ def _decoder_features(backbone: nn.Module, images: Tensor) -> list[Tensor]:
 
 
 class SupervisedSegmentation(ReferenceModel):
-    """Backbone + 1x1 conv head trained with cross-entropy + soft Dice.
+    """Backbone + segmentation head (:func:`segmentation_head`) trained with cross-entropy
+    + soft Dice.
 
     Training batches: ``image`` (B, 1, H, W) + ``label`` (B, H, W) (fine-tuning), or the two
     views ``image_v1``/``image_v2`` + ``label_v1``/``label_v2`` (pre-training mode with
@@ -163,8 +162,9 @@ class SupervisedSegmentation(ReferenceModel):
             ``"one"`` (``ignore_empty=False``); see
             :func:`lrc_lightning.models.metrics.dice_per_organ`.
         head_channels: 0 (default): a 1x1 convolution head; > 0: a 3x3 convolution to that
-            many channels, batch norm and ReLU before it (:func:`segmentation_head`), for
-            narrow backbones whose linear head learns organs one at a time.
+            many channels, batch norm and ReLU before it (:func:`segmentation_head`). Try it
+            with narrow backbones: ``lrc-lightning benchmark`` fine-tunes with 32 since a
+            width-8 backbone's 1x1 head failed to learn the kidneys there.
     """
 
     def __init__(
