@@ -164,8 +164,12 @@ def test_the_benchmark_report_opens_with_the_decision_from_its_run_files(tmp_pat
         for arm, dice in (("random", 0.7), ("moco", 0.70), ("moco_lrc", 0.71 + seed / 100)):
             write(arm, seed, dice)
         write("moco", seed, 0.70, NOISE_SEED_OFFSET, low=0.01 if seed == 2 else 0.5)
+    # A table of other runs (another key) lies there: its command must not be carried over.
+    (tmp_path / "label_efficiency.json").write_text(json.dumps({"command": "OLD", "key": "x"}))
     assert main([*argv, "--report-only"]) == 0
-    decision = json.loads((tmp_path / "label_efficiency.json").read_text())["decision"]
+    table = json.loads((tmp_path / "label_efficiency.json").read_text())
+    assert table["command"] != "OLD" and table["key"] == bench.key
+    decision = table["decision"]
     assert decision["verdict"] == "not interpretable" and decision["seeds"] == [0, 1, 2]
     organ_check = decision["checks"][2]
     assert organ_check["passed"] is False and "seed 2: right_kidney 0.010" in organ_check["detail"]

@@ -729,6 +729,7 @@ def header(
                      "torch_threads": torch.get_num_threads(),
                      "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
+        "key": settings_key(args),
         "seconds": seconds or {},
     }  # fmt: skip
 
@@ -1161,8 +1162,11 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     def header_of(name: str) -> dict[str, Any]:
         # A report rebuilt from finished runs keeps the command and hardware of the runs.
         saved = out / f"{name}.json"
-        if args.report_only and saved.is_file():
-            return {k: v for k, v in json.loads(saved.read_text()).items()
+        earlier = json.loads(saved.read_text()) if args.report_only and saved.is_file() else {}
+        # Only a table of the same runs (the same key): another key's command would
+        # misdescribe them.
+        if earlier.get("key") == bench.key:
+            return {k: v for k, v in earlier.items()
                     if k not in ("summary", "probe_summary", "noise_floor",
                                  "probe_levels_summary", "comparisons", "decision")}  # fmt: skip
         seconds = {"wall": round(time.perf_counter() - wall, 1),
