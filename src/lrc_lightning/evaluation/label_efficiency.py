@@ -757,6 +757,7 @@ def markdown(
     primary arms ran), the fine-tuned readout (the headline), then the probe on each level
     with its caveat, then the noise floor. Paired differences count a seed only when it has
     every k of ``ks`` (the protocol's)."""
+    protocol_ks = list(ks) if ks is not None else None
     lines = [f"# {title}", "", f"`{head['command']}`", "",
              f"versions: {head['versions']}  ", f"hardware: {head['hardware']}", ""]  # fmt: skip
     if decision is not None:
@@ -768,8 +769,8 @@ def markdown(
                     for c in decision.checks],
                   ""]  # fmt: skip
     for readout, summary in summaries.items():
-        ks = sorted({v["k"] for v in summary.values()})
-        if not ks:
+        shown = sorted({v["k"] for v in summary.values()})
+        if not shown:
             continue
         if readout == "finetune":
             what = ("fine-tuned; weights chosen on the validation patients; the headline: "
@@ -783,13 +784,13 @@ def markdown(
             lines += [PROBE_CAVEAT, ""]
         lines += ["Mean 3D Dice over organs, mean ± std over seeds (n seeds in brackets); "
                   "the lowest organ Dice of any run in the last column.", "",
-                  "| arm | " + " | ".join(f"k={k}" for k in ks) + " | lowest organ |",
-                  "|---|" + "---|" * (len(ks) + 1)]  # fmt: skip
+                  "| arm | " + " | ".join(f"k={k}" for k in shown) + " | lowest organ |",
+                  "|---|" + "---|" * (len(shown) + 1)]  # fmt: skip
         for arm in arms:
             cells = []
-            lowest = [s["lowest_organ"] for k in ks if (s := summary.get(f"{arm}|{k}"))
+            lowest = [s["lowest_organ"] for k in shown if (s := summary.get(f"{arm}|{k}"))
                       and "lowest_organ" in s]  # fmt: skip
-            for k in ks:
+            for k in shown:
                 s = summary.get(f"{arm}|{k}")
                 spread = f"{s['std']:.3f}" if s and s["n_seeds"] > 1 else "-"
                 cells.append(f"{s['mean']:.3f} ± {spread} ({s['n_seeds']})" if s else "-")
@@ -799,12 +800,14 @@ def markdown(
                   "| arm | k | " + " | ".join(organs) + " |",
                   "|---|---|" + "---|" * len(organs)]  # fmt: skip
         for arm in arms:
-            for k in ks:
+            for k in shown:
                 s = summary.get(f"{arm}|{k}")
                 if s:
                     cells_o = " | ".join(f"{s['per_organ'][o]:.3f}" for o in organs)
                     lines.append(f"| {arm} | {k} | {cells_o} |")
-        lines += paired_section(summary, arms, primary=readout == "finetune", ks=ks)
+        # The protocol's ks, not the ones with runs so far: a seed counts only with all.
+        lines += paired_section(summary, arms, primary=readout == "finetune",
+                                ks=protocol_ks or shown)  # fmt: skip
         lines.append("")
     if noise:
         lines += ["## Noise floor of each readout", "",
