@@ -857,7 +857,8 @@ def paired_section(
     """Markdown of :func:`paired_rows` (a seed counts when it has every k of ``ks``)."""
     rows = paired_rows(summary, arms, primary, ks)
     if not any(d for _, d in rows):
-        return []
+        wanted = f" (k = {', '.join(map(str, ks))})" if ks else ""
+        return ["", f"Paired differences: no seed has every k{wanted} of two arms yet."]
     return ["", "Paired differences of mean Dice with the seed as the unit: per seed, the mean "
             "over k of the difference (same labelled patients and test volumes); mean over "
             "seeds with a t interval on seeds - 1 degrees of freedom; the bootstrap resamples "
