@@ -234,3 +234,15 @@ def test_monai_3d_network_pretrains_on_ct_volumes_with_the_callback(tmp_path) ->
                                        features=(4, 4, 8, 16, 32, 4)),
                              spatial_dims=3, example_size=32)  # fmt: skip
     assert backbone.decoder_layers[-1] == "upcat_1" and backbone.decoder_channels[-1] == 4
+
+
+def test_a_3d_monai_backbone_gets_a_3d_segmentation_head() -> None:
+    # MonaiBackbone(spatial_dims=3) once gave FineTuneSegmentation a Conv2d head (5D input
+    # error); with or without the hidden layer the head now follows the backbone's dims.
+    network = BasicUNet(spatial_dims=3, in_channels=1, out_channels=4,
+                        features=(4, 4, 8, 16, 32, 4))  # fmt: skip
+    backbone = MonaiBackbone(network, spatial_dims=3, example_size=32)
+    for channels in (0, 8):
+        model = FineTuneSegmentation(backbone, num_classes=3, head_channels=channels,
+                                     eval_patch_size=(16, 32, 32))  # fmt: skip
+        assert model(torch.randn(1, 1, 16, 32, 32)).shape == (1, 3, 16, 32, 32)

@@ -228,6 +228,8 @@ class MonaiBackbone(nn.Module):
     ) -> None:
         super().__init__()
         self.network = network
+        # Read by the segmentation models: a 3D network needs a 3D head.
+        self.spatial_dims = spatial_dims
         known = _known_layers(network)
         example = torch.zeros(2, in_channels, *[example_size] * spatial_dims)
         if bottleneck_layer is None or decoder_layers is None:
