@@ -1,6 +1,7 @@
 """lightly's MoCo v2 LightningModule, as lightly documents it, gets LRC in three lines.
 
-    pip install lightly          # needs torchvision built for your torch
+    pip install -e ".[lightly]"  # lightly + torchvision: install the torchvision built
+                                 # for your torch (e.g. torch==2.14.1, torchvision==0.29.1)
     python examples/lightly_moco.py [--data data/chaos-t2-demo] [--steps 20]
 
 `MoCo` below is lightly's example module (docs: "MoCo" in lightly's examples), with one
