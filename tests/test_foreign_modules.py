@@ -139,6 +139,19 @@ def test_the_baseline_arm_gets_the_plain_structure_without_maps(tmp_path) -> Non
             trainer(max_steps=1).fit(LightlyStyleMoCo(), dm)
 
 
+def test_a_format_the_data_module_cannot_build_is_refused_at_construction(tmp_path) -> None:
+    """A KeyPathBatch or a callable reads batches; the data module builds only the named
+    formats, so it says so when it is made (it once failed at the first training step with
+    a bare NotImplementedError). The callback keeps taking both."""
+    key_paths = KeyPathBatch(views=("0.0", "0.1"), superpixels=("3.0", "3.1"))
+    for fmt in (key_paths, lambda batch: batch):
+        with pytest.raises(ValueError, match=r"builds only the named batch formats "
+                           r"\['dict', 'lightly', 'solo-learn'\].*LRCCallback\(batch_format"):
+            _data(tmp_path, fmt)  # type: ignore[arg-type]
+        assert LRCCallback(feature_layer="backbone.2", batch_format=fmt).batch_format.name
+    assert _data(tmp_path, "solo-learn").batch_format.name == "solo-learn"
+
+
 def test_lightly_module_unmodified_gets_lrc_without_an_extra_forward(tmp_path) -> None:
     """lightly's MoCo as documented + LRCDataModule(batch_format) + LRCCallback: no
     DataModule subclass, no extra forward (view 2's features come from the momentum

@@ -32,7 +32,7 @@ from lrc_lightning.data.patches import (
 from lrc_lightning.data.preprocess import RegionMethod
 from lrc_lightning.data.splits import Split, check_evaluation_labels, split_cases
 from lrc_lightning.data.transforms import GeometryAugment, IntensityAugment, MirrorLabels
-from lrc_lightning.objective.batches import BatchFormat, BatchFormatName
+from lrc_lightning.objective.batches import BATCH_FORMATS, BatchFormat, BatchFormatName
 from lrc_lightning.objective.batches import batch_format as resolve_batch_format
 
 __all__ = ["LRCDataModule", "LRCDataModuleBase"]
@@ -398,6 +398,15 @@ class LRCDataModuleBase:
         self.channels_last = channels_last
         self.channels = channels
         self.batch_format = resolve_batch_format(batch_format)
+        if type(self.batch_format).pack is BatchFormat.pack:
+            # A KeyPathBatch or callable reads a batch; only the named formats can also be
+            # built from the data module's dict, so refuse here, not at the first step.
+            raise ValueError(
+                f"LRCDataModule(batch_format={batch_format!r}): the data module builds only "
+                f"the named batch formats {sorted(BATCH_FORMATS)}; a KeyPathBatch or a "
+                "callable reads batches that your own DataLoader builds: give it to "
+                "LRCCallback(batch_format=...) or init_lrc(batch_format=...) instead"
+            )
         self.superpixels_in_batch = bool(superpixels_in_batch)
         self.spatial_dims = spatial_dims
         threshold = foreground_threshold if skip_empty_slices else 0.05
