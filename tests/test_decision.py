@@ -175,3 +175,6 @@ def test_the_benchmark_report_opens_with_the_decision_from_its_run_files(tmp_pat
     assert organ_check["passed"] is False and "seed 2: right_kidney 0.010" in organ_check["detail"]
     text = (tmp_path / "label_efficiency.md").read_text()
     assert text.index("## Declared decision") < text.index("## Readout: finetune")
+    # Beside every paired table, not only at the top: without a verdict no row is evidence.
+    caution = "**Not interpretable** (3 seed(s) so far): no paired row below is evidence"
+    assert text.count(caution) == text.count("Paired differences of mean Dice") >= 2

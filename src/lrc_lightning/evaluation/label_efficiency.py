@@ -768,6 +768,15 @@ def markdown(
                     + ("" if c.declared else "; reported, outside the verdict")
                     for c in decision.checks],
                   ""]  # fmt: skip
+    # Without a verdict, the paired rows are interim numbers: each table says so beside
+    # them, so that no row (an interval that excludes 0 on 2 seeds, say) reads as evidence.
+    caution = (
+        f"**{decision.verdict.capitalize()}** ({decision.n_seeds} seed(s) so far): no "
+        "paired row below is evidence, not the primary, not a secondary row, not an "
+        "interval that excludes 0."
+        if decision is not None and decision.verdict in ("no result yet", "not interpretable")
+        else None
+    )
     for readout, summary in summaries.items():
         shown = sorted({v["k"] for v in summary.values()})
         if not shown:
@@ -805,6 +814,8 @@ def markdown(
                 if s:
                     cells_o = " | ".join(f"{s['per_organ'][o]:.3f}" for o in organs)
                     lines.append(f"| {arm} | {k} | {cells_o} |")
+        if caution:
+            lines += ["", caution]
         # The protocol's ks, not the ones with runs so far: a seed counts only with all.
         lines += paired_section(summary, arms, primary=readout == "finetune",
                                 ks=protocol_ks or shown)  # fmt: skip
