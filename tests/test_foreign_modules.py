@@ -148,7 +148,10 @@ def test_a_format_the_data_module_cannot_build_is_refused_at_construction(tmp_pa
         with pytest.raises(ValueError, match=r"builds only the named batch formats "
                            r"\['dict', 'lightly', 'solo-learn'\].*LRCCallback\(batch_format"):
             _data(tmp_path, fmt)  # type: ignore[arg-type]
-        assert LRCCallback(feature_layer="backbone.2", batch_format=fmt).batch_format.name
+    # The callback keeps taking both: the instance itself, and the callable wrapped.
+    assert LRCCallback(feature_layer="backbone.2", batch_format=key_paths).batch_format is key_paths
+    wrapped = LRCCallback(feature_layer="backbone.2", batch_format=lambda b: b).batch_format
+    assert type(wrapped).__name__ == "CallableBatch"
     assert _data(tmp_path, "solo-learn").batch_format.name == "solo-learn"
 
 

@@ -70,10 +70,10 @@ class LocalizedRegionContrastLoss(nn.Module):
     only, not on the (B, C, h, w) maps (with the defaults, 16 regions x 16 pixels: 256 of
     the 65,536 pixels of a 256x256 map), and the same result per pixel since the head is
     1x1 (only its BatchNorm statistics are taken over the sampled pixels instead of all
-    pixels). With ``samples_per_region=None`` it
-    runs on the full maps. A projector with ``supports_sample_mask = True`` (the library's
-    head) is also given the validity mask, so that only samples of existing regions (or,
-    on full maps, pixels with an id) set its BatchNorm statistics.
+    pixels). With ``samples_per_region=None`` it runs on the full maps. A projector with
+    ``supports_sample_mask = True`` (the library's head) is also given the validity mask,
+    so that only samples of existing regions (or, on full maps, pixels with an id) set its
+    BatchNorm statistics.
 
     Under ``gather_distributed`` each rank returns ``sum of its anchors' losses * world_size
     / number of valid anchors in the global batch``, so that DDP's gradient averaging yields
