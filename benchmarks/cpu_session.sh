@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The declared Evidence II protocol on the CPU (benchmarks/results/README.md, the command of
-# amendment 2), resumable: rerun it to resume or to add seeds; finished runs are never redone.
+# amendment 3), resumable: rerun it to resume or to add seeds; finished runs are never redone.
 #
 #   SEEDS="0" bash benchmarks/cpu_session.sh > seeds0.log 2>&1 &   # one process per core,
 #   SEEDS="1" bash benchmarks/cpu_session.sh > seeds1.log 2>&1 &   # one thread each
 #
 # Seeds are the unit: give each process whole seeds, in the declared order (0, 1, 2, ...).
-# Session 9: a declared validity check failed under this command's key (c6f14a8b; see
-# benchmarks/results/README.md, status of session 9): add no seed with it until the readout
-# is fixed on the validation patients (a new key; seed 0 restarts).
+# Amendment 3 (session 10): no early stopping and a checkpoint at which every organ is
+# segmented on the validation patients (key 97b8e7f1; amendment 2's key c6f14a8b failed a
+# validity check and gets no further seed). Seeds start only once its readout pilot passes
+# (benchmarks/results/README.md, amendment 3).
 # Env: DATA (default ../shared/data/chaos-t2), OUT (benchmarks/results), WORK (.lrc_bench),
 # CACHE (.lrc_cache), SEEDS (default 0 1 2 3 4 5 6 7), THREADS (1), EXTRA (more options,
 # e.g. --report-only to rebuild the tables from the finished runs).
@@ -21,8 +22,8 @@ export OMP_NUM_THREADS="${THREADS:-1}"
 exec python benchmarks/label_efficiency.py --data "${DATA:-../shared/data/chaos-t2}" \
     --out "${OUT:-benchmarks/results}" --work-dir "${WORK:-.lrc_bench}" \
     --cache-dir "${CACHE:-.lrc_cache}" --size 128 --width 8 --depth 4 --pretrain-steps 400 \
-    --finetune-steps 1200 --val-every 100 --patience 4 --foreground-ratio 0.5 \
-    --mirror-labels right_kidney left_kidney --finetune-head-channels 32 \
+    --finetune-steps 1200 --val-every 100 --patience 0 --checkpoint-min-organ 0.02 \
+    --foreground-ratio 0.5 --mirror-labels right_kidney left_kidney --finetune-head-channels 32 \
     --test-ids chaos_t2_001 chaos_t2_002 chaos_t2_015 chaos_t2_021 chaos_t2_033 chaos_t2_038 \
     --val-ids chaos_t2_031 chaos_t2_034 chaos_t2_037 --ks 1 2 4 \
     --arms random moco moco_lrc moco_lrc_grid --grid-cell 26 \

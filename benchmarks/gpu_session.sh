@@ -17,25 +17,27 @@ export PYTHONPATH="$PWD/src:/tmp/site" PYTHONUNBUFFERED=1
 OUT="${OUT:-benchmarks/results}"
 SEEDS="${SEEDS:-0 1 2 3 4 5 6 7}"
 # The declared Evidence II protocol (benchmarks/results/README.md) at 256x256, SECONDARY to the
-# CPU run at 128x128 (amendment 2): the same split, arms, readout (head 32) and decision rule,
+# CPU run at 128x128 (amendments 2, 3): the same split, arms, readout (head 32, the whole
+# schedule, a checkpoint with every organ on the validation patients) and decision rule,
 # chaos_t2_036 among the labelled draws; grid cell 29 px (81 squares, the ~79 Felzenszwalb
 # regions of a 256x256 CHAOS slice). Seeds are added by SEEDS; run files are keyed by their
 # options, so every lent session adds to the same table.
 PROTOCOL=(--data .gpu_data/chaos-t2 --out "$OUT" --work-dir /tmp/lrc_bench --cache-dir /tmp/lrc_cache
     --size 256 --width 16 --depth 4 --pretrain-steps 1000 --finetune-steps 1200 --val-every 100
-    --patience 4 --foreground-ratio 0.5 --mirror-labels right_kidney left_kidney
+    --patience 0 --checkpoint-min-organ 0.02 --foreground-ratio 0.5
+    --mirror-labels right_kidney left_kidney
     --finetune-head-channels 32
     --test-ids chaos_t2_001 chaos_t2_002 chaos_t2_015 chaos_t2_021 chaos_t2_033 chaos_t2_038
     --val-ids chaos_t2_031 chaos_t2_034 chaos_t2_037 --ks 1 2 4
     --arms random moco moco_lrc moco_lrc_grid
     --grid-cell 29 --probe-levels bottleneck -4 -3 -2 -1 --noise-floor --noise-seeds 0 1 2
-    --precision bf16-mixed --device-batches --channels-last --precompute-workers 8 --tag _gpu256_v3)
+    --precision bf16-mixed --device-batches --channels-last --precompute-workers 8 --tag _gpu256_v4)
 # 1. The readout pilot at this size (random init, seed 1, k = 1 and 2, validation patients only)
 #    and amendment 1's pass criterion: no test patient is scored unless it holds.
 timeout "${PILOT_SECONDS:-150}" python3 benchmarks/label_efficiency.py "${PROTOCOL[@]}" \
     --skip-main --readout-pilot --pilot-arms random --pilot-ks 1 2 --pilot-seeds 1 \
     || { echo "readout pilot stopped (time limit or signal): rerun to resume"; exit 0; }
-if python3 - "$OUT/label_efficiency_readout_pilot_gpu256_v3.json" <<'PY'; then
+if python3 - "$OUT/label_efficiency_readout_pilot_gpu256_v4.json" <<'PY'; then
 import json, sys
 runs = json.load(open(sys.argv[1]))["runs"]
 low = min(min(r["per_organ"].values()) for r in runs)

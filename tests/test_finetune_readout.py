@@ -89,17 +89,25 @@ def test_readout_pilot_scores_only_the_validation_patients(tmp_path: Path) -> No
         "--batch-size", "4", "--finetune-steps", "4", "--val-every", "2", "--patience", "0",
         "--test-cases", "1", "--val-cases", "1", "--probe-levels", "-1", "--skip-main",
         "--readout-pilot", "--pilot-ks", "1", "--pilot-seeds", "0", "1",
+        "--pilot-readout-offsets", "0", "1000",
     ]  # fmt: skip
     assert main(argv) == 0
     runs = sorted((tmp_path / "label_efficiency_runs").glob("*.json"))
-    assert [p.name.split("-")[0] for p in runs] == ["val_random_k1_s0", "val_random_k1_s1"]
+    assert [p.name.split("-")[0] for p in runs] == [
+        "val_random_k1_s0", "val_random_k1_s0_r1000", "val_random_k1_s1", "val_random_k1_s1_r1000"
+    ]  # fmt: skip
     saved = json.loads((tmp_path / "label_efficiency_readout_pilot.json").read_text())
     bench = Benchmark(build_parser().parse_args(argv))
     for run in saved["runs"]:
         assert list(run["per_volume"]) == bench.val and bench.test[0] not in run["per_volume"]
         assert len(run["finetune_validation"]["organ_curve"]) == 2
     table = (tmp_path / "label_efficiency_readout_pilot.md").read_text()
-    assert table.count("| random | 1 |") == 2 and "runs with an organ below 0.02" in table
+    assert table.count("| random | 1 |") == 4 and "runs with an organ below 0.02" in table
+    # The fine-tuning seed of each row: the seed, or the seed + the offset.
+    for seed, finetuning in ((0, 0), (0, 1000), (1, 1), (1, 1001)):
+        assert f"| random | 1 | {seed} ({finetuning}) |" in table
+    offsets = sorted((r["seed"], r["readout_offset"]) for r in saved["runs"])
+    assert offsets == [(0, 0), (0, 1000), (1, 0), (1, 1000)]
     assert not (tmp_path / "label_efficiency.json").exists()  # no test score at all
 
 
@@ -161,11 +169,12 @@ def test_readout_only_options_are_keyed_only_when_set(tmp_path: Path) -> None:
     # Defaults leave every earlier run's key as it was; a set value makes a new key.
     assert settings_key(build_parser().parse_args([*base, "--finetune-intensity-scale", "1",
                                                    "1"])) == key  # fmt: skip
+    assert settings_key(build_parser().parse_args([*base, "--checkpoint-min-organ", "0"])) == key
     # The head's default (32) enters the key: runs of the 1x1 head, made before the option
     # existed, are found again with 0 and never reused by a default run.
     assert settings_key(build_parser().parse_args([*base, "--finetune-head-channels", "32"])) == key
     for extra in (["--finetune-lr", "3e-4"], ["--finetune-intensity-scale", "0.5", "2"],
-                  ["--finetune-head-channels", "0"]):
+                  ["--finetune-head-channels", "0"], ["--checkpoint-min-organ", "0.02"]):
         assert settings_key(build_parser().parse_args([*base, *extra])) != key
     assert build_parser().parse_args(base).finetune_lr is None  # the readout uses --lr
 
@@ -178,7 +187,7 @@ def test_a_new_readout_reuses_the_pretrained_weights(tmp_path: Path) -> None:
     key = pretraining_key(build_parser().parse_args(base))
     for readout in (["--finetune-head-channels", "0"], ["--finetune-steps", "99"],
                     ["--patience", "0"], ["--probe-levels", "bottleneck"],
-                    ["--finetune-lr", "3e-4"]):  # fmt: skip
+                    ["--finetune-lr", "3e-4"], ["--checkpoint-min-organ", "0.02"]):  # fmt: skip
         assert pretraining_key(build_parser().parse_args([*base, *readout])) == key, readout
     for pretraining in (["--pretrain-steps", "7"], ["--width", "4"], ["--mirror-labels",
                         "right_kidney", "left_kidney"], ["--foreground-ratio", "0.9"]):  # fmt: skip
@@ -195,3 +204,69 @@ def test_a_new_readout_reuses_the_pretrained_weights(tmp_path: Path) -> None:
     assert bench.weights_path(variant, 0, ["chaos_t2_001"]) == earlier
     fresh.write_bytes(b"weights")
     assert bench.weights_path(variant, 0, ["chaos_t2_001"]) == fresh
+
+
+def _scripted_validation(script: dict[int, dict[str, float]]) -> object:
+    """A real LightningModule whose validation logs a scripted curve (mean and organs), and
+    whose one buffer counts the optimizer steps: the kept weights say which step they are."""
+    import pytorch_lightning as pl
+    import torch
+
+    class Scripted(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.register_buffer("steps", torch.zeros(()))
+
+        def training_step(self, batch: object, batch_idx: int) -> torch.Tensor:
+            self.steps += 1
+            return (self.weight**2).sum()
+
+        def validation_step(self, batch: object, batch_idx: int) -> None:
+            organs = script[self.global_step]
+            self.log("val/dice_mean", sum(organs.values()) / len(organs))
+            for name, value in organs.items():
+                self.log(f"val/dice_{name}", value)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self) -> object:
+            return torch.utils.data.DataLoader(torch.zeros(64, 1), batch_size=1)
+
+        def val_dataloader(self) -> object:
+            return torch.utils.data.DataLoader(torch.zeros(1, 1), batch_size=1)
+
+    return Scripted()
+
+
+@pytest.mark.parametrize(
+    ("min_organ", "step", "every_organ"),
+    [(0.0, 4, True), (0.02, 6, True), (0.95, 4, False)],
+)
+def test_checkpoint_rule_prefers_a_step_where_every_organ_is_segmented(
+    min_organ: float, step: int, every_organ: bool
+) -> None:
+    import pytorch_lightning as pl
+
+    from lrc_lightning.evaluation.label_efficiency import BestOnValidation
+
+    script = {
+        2: {"liver": 0.60, "kidney": 0.20},  # mean 0.40
+        4: {"liver": 0.98, "kidney": 0.01},  # mean 0.495, the best mean; the kidney absent
+        6: {"liver": 0.64, "kidney": 0.30},  # mean 0.47, the best with every organ >= 0.02
+        8: {"liver": 0.50, "kidney": 0.20},  # mean 0.35
+    }
+    best = BestOnValidation(min_organ=min_organ, verbose=False)
+    model = _scripted_validation(script)
+    pl.Trainer(max_steps=8, val_check_interval=2, check_val_every_n_epoch=None, logger=False,
+               enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, num_sanity_val_steps=0,
+               callbacks=[best]).fit(model)  # type: ignore[arg-type]  # fmt: skip
+    assert [s for s, _ in best.curve] == [2, 4, 6, 8]
+    assert [sorted(organs) for _, organs in best.organ_curve] == [["kidney", "liver"]] * 4
+    # 0.95: no step qualifies, so the best mean of all is kept, and flagged.
+    assert best.best_step == step and best.best_every_organ is every_organ
+    assert best.best == pytest.approx(sum(script[step].values()) / 2, abs=1e-6)
+    # The weights kept are those of that step (the buffer counts the optimizer steps).
+    assert best.state is not None and float(best.state["steps"]) == step

@@ -192,7 +192,8 @@ RESULT_OPTIONS = (
 OPTIONAL_RESULT_OPTIONS = {"spacing": None, "device_batches": False, "channels_last": False,
                            "test_ids": None, "val_ids": None, "not_labelled": None,
                            "finetune_lr": None, "finetune_head_channels": 0,
-                           "finetune_intensity_scale": [1.0, 1.0]}  # fmt: skip
+                           "finetune_intensity_scale": [1.0, 1.0],
+                           "checkpoint_min_organ": 0.0}  # fmt: skip
 
 #: Version 2 of the readouts: fine-tuning until the validation patients plateau with the
 #: checkpoint they choose, foreground-biased slices, flips only with mirror-label swaps,
@@ -208,7 +209,7 @@ READOUT_OPTIONS = ("val_every", "patience", "foreground_ratio", "mirror_labels",
 #: ``mirror_labels``: the labelled views of ``supervised_lrc``) are not among them.
 READOUT_ONLY_OPTIONS = ("finetune_steps", "val_every", "patience", "probe_levels",
                         "probe_pixels", "probe_l2", "finetune_lr", "finetune_head_channels",
-                        "finetune_intensity_scale")  # fmt: skip
+                        "finetune_intensity_scale", "checkpoint_min_organ")  # fmt: skip
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -271,13 +272,22 @@ class BestOnValidation(pl.Callback):
     """Keeps the weights of the best validation Dice (in memory) and the validation curve
     (the mean, and each organ's Dice: a collapsed organ shows as a row of zeros); the
     readout is then scored with those weights. Chosen on the validation patients only.
+
+    With ``min_organ`` > 0 the best is chosen among the validations at which every organ's
+    Dice is at least ``min_organ``; only while there is none does the best mean of all
+    count (``best_every_organ`` says which). A mean that is high because three organs are
+    good and the fourth is absent then never beats a checkpoint that segments all four.
     """
 
-    def __init__(self, monitor: str = "val/dice_mean", verbose: bool = True) -> None:
+    def __init__(
+        self, monitor: str = "val/dice_mean", verbose: bool = True, min_organ: float = 0.0
+    ) -> None:
         self.monitor = monitor
         self.verbose = verbose
+        self.min_organ = min_organ
         self.best = -float("inf")
         self.best_step = -1
+        self.best_every_organ = False
         self.state: dict[str, torch.Tensor] | None = None
         self.curve: list[tuple[int, float]] = []
         self.organ_curve: list[tuple[int, dict[str, float]]] = []
@@ -293,11 +303,14 @@ class BestOnValidation(pl.Callback):
                   for name, v in trainer.callback_metrics.items()
                   if name.startswith(prefix) and name != self.monitor}  # fmt: skip
         self.organ_curve.append((trainer.global_step, organs))
-        if score > self.best:
-            self.best, self.best_step = score, trainer.global_step
+        # NaN: an organ absent from every validation volume; it cannot disqualify a step.
+        every = all(not v < self.min_organ for v in organs.values())
+        if (every, score) > (self.best_every_organ, self.best):
+            self.best, self.best_step, self.best_every_organ = score, trainer.global_step, every
             self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
         if self.verbose:
-            print(f"    validation Dice {score:.3f} at step {trainer.global_step} (best "
+            low = "" if every else f", an organ below {self.min_organ:g}"
+            print(f"    validation Dice {score:.3f} at step {trainer.global_step}{low} (best "
                   f"{self.best:.3f} at step {self.best_step})", flush=True)  # fmt: skip
 
 
@@ -533,7 +546,7 @@ class Benchmark:
         )  # fmt: skip
         datamodule = self.datamodule(None, labelled, mode="finetune",
                                      intensity_scale=tuple(a.finetune_intensity_scale))
-        best = BestOnValidation()
+        best = BestOnValidation(min_organ=a.checkpoint_min_organ)
         callbacks: list[pl.Callback] = [best]
         if a.patience:
             callbacks.append(EarlyStopping("val/dice_mean", mode="max", patience=a.patience,
@@ -555,8 +568,8 @@ class Benchmark:
         if not model.last_dice_table:
             raise RuntimeError(f"no {stage} volume was evaluated")
         record = {"best_step": best.best_step, "best_val_dice": round(best.best, 4),
-                  "stopped_step": stopped, "curve": best.curve,
-                  "organ_curve": best.organ_curve}  # fmt: skip
+                  "best_every_organ": best.best_every_organ, "stopped_step": stopped,
+                  "curve": best.curve, "organ_curve": best.organ_curve}  # fmt: skip
         return dict(model.last_dice_table), record
 
     def probe(
@@ -995,6 +1008,10 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
     parser.add_argument("--patience", type=int, default=5,
                         help="fine-tuning: stop after N validations without a better Dice "
                              "(0: run all steps)")
+    parser.add_argument("--checkpoint-min-organ", type=float, default=0.0,
+                        help="fine-tuning: choose the weights among the validations at "
+                             "which every organ's Dice is at least this (the best mean of "
+                             "all while none is); 0: the best mean")
     parser.add_argument("--foreground-ratio", type=float, default=0.5,
                         help="fine-tuning: share of slices drawn from those with an organ")
     parser.add_argument("--finetune-lr", type=float, default=None,
@@ -1062,6 +1079,10 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
     parser.add_argument("--pilot-arms", nargs="+", default=["random"], choices=ARMS)
     parser.add_argument("--pilot-ks", type=int, nargs="+", default=[1])
     parser.add_argument("--pilot-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--pilot-readout-offsets", type=int, nargs="+", default=[0],
+                        metavar="OFFSET",
+                        help="readout pilot: fine-tuning seeds seed + OFFSET, from the same "
+                             "weights and labelled patients (1000: the noise floor's)")
     parser.add_argument("--skip-main", action="store_true",
                         help="run only the ablations and/or the readout pilot")
     parser.add_argument(
@@ -1101,18 +1122,21 @@ def _largest_k(args: argparse.Namespace) -> int:
 def pilot_markdown(runs: Sequence[dict[str, Any]], head: dict[str, Any],
                    organs: list[str]) -> str:
     """The readout pilot's table: one row per run (validation patients), the lowest organ
-    and the validity counts the protocol checks."""
+    and the validity counts the protocol checks. "best step" is the checkpoint scored; where
+    an organ rule chose it (``--checkpoint-min-organ``), "best mean" is the step that the
+    mean alone would have chosen, with its Dice (lowest organ in brackets)."""
     lines = ["# Readout pilot: fine-tuning scored on the validation patients", "",
              f"Command: `{head.get('command', '')}`", "",
-             "| arm | k | seed | labelled | mean Dice | " + " | ".join(organs)
-             + " | best step | stopped |",
-             "|" + "---|" * (len(organs) + 7)]  # fmt: skip
+             "| arm | k | seed (fine-tuning seed) | labelled | mean Dice | "
+             + " | ".join(organs) + " | best step | best mean | stopped |",
+             "|" + "---|" * (len(organs) + 8)]  # fmt: skip
     for r in runs:
         organ = " | ".join(f"{r['per_organ'][o]:.3f}" for o in organs)
         v = r.get("finetune_validation", {})
-        lines.append(f"| {r['arm']} | {r['k']} | {r['seed']} | {' '.join(r['labelled'])} | "
+        seed = f"{r['seed']} ({r['seed'] + r.get('readout_offset', 0)})"
+        lines.append(f"| {r['arm']} | {r['k']} | {seed} | {' '.join(r['labelled'])} | "
                      f"{r['mean_dice']:.3f} | {organ} | {v.get('best_step', '')} | "
-                     f"{v.get('stopped_step', '')} |")  # fmt: skip
+                     f"{_best_mean(v)} | {v.get('stopped_step', '')} |")  # fmt: skip
     if not runs:
         return "\n".join([*lines, "", "no finished run"]) + "\n"
     low = [r for r in runs if min(r["per_organ"].values()) < 0.02]
@@ -1121,6 +1145,17 @@ def pilot_markdown(runs: Sequence[dict[str, Any]], head: dict[str, Any],
               f"{min(means):.3f}); runs with an organ below 0.02: {len(low)}"
               + (f" ({', '.join(r['run'] for r in low)})" if low else "")]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _best_mean(validation: dict[str, Any]) -> str:
+    """'step (Dice, lowest organ)' of the best validation mean alone ('' without a curve)."""
+    curve = validation.get("curve") or []
+    if not curve:
+        return ""
+    step, score = max(curve, key=lambda point: (point[1], -point[0]))
+    organs = dict(validation.get("organ_curve") or []).get(step) or {}
+    low = f", {min(organs.values()):.3f}" if organs else ""
+    return f"{step} ({score:.3f}{low})"
 
 
 def _stop(signum: int, frame: Any) -> None:
@@ -1204,8 +1239,9 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         planned += [(v, args.ablation_k, seed, "val", 0)
                     for seed in args.ablation_seeds for v in ablation_variants(base)]  # fmt: skip
     if args.readout_pilot:
-        planned += [(variants[arm], k, seed, "val", 0) for seed in args.pilot_seeds
-                    for k in args.pilot_ks for arm in args.pilot_arms]  # fmt: skip
+        planned += [(variants[arm], k, seed, "val", offset) for seed in args.pilot_seeds
+                    for k in args.pilot_ks for arm in args.pilot_arms
+                    for offset in args.pilot_readout_offsets]  # fmt: skip
     bench.total = len(planned)
     bench.done_before = bench.total - bench.missing(planned)
     if not args.report_only:
@@ -1279,8 +1315,9 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
                                            "probe_summary": summaries["probe"]})  # fmt: skip
         print(text)
     if args.readout_pilot:
-        pilot = [bench.run(variants[arm], k, seed, stage="val") for seed in args.pilot_seeds
-                 for k in args.pilot_ks for arm in args.pilot_arms]  # fmt: skip
+        pilot = [bench.run(variants[arm], k, seed, stage="val", readout_offset=offset)
+                 for seed in args.pilot_seeds for k in args.pilot_ks for arm in args.pilot_arms
+                 for offset in args.pilot_readout_offsets]  # fmt: skip
         name = f"label_efficiency_readout_pilot{args.tag}"
         pilot_head = header_of(name)
         text = pilot_markdown([r for r in pilot if r], pilot_head, bench.organs)
