@@ -33,7 +33,7 @@ PROTOCOL=(--data .gpu_data/chaos-t2 --out "$OUT" --work-dir /tmp/lrc_bench --cac
     --grid-cell 29 --probe-levels bottleneck -4 -3 -2 -1 --noise-floor --noise-seeds 0 1 2
     --precision bf16-mixed --device-batches --channels-last --precompute-workers 8 --tag _gpu256_v4)
 # 1. The readout pilot at this size (random init, seed 1, k = 1 and 2, validation patients only)
-#    and amendment 1's pass criterion: no test patient is scored unless it holds.
+#    and the pass criterion of amendments 1 and 3 (a, b): no test patient is scored unless it holds.
 timeout "${PILOT_SECONDS:-150}" python3 benchmarks/label_efficiency.py "${PROTOCOL[@]}" \
     --skip-main --readout-pilot --pilot-arms random --pilot-ks 1 2 --pilot-seeds 1 \
     || { echo "readout pilot stopped (time limit or signal): rerun to resume"; exit 0; }
@@ -42,8 +42,12 @@ import json, sys
 runs = json.load(open(sys.argv[1]))["runs"]
 low = min(min(r["per_organ"].values()) for r in runs)
 k2 = [r["mean_dice"] for r in runs if r["k"] == 2]
-ok = len(runs) == 2 and low >= 0.02 and k2 and k2[0] >= 0.5
-print(f"readout pilot at 256x256: lowest organ {low:.3f}, k = 2 mean {k2}: "
+# The checkpoint rule picks a checkpoint with every organ >= 0.02 when one exists: the
+# content of "lowest organ >= 0.02" is that every run reached one (no fallback).
+every = all(r["finetune_validation"].get("best_every_organ") for r in runs)
+ok = len(runs) == 2 and every and low >= 0.02 and k2 and k2[0] >= 0.5
+print(f"readout pilot at 256x256: lowest organ {low:.3f}, every organ at the checkpoint "
+      f"{every}, k = 2 mean {k2}: "
       f"{'passes' if ok else 'FAILS: no test patient is scored'}")
 sys.exit(0 if ok else 1)
 PY

@@ -89,7 +89,7 @@ def test_readout_pilot_scores_only_the_validation_patients(tmp_path: Path) -> No
         "--batch-size", "4", "--finetune-steps", "4", "--val-every", "2", "--patience", "0",
         "--test-cases", "1", "--val-cases", "1", "--probe-levels", "-1", "--skip-main",
         "--readout-pilot", "--pilot-ks", "1", "--pilot-seeds", "0", "1",
-        "--pilot-readout-offsets", "0", "1000",
+        "--pilot-readout-offsets", "0", "1000", "--checkpoint-min-organ", "0.02",
     ]  # fmt: skip
     assert main(argv) == 0
     runs = sorted((tmp_path / "label_efficiency_runs").glob("*.json"))
@@ -106,6 +106,11 @@ def test_readout_pilot_scores_only_the_validation_patients(tmp_path: Path) -> No
     # The fine-tuning seed of each row: the seed, or the seed + the offset.
     for seed, finetuning in ((0, 0), (0, 1000), (1, 1), (1, 1001)):
         assert f"| random | 1 | {seed} ({finetuning}) |" in table
+    for run in saved["runs"]:  # the "every organ" cell is the run file's flag
+        v = run["finetune_validation"]
+        assert v["best_every_organ"] in (True, False)
+        cell = "yes" if v["best_every_organ"] else "**no** (best mean kept)"
+        assert f"| {v['best_step']} | {cell} |" in table
     offsets = sorted((r["seed"], r["readout_offset"]) for r in saved["runs"])
     assert offsets == [(0, 0), (0, 1000), (1, 0), (1, 1000)]
     assert not (tmp_path / "label_efficiency.json").exists()  # no test score at all
@@ -224,7 +229,8 @@ def _scripted_validation(script: dict[int, dict[str, float]]) -> object:
 
         def validation_step(self, batch: object, batch_idx: int) -> None:
             organs = script[self.global_step]
-            self.log("val/dice_mean", sum(organs.values()) / len(organs))
+            scored = [v for v in organs.values() if v == v]  # the metric's nan-mean
+            self.log("val/dice_mean", sum(scored) / len(scored) if scored else float("nan"))
             for name, value in organs.items():
                 self.log(f"val/dice_{name}", value)
 
@@ -270,3 +276,50 @@ def test_checkpoint_rule_prefers_a_step_where_every_organ_is_segmented(
     assert best.best == pytest.approx(sum(script[step].values()) / 2, abs=1e-6)
     # The weights kept are those of that step (the buffer counts the optimizer steps).
     assert best.state is not None and float(best.state["steps"]) == step
+
+
+def _fit_scripted(script: dict[int, dict[str, float]], best: object) -> None:
+    import pytorch_lightning as pl
+
+    pl.Trainer(max_steps=max(script), val_check_interval=2, check_val_every_n_epoch=None,
+               logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, num_sanity_val_steps=0,
+               callbacks=[best]).fit(_scripted_validation(script))  # type: ignore[arg-type]  # fmt: skip
+
+
+def test_checkpoint_rule_with_organs_absent_from_the_validation_volumes() -> None:
+    from lrc_lightning.evaluation.label_efficiency import BestOnValidation
+
+    nan = float("nan")
+    script = {
+        2: {"liver": 0.50, "kidney": 0.30},  # mean 0.40
+        4: {"liver": 0.50, "kidney": nan},  # no kidney in any validation volume: it qualifies
+        6: {"liver": nan, "kidney": nan},  # nothing scored: never a checkpoint
+        8: {"liver": 0.019996, "kidney": 0.99},  # mean 0.505; the liver rounds to 0.02 in the
+    }  # curve, yet it is below 0.02: step 8 must not beat step 4 (0.50)
+    best = BestOnValidation(min_organ=0.02, verbose=False)
+    _fit_scripted(script, best)
+    assert best.best_step == 4 and best.best_every_organ
+    assert best.state is not None and float(best.state["steps"]) == 4
+    assert [s for s, _ in best.curve] == [2, 4, 6, 8]  # every validation stays in the curve
+    assert best.organ_curve[-1][1]["liver"] == 0.02  # the record rounds, the rule does not
+    # Without organ metrics the rule cannot be applied: an error, not a silent best mean.
+    with pytest.raises(ValueError, match=r"min_organ=0.02 needs each organ's Dice logged as "
+                                         r"'val/dice_<organ>'"):  # fmt: skip
+        _fit_scripted({2: {}}, BestOnValidation(min_organ=0.02, verbose=False))
+
+
+def test_checkpoint_rule_section_counts_moved_and_fallback_checkpoints() -> None:
+    from lrc_lightning.evaluation.label_efficiency import checkpoint_rule_section
+
+    def run(arm: str, best: int, every: bool, offset: int = 0) -> dict[str, object]:
+        curve = [[100, 0.40], [200, 0.50], [300, 0.45]]  # the best mean alone: step 200
+        return {"arm": arm, "readout_offset": offset, "finetune_validation": {
+            "curve": curve, "best_step": best, "best_every_organ": every}}  # fmt: skip
+
+    runs = [run("moco", 200, True), run("moco", 300, True), run("moco", 200, False),
+            run("moco_lrc", 200, True), run("moco", 300, True, offset=1000), None]
+    text = checkpoint_rule_section(runs, 0.02)
+    assert "every organ >= 0.02 on the validation patients" in text
+    assert "| moco | 3 | 1 | 1 |" in text and "| moco_lrc | 1 | 0 | 0 |" in text
+    assert "| moco (noise-floor repeat) | 1 | 1 | 0 |" in text

@@ -299,10 +299,16 @@ class BestOnValidation(pl.Callback):
         score = float(value)
         self.curve.append((trainer.global_step, round(score, 4)))
         prefix = self.monitor.rsplit("_", 1)[0] + "_"  # "val/dice_"
-        organs = {name[len(prefix):]: round(float(v), 4)
-                  for name, v in trainer.callback_metrics.items()
+        organs = {name[len(prefix):]: float(v) for name, v in trainer.callback_metrics.items()
                   if name.startswith(prefix) and name != self.monitor}  # fmt: skip
-        self.organ_curve.append((trainer.global_step, organs))
+        self.organ_curve.append((trainer.global_step, {k: round(v, 4) for k, v in organs.items()}))
+        if self.min_organ > 0 and not organs:
+            raise ValueError(
+                f"min_organ={self.min_organ} needs each organ's Dice logged as "
+                f"'{prefix}<organ>' beside '{self.monitor}'; none was"
+            )
+        if score != score:  # NaN: no organ scored at all; never a checkpoint
+            return
         # NaN: an organ absent from every validation volume; it cannot disqualify a step.
         every = all(not v < self.min_organ for v in organs.values())
         if (every, score) > (self.best_every_organ, self.best):
@@ -1119,24 +1125,30 @@ def _largest_k(args: argparse.Namespace) -> int:
     return max(ks or args.ks)
 
 
+#: The pilot table's "every organ" cell: did some validation qualify under the organ rule?
+_EVERY = {True: "yes", False: "**no** (best mean kept)"}
+
+
 def pilot_markdown(runs: Sequence[dict[str, Any]], head: dict[str, Any],
                    organs: list[str]) -> str:
     """The readout pilot's table: one row per run (validation patients), the lowest organ
-    and the validity counts the protocol checks. "best step" is the checkpoint scored; where
-    an organ rule chose it (``--checkpoint-min-organ``), "best mean" is the step that the
-    mean alone would have chosen, with its Dice (lowest organ in brackets)."""
+    and the validity counts the protocol checks. "best step" is the checkpoint scored;
+    "every organ" says whether it met the organ rule (``--checkpoint-min-organ``; always
+    "yes" without it); "best mean" is the step that the validation mean alone would have
+    chosen, with its Dice and its lowest organ."""
     lines = ["# Readout pilot: fine-tuning scored on the validation patients", "",
              f"Command: `{head.get('command', '')}`", "",
              "| arm | k | seed (fine-tuning seed) | labelled | mean Dice | "
-             + " | ".join(organs) + " | best step | best mean | stopped |",
-             "|" + "---|" * (len(organs) + 8)]  # fmt: skip
+             + " | ".join(organs) + " | best step | every organ | best mean | stopped |",
+             "|" + "---|" * (len(organs) + 9)]  # fmt: skip
     for r in runs:
         organ = " | ".join(f"{r['per_organ'][o]:.3f}" for o in organs)
         v = r.get("finetune_validation", {})
         seed = f"{r['seed']} ({r['seed'] + r.get('readout_offset', 0)})"
         lines.append(f"| {r['arm']} | {r['k']} | {seed} | {' '.join(r['labelled'])} | "
                      f"{r['mean_dice']:.3f} | {organ} | {v.get('best_step', '')} | "
-                     f"{_best_mean(v)} | {v.get('stopped_step', '')} |")  # fmt: skip
+                     f"{_EVERY.get(v.get('best_every_organ'), '')} | {_best_mean(v)} | "
+                     f"{v.get('stopped_step', '')} |")  # fmt: skip
     if not runs:
         return "\n".join([*lines, "", "no finished run"]) + "\n"
     low = [r for r in runs if min(r["per_organ"].values()) < 0.02]
@@ -1144,6 +1156,28 @@ def pilot_markdown(runs: Sequence[dict[str, Any]], head: dict[str, Any],
     lines += ["", f"{len(runs)} runs; mean Dice {np.mean(means):.3f} (lowest "
               f"{min(means):.3f}); runs with an organ below 0.02: {len(low)}"
               + (f" ({', '.join(r['run'] for r in low)})" if low else "")]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def checkpoint_rule_section(results: Sequence[dict[str, Any] | None], min_organ: float) -> str:
+    """Per arm (noise-floor repeats apart): the runs whose checkpoint the organ rule
+    (``--checkpoint-min-organ``) moved away from the best validation mean, and those where
+    no validation qualified (the best mean of all kept). The rule could favour an arm whose
+    organs appear sooner; these counts show whether it acted at all."""
+    rows: dict[str, list[int]] = {}
+    for r in filter(None, results):
+        v = r.get("finetune_validation") or {}
+        arm = r["arm"] + (" (noise-floor repeat)" if r.get("readout_offset") else "")
+        row = rows.setdefault(arm, [0, 0, 0])
+        row[0] += 1
+        curve = v.get("curve") or []
+        if curve and v.get("best_step") != max(curve, key=lambda p: (p[1], -p[0]))[0]:
+            row[1] += 1
+        row[2] += v.get("best_every_organ") is False
+    lines = ["", f"## The checkpoint rule (every organ >= {min_organ:g} on the validation "
+             "patients)", "", "| arm | runs | checkpoint moved by the rule | no validation "
+             "qualified (best mean kept) |", "|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {arm} | {n} | {moved} | {fell} |" for arm, (n, moved, fell) in rows.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -1293,6 +1327,8 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         title = f"Label efficiency on {Path(args.data).name} (test patients)"
         text = markdown(summaries, main_head, title, args.arms, bench.organs, noise, args.ks,
                         decision)  # fmt: skip
+        if args.checkpoint_min_organ > 0:
+            text += checkpoint_rule_section([*results, *repeats], args.checkpoint_min_organ)
         (out / f"{name}.md").write_text(text)
         plot({r: summaries[r] for r in READOUTS}, args.arms, out / f"{name}.png")
         print(text)
