@@ -102,7 +102,8 @@ def test_readout_pilot_scores_only_the_validation_patients(tmp_path: Path) -> No
         assert list(run["per_volume"]) == bench.val and bench.test[0] not in run["per_volume"]
         assert len(run["finetune_validation"]["organ_curve"]) == 2
     table = (tmp_path / "label_efficiency_readout_pilot.md").read_text()
-    assert table.count("| random | 1 |") == 4 and "runs with an organ below 0.02" in table
+    per_run = table.split("Validation Dice at the checkpoint")[0]  # then one row per draw
+    assert per_run.count("| random | 1 |") == 4 and "runs with an organ below 0.02" in table
     # The fine-tuning seed of each row: the seed, or the seed + the offset.
     for seed, finetuning in ((0, 0), (0, 1000), (1, 1), (1, 1001)):
         assert f"| random | 1 | {seed} ({finetuning}) |" in table
@@ -111,6 +112,12 @@ def test_readout_pilot_scores_only_the_validation_patients(tmp_path: Path) -> No
         assert v["best_every_organ"] in (True, False)
         cell = "yes" if v["best_every_organ"] else "**no** (best mean kept)"
         assert f"| {v['best_step']} | {cell} |" in table
+    # Each draw's spread over its fine-tuning seeds (offsets 0 and 1000), from the run files.
+    for seed in (0, 1):
+        best = [r["finetune_validation"]["best_val_dice"] for r in saved["runs"]
+                if r["seed"] == seed]  # fmt: skip
+        assert f"| random | 1 | {seed} | 2 | {np.mean(best):.3f} | {max(best) - min(best):.3f} (" \
+            in table  # fmt: skip
     offsets = sorted((r["seed"], r["readout_offset"]) for r in saved["runs"])
     assert offsets == [(0, 0), (0, 1000), (1, 0), (1, 1000)]
     assert not (tmp_path / "label_efficiency.json").exists()  # no test score at all

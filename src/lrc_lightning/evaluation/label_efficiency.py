@@ -1156,6 +1156,20 @@ def pilot_markdown(runs: Sequence[dict[str, Any]], head: dict[str, Any],
     lines += ["", f"{len(runs)} runs; mean Dice {np.mean(means):.3f} (lowest "
               f"{min(means):.3f}); runs with an organ below 0.02: {len(low)}"
               + (f" ({', '.join(r['run'] for r in low)})" if low else "")]  # fmt: skip
+    # The readout's own noise: one draw (arm, k, seed) fine-tuned with several seeds.
+    groups: dict[tuple[str, int, int], list[float]] = {}
+    for r in runs:
+        best = (r.get("finetune_validation") or {}).get("best_val_dice")
+        if best is not None:
+            groups.setdefault((r["arm"], r["k"], r["seed"]), []).append(best)
+    repeated = {g: v for g, v in groups.items() if len(v) > 1}
+    if repeated:
+        lines += ["", "Validation Dice at the checkpoint (`best_val_dice`) over fine-tuning "
+                  "seeds of one draw:", "", "| arm | k | seed | fine-tuning seeds | mean | "
+                  "range (max - min) |", "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {arm} | {k} | {seed} | {len(v)} | {np.mean(v):.3f} | "
+                  f"{max(v) - min(v):.3f} ({min(v):.3f}-{max(v):.3f}) |"
+                  for (arm, k, seed), v in repeated.items()]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
