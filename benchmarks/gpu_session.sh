@@ -32,8 +32,10 @@ PROTOCOL=(--data .gpu_data/chaos-t2 --out "$OUT" --work-dir /tmp/lrc_bench --cac
     --arms random moco moco_lrc moco_lrc_grid
     --grid-cell 29 --probe-levels bottleneck -4 -3 -2 -1 --noise-floor --noise-seeds 0 1 2
     --precision bf16-mixed --device-batches --channels-last --precompute-workers 8 --tag _gpu256_v4)
-# 1. The readout pilot at this size (random init, seed 1, k = 1 and 2, validation patients only)
-#    and the pass criterion of amendments 1 and 3 (a, b): no test patient is scored unless it holds.
+# 1. The readout pilot at this size (random init, seed 1, k = 1 and 2, validation patients only):
+#    every run reaches a checkpoint with every organ >= 0.02 (amendment 3 (a)) and k = 2 >= 0.5
+#    (amendment 1). It does not test the readout's noise (amendment 3 (b)): that is the CPU
+#    pilot's, and test scoring waits for it (step 2).
 timeout "${PILOT_SECONDS:-150}" python3 benchmarks/label_efficiency.py "${PROTOCOL[@]}" \
     --skip-main --readout-pilot --pilot-arms random --pilot-ks 1 2 --pilot-seeds 1 \
     || { echo "readout pilot stopped (time limit or signal): rerun to resume"; exit 0; }
@@ -51,9 +53,15 @@ print(f"readout pilot at 256x256: lowest organ {low:.3f}, every organ at the che
       f"{'passes' if ok else 'FAILS: no test patient is scored'}")
 sys.exit(0 if ok else 1)
 PY
-    # 2. The protocol on the test patients.
-    timeout "${BENCH_SECONDS:-270}" python3 benchmarks/label_efficiency.py "${PROTOCOL[@]}" \
-        --seeds $SEEDS || echo "stopped (time limit or signal): rerun to resume"
+    # 2. The protocol on the test patients: withheld until an amendment's readout pilot has
+    #    passed on the CPU (benchmarks/results/README.md; amendment 3's failed its noise
+    #    criterion). Set SCORE_TEST=1 only then, with that amendment's options in PROTOCOL.
+    if [ "${SCORE_TEST:-0}" = 1 ]; then
+        timeout "${BENCH_SECONDS:-270}" python3 benchmarks/label_efficiency.py "${PROTOCOL[@]}" \
+            --seeds $SEEDS || echo "stopped (time limit or signal): rerun to resume"
+    else
+        echo "test patients not scored: no amendment's readout pilot has passed (SCORE_TEST=1)"
+    fi
 fi
 # The step overhead (issue: GPU hot path), fp32/bf16/fp16 at 128 and 256.
 timeout 90 python3 benchmarks/step_overhead.py --device cuda --sizes 128 256 --batches 16 \
