@@ -194,3 +194,23 @@ def test_benchmark_checks_case_counts_and_labels_before_training(tmp_path: Path,
     assert exit_info.value.code == 2
     assert "cases without a label: ['case_000']" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.json"))
+
+
+def test_checkpoint_rule_on_a_dataset_with_other_organ_names(tmp_path: Path) -> None:
+    """The organ rule reads each organ's validation Dice by the data set's own class names
+    (here 'hepar', 'ren'); the table counts what it did per arm."""
+    data = two_organ_dataset(tmp_path / "Task_two")
+    out = tmp_path / "out"
+    assert cli(tiny(data, out, "--patience", "0", "--checkpoint-min-organ", "0.02")) == 0
+    for path in (out / "label_efficiency_runs").glob("test_*.json"):
+        v = json.loads(path.read_text())["finetune_validation"]
+        assert [sorted(organs) for _, organs in v["organ_curve"]] == [["hepar", "ren"]] * 3
+        organs = dict(v["organ_curve"])[v["best_step"]]
+        qualifying = [s for s, o in v["organ_curve"] if min(o.values()) >= 0.02]
+        # The flag says whether any validation qualified; if one did, the checkpoint is one.
+        assert v["best_every_organ"] is bool(qualifying)
+        assert (min(organs.values()) >= 0.02) is bool(qualifying)
+        assert v["stopped_step"] == 3  # --patience 0: the whole schedule
+    text = (out / "label_efficiency.md").read_text()
+    assert "## The checkpoint rule (every organ >= 0.02 on the validation patients)" in text
+    assert "| random | 1 |" in text and "| moco_lrc | 1 |" in text
