@@ -1185,7 +1185,7 @@ def checkpoint_rule_section(results: Sequence[dict[str, Any] | None], min_organ:
         row = rows.setdefault(arm, [0, 0, 0])
         row[0] += 1
         curve = v.get("curve") or []
-        if curve and v.get("best_step") != max(curve, key=lambda p: (p[1], -p[0]))[0]:
+        if curve and v.get("best_step") != _best_mean_point(curve)[0]:
             row[1] += 1
         row[2] += v.get("best_every_organ") is False
     lines = ["", f"## The checkpoint rule (every organ >= {min_organ:g} on the validation "
@@ -1195,12 +1195,19 @@ def checkpoint_rule_section(results: Sequence[dict[str, Any] | None], min_organ:
     return "\n".join(lines) + "\n"
 
 
+def _best_mean_point(curve: Sequence[Sequence[float]]) -> tuple[int, float]:
+    """(step, Dice) that the validation mean alone picks: the highest, the earliest on ties
+    (as ``BestOnValidation``, which replaces the best only on a strictly higher mean)."""
+    step, score = max(curve, key=lambda point: (point[1], -point[0]))
+    return int(step), float(score)
+
+
 def _best_mean(validation: dict[str, Any]) -> str:
     """'step (Dice, lowest organ)' of the best validation mean alone ('' without a curve)."""
     curve = validation.get("curve") or []
     if not curve:
         return ""
-    step, score = max(curve, key=lambda point: (point[1], -point[0]))
+    step, score = _best_mean_point(curve)
     organs = dict(validation.get("organ_curve") or []).get(step) or {}
     low = f", {min(organs.values()):.3f}" if organs else ""
     return f"{step} ({score:.3f}{low})"
