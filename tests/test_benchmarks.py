@@ -291,3 +291,24 @@ def test_organ_intensities_flags_a_patient_whose_bright_spot_darkens_its_organs(
     assert cases["chaos_t2_005"]["right_kidney"]["median"] < 0.5 * min(
         cases[c]["right_kidney"]["median"] for c in ("chaos_t2_002", "chaos_t2_003")
     )
+
+
+def test_pilot_power_matches_the_exact_range_of_two_normals() -> None:
+    """Two groups: the range |X1 - X2| of two means with sd s is half-normal with scale
+    s * sqrt(2), so P(range <= w) = erf(w / (2 s)); more fine-tunings per mean pass more."""
+    import math
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from pilot_power import pass_probability
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    p, mean_range = pass_probability(0.05, 1, 2, 0.07, reps=400_000, seed=1)
+    assert p == pytest.approx(math.erf(0.07 / (2 * 0.05)), abs=0.004)
+    assert mean_range == pytest.approx(2 * 0.05 / math.sqrt(math.pi), rel=0.01)
+    three, _ = pass_probability(0.05, 3, 2, 0.07, reps=400_000, seed=1)
+    assert three == pytest.approx(math.erf(0.07 / (2 * 0.05 / math.sqrt(3))), abs=0.004)
+    lines = run("benchmarks/pilot_power.py", "--sd", "0.053", "--reps", "1000").splitlines()
+    assert json.loads(lines[0])["sd_of_a_value"] == pytest.approx(0.053 / math.sqrt(3), abs=1e-4)
+    with pytest.raises(ValueError, match="need n >= 1, groups >= 2"):
+        pass_probability(0.05, 3, 1, 0.07)

@@ -75,18 +75,22 @@ class Decision:
 
 
 def _low_organs(cells: Sequence[dict[str, Any]], organ_floor: float) -> tuple[list[str], int]:
-    """Runs with an organ below the floor ("<arm> k=<k> seed <s>: <organs>"), and the
-    number of runs looked at."""
+    """Fine-tuned runs with an organ below the floor ("<arm> k=<k> seed <s>: <organs>"), and
+    the number of runs looked at. A cell that is the mean of several fine-tunings (its
+    ``finetunings``) is judged by each of them: a mean can hide one that missed an organ."""
     low, runs = [], 0
     for summary in cells:
         for key, cell in sorted(summary.items()):
             for run in cell.get("runs", []):
-                runs += 1
-                organs = [f"{organ} {value:.3f}" for organ, value in run["per_organ"].items()
-                          if value == value and value < organ_floor]  # NaN: the organ is absent
-                if organs:
-                    label = key.replace("|", " k=")
-                    low.append(f"{label} seed {run['seed']}: {', '.join(organs)}")
+                parts = run.get("finetunings") or [run]
+                for part in parts:
+                    runs += 1
+                    organs = [f"{organ} {value:.3f}" for organ, value in part["per_organ"].items()
+                              if value == value and value < organ_floor]  # NaN: organ absent
+                    if organs:
+                        which = f" ({part['run']})" if len(parts) > 1 else ""
+                        label = key.replace("|", " k=")
+                        low.append(f"{label} seed {run['seed']}{which}: {', '.join(organs)}")
     return low, runs
 
 
@@ -157,7 +161,8 @@ def decide(
         random_arm, floor_k, random_floor: random init's mean test Dice at ``floor_k``, on
             the verdict's seeds, must be at least ``random_floor`` (at k = 1 it is reported
             too, outside the verdict).
-        organ_floor: no organ of any fine-tuned run (repeats included) below it.
+        organ_floor: no organ of any fine-tuned run (noise-floor repeats included, and each
+            fine-tuning of a cell that averages several) below it.
         noise_margin, noise_seeds: the noise floor's mean within +- ``noise_margin`` of 0
             and its seed sd below the primary's, judged from ``noise_seeds`` seeds on.
         target_se, min_seeds, max_seeds: the stopping rule.

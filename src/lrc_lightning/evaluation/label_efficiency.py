@@ -25,7 +25,10 @@ volume (:mod:`lrc_lightning.models.metrics`):
 
 ``--noise-floor`` measures each readout's own noise: the readouts of one arm are repeated
 from the same pre-trained weights with another readout seed (fine-tuning seed; pixel
-sample), and the paired differences of the repeat are reported.
+sample), and the paired differences of the repeat are reported. ``--finetune-repeats N``
+(at ``--finetune-repeat-ks``) makes a cell, and its noise-floor repeat, the mean of N
+fine-tunings of the same weights: the fine-tuning's own noise shrinks, the seed stays the
+unit. Each fine-tuning is a run file of its own.
 
 Classes come from ``dataset.json``'s ``labels`` (or ``--classes``); a label value outside
 them is an error naming the file. Every finished run is a JSON file under
@@ -57,6 +60,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -92,6 +96,9 @@ ARMS = ("random", "moco", "moco_lrc", "moco_lrc_grid", "lrc_only", "supervised_l
 READOUTS = ("finetune", "probe")
 #: Offset of the readout seed in the noise-floor repeat.
 NOISE_SEED_OFFSET = 1000
+#: ``--finetune-repeats``: fine-tuning j of a cell uses the readout seed of its first plus
+#: j times this, far from the noise floor's offset, so no two fine-tunings share a seed.
+FINETUNE_REPEAT_STRIDE = 10000
 
 
 @dataclass(frozen=True)
@@ -334,6 +341,67 @@ def _readout_record(per_volume: dict[str, list[float]], organs: list[str]) -> di
         "per_organ": dict(zip(organs, per_organ.tolist(), strict=True)),
         "mean_dice": float(np.nanmean(per_organ)),
     }
+
+
+def cell_offsets(args: argparse.Namespace, k: int, base: int = 0) -> list[int]:
+    """The readout offsets of one cell's fine-tunings: ``base`` (0, or the noise floor's
+    :data:`NOISE_SEED_OFFSET`), then ``FINETUNE_REPEAT_STRIDE`` apart while
+    ``--finetune-repeats`` asks for more at this ``k``."""
+    repeat_ks = getattr(args, "finetune_repeat_ks", None)
+    repeats = getattr(args, "finetune_repeats", 1)
+    n = repeats if repeat_ks is None or k in repeat_ks else 1
+    return [base + j * FINETUNE_REPEAT_STRIDE for j in range(n)]
+
+
+def is_noise_floor(offset: int) -> bool:
+    """Whether a run with this readout offset belongs to a noise-floor repeat."""
+    return offset % FINETUNE_REPEAT_STRIDE == NOISE_SEED_OFFSET
+
+
+def _mean_tables(tables: Sequence[dict[str, list[float]]]) -> dict[str, list[float]]:
+    """Per-volume, per-organ Dice averaged over fine-tunings (NaN where an organ is absent)."""
+    volumes = list(tables[0])
+    if any(list(t) != volumes for t in tables[1:]):
+        raise ValueError("the fine-tunings of one cell scored different volumes")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN: the organ is absent
+        return {v: np.nanmean([t[v] for t in tables], axis=0).tolist() for v in volumes}
+
+
+def combine_finetunings(runs: Sequence[dict[str, Any]], organs: list[str]) -> dict[str, Any]:
+    """One cell from the run records of its fine-tunings (``--finetune-repeats``).
+
+    The per-volume, per-organ Dice of each readout (fine-tuned; every probe level) is averaged
+    over the fine-tunings, and the cell's per-organ and mean Dice are computed from that as
+    for one run. The record keeps a run's layout (``seed``, ``mean_dice``, ``per_organ``,
+    ``probe``) and lists its fine-tunings under ``finetunings``, so that the organ check can
+    judge each. A single run is returned unchanged.
+
+    Raises:
+        ValueError: the runs are not of one cell (arm, k, seed, labelled patients) or scored
+            different volumes.
+    """
+    if len(runs) == 1:
+        return runs[0]
+    first = runs[0]
+    cell = ("arm", "k", "seed", "stage", "labelled")
+    if any(tuple(r[f] for f in cell) != tuple(first[f] for f in cell) for r in runs[1:]):
+        raise ValueError(f"combine_finetunings: {[r['run'] for r in runs]} are not one cell")
+    levels = {level: _readout_record(_mean_tables([r["probe_levels"][level]["per_volume"]
+                                                   for r in runs]), organs)
+              for level in first.get("probe_levels") or {}}  # fmt: skip
+    combined = {k: v for k, v in first.items() if k not in ("finetune_validation", "seconds")}
+    combined.update(_readout_record(_mean_tables([r["per_volume"] for r in runs]), organs))
+    combined.update({
+        "probe_levels": levels,
+        "probe": levels.get("-1") or next(iter(levels.values()), first.get("probe")),
+        "seconds": round(sum(r.get("seconds", 0.0) for r in runs), 1),
+        "finetunings": [{"run": r["run"], "readout_offset": r.get("readout_offset", 0),
+                         "mean_dice": r["mean_dice"], "per_organ": r["per_organ"],
+                         "best_val_dice": (r.get("finetune_validation") or {})
+                         .get("best_val_dice")} for r in runs],
+    })  # fmt: skip
+    return combined
 
 
 class Benchmark:
@@ -704,10 +772,16 @@ def summarise(
             "std": statistics.stdev(means) if len(means) > 1 else 0.0,
             "per_organ": {o: float(np.nanmean([rec["per_organ"][o] for _, rec in runs]))
                           for o in organs},
-            "lowest_organ": min(min(rec["per_organ"].values()) for _, rec in runs),
+            # With --finetune-repeats, the lowest organ of any single fine-tuning.
+            "lowest_organ": min(min(min(part["per_organ"].values()) for part in
+                                    (r.get("finetunings") or [rec] if readout == "finetune"
+                                     else [rec])) for r, rec in runs),
             "runs": [{"seed": r["seed"], "mean_dice": rec["mean_dice"], "labelled": r["labelled"],
                       "per_organ": rec["per_organ"],
-                      "per_volume_mean": rec.get("per_volume_mean")} for r, rec in runs],
+                      "per_volume_mean": rec.get("per_volume_mean"),
+                      **({"finetunings": r["finetunings"]}
+                         if readout == "finetune" and "finetunings" in r else {})}
+                     for r, rec in runs],
         }  # fmt: skip
     return summary
 
@@ -1018,6 +1092,14 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
                         help="fine-tuning: choose the weights among the validations at "
                              "which every organ's Dice is at least this (the best mean of "
                              "all while none is); 0: the best mean")
+    parser.add_argument("--finetune-repeats", type=int, default=1, metavar="N",
+                        help="each cell of --finetune-repeat-ks (and its noise-floor repeat) "
+                             "is the mean of N fine-tunings of the same weights, with "
+                             f"readout seeds {FINETUNE_REPEAT_STRIDE} apart (Dice averaged "
+                             "per volume and organ; the seed stays the unit); in a readout "
+                             "pilot: --pilot-readout-offsets grouped N at a time, in order")
+    parser.add_argument("--finetune-repeat-ks", type=int, nargs="+", default=None,
+                        metavar="K", help="the k of --finetune-repeats (default: every k)")
     parser.add_argument("--foreground-ratio", type=float, default=0.5,
                         help="fine-tuning: share of slices drawn from those with an organ")
     parser.add_argument("--finetune-lr", type=float, default=None,
@@ -1129,13 +1211,17 @@ def _largest_k(args: argparse.Namespace) -> int:
 _EVERY = {True: "yes", False: "**no** (best mean kept)"}
 
 
-def pilot_markdown(runs: Sequence[dict[str, Any]], head: dict[str, Any],
-                   organs: list[str]) -> str:
+def pilot_markdown(runs: Sequence[dict[str, Any]], head: dict[str, Any], organs: list[str],
+                   groups: Sequence[Sequence[int]] | None = None) -> str:
     """The readout pilot's table: one row per run (validation patients), the lowest organ
     and the validity counts the protocol checks. "best step" is the checkpoint scored;
     "every organ" says whether it met the organ rule (``--checkpoint-min-organ``; always
     "yes" without it); "best mean" is the step that the validation mean alone would have
-    chosen, with its Dice and its lowest organ."""
+    chosen, with its Dice and its lowest organ.
+
+    ``groups`` (readout offsets, e.g. ``[[0, 1000, 2000], [3000, 4000, 5000]]``): per draw,
+    the mean checkpoint validation Dice of each group whose runs are all finished, and the
+    range of those means: what a cell of ``--finetune-repeats`` fine-tunings would vary by."""
     lines = ["# Readout pilot: fine-tuning scored on the validation patients", "",
              f"Command: `{head.get('command', '')}`", "",
              "| arm | k | seed (fine-tuning seed) | labelled | mean Dice | "
@@ -1157,12 +1243,12 @@ def pilot_markdown(runs: Sequence[dict[str, Any]], head: dict[str, Any],
               f"{min(means):.3f}); runs with an organ below 0.02: {len(low)}"
               + (f" ({', '.join(r['run'] for r in low)})" if low else "")]  # fmt: skip
     # The readout's own noise: one draw (arm, k, seed) fine-tuned with several seeds.
-    groups: dict[tuple[str, int, int], list[float]] = {}
+    draws: dict[tuple[str, int, int], list[float]] = {}
     for r in runs:
         best = (r.get("finetune_validation") or {}).get("best_val_dice")
         if best is not None:
-            groups.setdefault((r["arm"], r["k"], r["seed"]), []).append(best)
-    repeated = {g: v for g, v in groups.items() if len(v) > 1}
+            draws.setdefault((r["arm"], r["k"], r["seed"]), []).append(best)
+    repeated = {g: v for g, v in draws.items() if len(v) > 1}
     if repeated:
         lines += ["", "Validation Dice at the checkpoint (`best_val_dice`) over fine-tuning "
                   "seeds of one draw:", "", "| arm | k | seed | fine-tuning seeds | mean | "
@@ -1170,7 +1256,35 @@ def pilot_markdown(runs: Sequence[dict[str, Any]], head: dict[str, Any],
         lines += [f"| {arm} | {k} | {seed} | {len(v)} | {np.mean(v):.3f} | "
                   f"{max(v) - min(v):.3f} ({min(v):.3f}-{max(v):.3f}) |"
                   for (arm, k, seed), v in repeated.items()]  # fmt: skip
+    if groups:
+        lines += _group_means(runs, groups)
     return "\n".join(lines) + "\n"
+
+
+def _group_means(runs: Sequence[dict[str, Any]], groups: Sequence[Sequence[int]]) -> list[str]:
+    """The pilot's section on groups of fine-tunings (see :func:`pilot_markdown`)."""
+    best: dict[tuple[str, int, int], dict[int, float]] = {}
+    for r in runs:
+        value = (r.get("finetune_validation") or {}).get("best_val_dice")
+        if value is not None:
+            best.setdefault((r["arm"], r["k"], r["seed"]), {})[r.get("readout_offset", 0)] = value
+    size = len(groups[0])
+    lines = ["", f"Means of {size} fine-tunings (`best_val_dice`; groups of readout offsets "
+             "in the order given, a group only when all its runs are finished):", "",
+             "| arm | k | seed | " + " | ".join(f"offsets {' '.join(map(str, g))}"
+                                              for g in groups)
+             + " | finished groups | mean | range of the means |",
+             "|" + "---|" * (len(groups) + 6)]  # fmt: skip
+    for (arm, k, seed), values in best.items():
+        means = [float(np.mean([values[o] for o in g])) if all(o in values for o in g)
+                 else None for g in groups]  # fmt: skip
+        done = [m for m in means if m is not None]
+        cells = " | ".join("-" if m is None else f"{m:.3f}" for m in means)
+        summary = (f"{np.mean(done):.3f} | {max(done) - min(done):.3f}" if len(done) > 1
+                   else (f"{done[0]:.3f} | -" if done else "- | -"))  # fmt: skip
+        lines.append(f"| {arm} | {k} | {seed} | {cells} | {len(done)} of {len(groups)} | "
+                     f"{summary} |")
+    return lines
 
 
 def checkpoint_rule_section(results: Sequence[dict[str, Any] | None], min_organ: float) -> str:
@@ -1181,7 +1295,8 @@ def checkpoint_rule_section(results: Sequence[dict[str, Any] | None], min_organ:
     rows: dict[str, list[int]] = {}
     for r in filter(None, results):
         v = r.get("finetune_validation") or {}
-        arm = r["arm"] + (" (noise-floor repeat)" if r.get("readout_offset") else "")
+        arm = r["arm"] + (" (noise-floor repeat)" if is_noise_floor(r.get("readout_offset", 0))
+                          else "")  # fmt: skip
         row = rows.setdefault(arm, [0, 0, 0])
         row[0] += 1
         curve = v.get("curve") or []
@@ -1255,6 +1370,15 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         torch.set_num_threads(args.threads)
     if not Path(args.data).exists():
         parser.exit(2, f"data not found: {args.data}\n")
+    if args.finetune_repeats < 1:
+        parser.error(f"--finetune-repeats must be at least 1, not {args.finetune_repeats}")
+    unknown = sorted(set(args.finetune_repeat_ks or ()) - set(args.ks))
+    if unknown and not args.skip_main:
+        parser.error(f"--finetune-repeat-ks {' '.join(map(str, unknown))}: not among --ks "
+                     f"{' '.join(map(str, args.ks))}")  # fmt: skip
+    if args.readout_pilot and len(args.pilot_readout_offsets) % args.finetune_repeats:
+        parser.error(f"--pilot-readout-offsets: {len(args.pilot_readout_offsets)} offsets do "
+                     f"not form groups of --finetune-repeats {args.finetune_repeats}")
     wall = time.perf_counter()
     commit = source_commit()
     bench = Benchmark(args)
@@ -1286,10 +1410,11 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     if not args.skip_main:
         # Seed by seed, so that an interrupted run leaves whole seeds (the unit) behind.
         for seed in args.seeds:
-            planned += [(variants[arm], k, seed, "test", 0) for k in args.ks for arm in args.arms]
+            planned += [(variants[arm], k, seed, "test", offset) for k in args.ks
+                        for arm in args.arms for offset in cell_offsets(args, k)]  # fmt: skip
             if args.noise_floor and seed in noise_seeds:
-                planned += [(variants[args.noise_arm], k, seed, "test", NOISE_SEED_OFFSET)
-                            for k in args.ks]  # fmt: skip
+                planned += [(variants[args.noise_arm], k, seed, "test", offset) for k in args.ks
+                            for offset in cell_offsets(args, k, NOISE_SEED_OFFSET)]  # fmt: skip
     if args.ablations:
         planned += [(v, args.ablation_k, seed, "val", 0)
                     for seed in args.ablation_seeds for v in ablation_variants(base)]  # fmt: skip
@@ -1306,14 +1431,19 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
             bench.check_data(variants[a] for a in args.arms)
 
     if not args.skip_main:
-        results = []
-        repeats = []
+        results: list[dict[str, Any] | None] = []  # one per cell (a mean of its fine-tunings)
+        repeats: list[dict[str, Any] | None] = []
+        finetunings: list[dict[str, Any] | None] = []  # every run
+        cells: dict[tuple[str, int, int, bool], list[dict[str, Any] | None]] = {}
         for variant, k, seed, stage, offset in planned:
-            if stage != "test":
-                continue
-            (repeats if offset else results).append(
-                bench.run(variant, k, seed, stage, readout_offset=offset)
-            )
+            if stage == "test":
+                run = bench.run(variant, k, seed, stage, readout_offset=offset)
+                finetunings.append(run)
+                cells.setdefault((variant.label, k, seed, is_noise_floor(offset)), []).append(run)
+        for (_, _, _, noise_floor), runs in cells.items():
+            # A cell is reported only when all its fine-tunings are finished.
+            cell = None if None in runs else combine_finetunings(runs, bench.organs)
+            (repeats if noise_floor else results).append(cell)
         level_readouts = [f"probe@{lv}" for lv in args.probe_levels if str(lv) != "-1"]
         summaries = {r: summarise(results, bench.organs, r)
                      for r in (*READOUTS, *level_readouts)}  # fmt: skip
@@ -1349,7 +1479,7 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         text = markdown(summaries, main_head, title, args.arms, bench.organs, noise, args.ks,
                         decision)  # fmt: skip
         if args.checkpoint_min_organ > 0:
-            text += checkpoint_rule_section([*results, *repeats], args.checkpoint_min_organ)
+            text += checkpoint_rule_section(finetunings, args.checkpoint_min_organ)
         (out / f"{name}.md").write_text(text)
         plot({r: summaries[r] for r in READOUTS}, args.arms, out / f"{name}.png")
         print(text)
@@ -1377,7 +1507,11 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
                  for offset in args.pilot_readout_offsets]  # fmt: skip
         name = f"label_efficiency_readout_pilot{args.tag}"
         pilot_head = header_of(name)
-        text = pilot_markdown([r for r in pilot if r], pilot_head, bench.organs)
+        repeats_of = args.finetune_repeats
+        groups = [args.pilot_readout_offsets[i:i + repeats_of]
+                  for i in range(0, len(args.pilot_readout_offsets), repeats_of)]  # fmt: skip
+        text = pilot_markdown([r for r in pilot if r], pilot_head, bench.organs,
+                              groups=groups if repeats_of > 1 else None)  # fmt: skip
         (out / f"{name}.md").write_text(text)
         atomic_json(out / f"{name}.json", {**pilot_head, "classes": bench.organs,
                                            "runs": [r for r in pilot if r]})  # fmt: skip

@@ -1,0 +1,161 @@
+"""`--finetune-repeats`: a cell that is the mean of several fine-tunings of the same weights
+(Evidence II, amendment 6), its organ check, and the pilot's group means."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lrc_lightning.evaluation.decision import decide
+from lrc_lightning.evaluation.label_efficiency import (
+    FINETUNE_REPEAT_STRIDE,
+    NOISE_SEED_OFFSET,
+    build_parser,
+    cell_offsets,
+    combine_finetunings,
+    is_noise_floor,
+    pilot_markdown,
+)
+from lrc_lightning.tools.cli import main as cli
+from tests.test_evaluation import tiny, two_organ_dataset
+
+NAN = float("nan")
+ORGANS = ["liver", "spleen"]
+
+
+def _record(per_volume: dict[str, list[float]]) -> dict:
+    rows = np.array(list(per_volume.values()))
+    per_organ = np.nanmean(rows, axis=0)
+    organs = dict(zip(ORGANS, per_organ.tolist(), strict=True))
+    mean = float(np.nanmean(per_organ))
+    return {"per_volume": per_volume, "per_organ": organs, "mean_dice": mean}
+
+
+def _run(offset: int, per_volume: dict[str, list[float]], seed: int = 0, best: float = 0.5) -> dict:
+    return {"run": f"test_moco_k1_s{seed}_r{offset}", "arm": "moco", "k": 1, "seed": seed,
+            "stage": "test", "readout_offset": offset, "labelled": ["p1"], **_record(per_volume),
+            "probe_levels": {"-1": _record(per_volume)},
+            "finetune_validation": {"best_val_dice": best}, "seconds": 10.0}  # fmt: skip
+
+
+def test_a_cell_is_the_mean_of_its_finetunings_per_volume_and_organ() -> None:
+    # Volume "a" has no spleen (NaN in both fine-tunings): it stays absent, not 0.
+    first = _run(0, {"a": [0.2, NAN], "b": [0.4, 0.6]}, best=0.45)
+    second = _run(FINETUNE_REPEAT_STRIDE, {"a": [0.4, NAN], "b": [0.0, 0.8]}, best=0.55)
+    cell = combine_finetunings([first, second], ORGANS)
+    assert cell["per_volume"]["a"][0] == pytest.approx(0.3)
+    assert math.isnan(cell["per_volume"]["a"][1])
+    assert cell["per_volume"]["b"] == pytest.approx([0.2, 0.7])
+    assert cell["per_organ"] == pytest.approx({"liver": 0.25, "spleen": 0.7})
+    assert cell["mean_dice"] == pytest.approx(0.475)
+    assert cell["probe"]["mean_dice"] == pytest.approx(0.475)  # every readout is averaged
+    assert (cell["seed"], cell["readout_offset"], cell["seconds"]) == (0, 0, 20.0)
+    assert [f["run"] for f in cell["finetunings"]] == [first["run"], second["run"]]
+    assert [f["best_val_dice"] for f in cell["finetunings"]] == [0.45, 0.55]
+    assert "finetune_validation" not in cell  # one checkpoint per fine-tuning, not per cell
+    assert combine_finetunings([first], ORGANS) is first
+    with pytest.raises(ValueError, match="are not one cell"):
+        combine_finetunings([first, _run(0, {"a": [0.2, NAN], "b": [0.4, 0.6]}, seed=1)], ORGANS)
+    with pytest.raises(ValueError, match="scored different volumes"):
+        combine_finetunings([first, _run(1, {"a": [0.2, NAN], "c": [0.4, 0.6]})], ORGANS)
+
+
+def test_cell_offsets_keep_the_noise_floor_apart() -> None:
+    args = build_parser().parse_args(["--data", "x", "--finetune-repeats", "3",
+                                      "--finetune-repeat-ks", "1"])  # fmt: skip
+    assert cell_offsets(args, 1) == [0, 10000, 20000]
+    assert cell_offsets(args, 1, NOISE_SEED_OFFSET) == [1000, 11000, 21000]
+    assert cell_offsets(args, 2) == [0] and cell_offsets(args, 4, NOISE_SEED_OFFSET) == [1000]
+    assert [is_noise_floor(o) for o in (0, 1000, 10000, 11000, 21000)] == [
+        False, True, False, True, True]  # fmt: skip
+    every_k = build_parser().parse_args(["--data", "x", "--finetune-repeats", "2"])
+    assert cell_offsets(every_k, 4) == [0, 10000]
+
+
+def test_the_organ_check_judges_each_finetuning_of_a_cell() -> None:
+    """A mean can hide a fine-tuning that missed an organ: the check sees each."""
+    hidden = {"liver": 0.6, "spleen": 0.3}  # the cell's mean: above the floor
+    finetunings = [{"run": "test_moco_k1_s0", "per_organ": {"liver": 0.6, "spleen": 0.59}},
+                   {"run": "test_moco_k1_s0_r10000", "per_organ": {"liver": 0.6, "spleen": 0.01}}]
+    summary = {"moco|1": {"runs": [{"seed": 0, "mean_dice": 0.45, "per_organ": hidden,
+                                    "finetunings": finetunings}]}}  # fmt: skip
+    check = decide(None, summary).checks[2]
+    assert check.passed is False
+    assert check.detail == "1 of 2 runs: moco k=1 seed 0 (test_moco_k1_s0_r10000): spleen 0.010"
+    finetunings[1]["per_organ"]["spleen"] = 0.02
+    assert decide(None, summary).checks[2].passed is True
+
+
+def test_pilot_table_groups_finetunings_in_the_order_given() -> None:
+    values = {0: 0.50, 1000: 0.40, 2000: 0.60, 3000: 0.45, 4000: 0.55, 5000: 0.50,
+              6000: 0.30, 7000: 0.30}  # 8000 is not finished  # fmt: skip
+    runs = [{"run": f"r{o}", "arm": "moco", "k": 1, "seed": 1, "readout_offset": o,
+             "labelled": ["p"], "per_organ": {"liver": v}, "mean_dice": v,
+             "finetune_validation": {"best_val_dice": v}} for o, v in values.items()]  # fmt: skip
+    groups = [[0, 1000, 2000], [3000, 4000, 5000], [6000, 7000, 8000]]
+    text = pilot_markdown(runs, {"command": "c"}, ["liver"], groups=groups)
+    assert "| offsets 0 1000 2000 | offsets 3000 4000 5000 | offsets 6000 7000 8000 |" in text
+    # Means 0.500 and 0.500; the third group waits for its last run.
+    assert "| moco | 1 | 1 | 0.500 | 0.500 | - | 2 of 3 | 0.500 | 0.000 |" in text
+    runs.append({**runs[-1], "run": "r8000", "readout_offset": 8000,
+                 "finetune_validation": {"best_val_dice": 0.33}})
+    text = pilot_markdown(runs, {"command": "c"}, ["liver"], groups=groups)
+    assert "| moco | 1 | 1 | 0.500 | 0.500 | 0.310 | 3 of 3 | 0.437 | 0.190 |" in text
+    assert "Means of" not in pilot_markdown(runs, {"command": "c"}, ["liver"])
+
+
+def test_benchmark_averages_the_repeated_cells_and_resumes_them(tmp_path: Path, capsys) -> None:
+    data = two_organ_dataset(tmp_path / "Task_two")
+    out = tmp_path / "out"
+    argv = tiny(data, out, "--ks", "1", "2", "--test-cases", "2", "--finetune-repeats", "2",
+                "--finetune-repeat-ks", "1", "--noise-floor", "--noise-arm", "moco_lrc",
+                "--patience", "0", "--checkpoint-min-organ", "0.02", "--probe-levels", "-1")
+    assert cli(argv) == 0
+    runs = out / "label_efficiency_runs"
+    names = sorted(p.name.split("-")[0] for p in runs.glob("test_*.json"))
+    assert names == sorted([
+        "test_random_k1_s0", "test_random_k1_s0_r10000", "test_random_k2_s0",
+        "test_moco_lrc_k1_s0", "test_moco_lrc_k1_s0_r10000", "test_moco_lrc_k2_s0",
+        "test_moco_lrc_k1_s0_r1000", "test_moco_lrc_k1_s0_r11000", "test_moco_lrc_k2_s0_r1000",
+    ])  # fmt: skip
+    result = json.loads((out / "label_efficiency.json").read_text())
+    files = {p.name.split("-")[0]: json.loads(p.read_text()) for p in runs.glob("test_*.json")}
+    cell = result["summary"]["random|1"]["runs"][0]
+    expected = combine_finetunings([files["test_random_k1_s0"],
+                                    files["test_random_k1_s0_r10000"]], ["hepar", "ren"])
+    assert cell["mean_dice"] == pytest.approx(expected["mean_dice"])
+    assert [f["run"] for f in cell["finetunings"]] == ["test_random_k1_s0",
+                                                       "test_random_k1_s0_r10000"]
+    assert "finetunings" not in result["summary"]["random|2"]["runs"][0]  # k = 2: one run
+    assert result["summary"]["random|2"]["runs"][0]["mean_dice"] == pytest.approx(
+        files["test_random_k2_s0"]["mean_dice"])
+    assert result["noise_floor"]["finetune"]["n_seeds"] == 1
+    text = (out / "label_efficiency.md").read_text()
+    # The checkpoint rule counts each fine-tuning; the repeats of a cell are not noise floor.
+    assert "| moco_lrc | 3 |" in text and "| moco_lrc (noise-floor repeat) | 3 |" in text
+    assert "| random | 3 |" in text
+    # A cell whose second fine-tuning is missing is not reported; the report names the run.
+    next(runs.glob("test_random_k1_s0_r10000-*.json")).unlink()
+    capsys.readouterr()
+    assert cli([*argv, "--report-only"]) == 0
+    assert "[missing] test_random_k1_s0_r10000" in capsys.readouterr().err
+    summary = json.loads((out / "label_efficiency.json").read_text())["summary"]
+    assert "random|1" not in summary and "random|2" in summary
+
+
+def test_repeat_options_are_checked(tmp_path: Path, capsys) -> None:
+    data = two_organ_dataset(tmp_path / "Task_two")
+    with pytest.raises(SystemExit):
+        cli(tiny(data, tmp_path / "out", "--finetune-repeats", "2", "--finetune-repeat-ks", "3"))
+    assert "--finetune-repeat-ks 3: not among --ks 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli(tiny(data, tmp_path / "out", "--finetune-repeats", "3", "--skip-main",
+                 "--readout-pilot", "--pilot-readout-offsets", "0", "1000"))  # fmt: skip
+    assert "2 offsets do not form groups of --finetune-repeats 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli(tiny(data, tmp_path / "out", "--finetune-repeats", "0"))
+    assert "--finetune-repeats must be at least 1, not 0" in capsys.readouterr().err
