@@ -4,21 +4,21 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from lrc_lightning.evaluation.decision import decide
 from lrc_lightning.evaluation.label_efficiency import (
     FINETUNE_REPEAT_STRIDE,
     NOISE_SEED_OFFSET,
+    _readout_record,
     build_parser,
     cell_offsets,
     combine_finetunings,
     is_noise_floor,
     pilot_markdown,
+    summarise,
 )
 from lrc_lightning.tools.cli import main as cli
 from tests.test_evaluation import tiny, two_organ_dataset
@@ -27,41 +27,45 @@ NAN = float("nan")
 ORGANS = ["liver", "spleen"]
 
 
-def _record(per_volume: dict[str, list[float]]) -> dict:
-    rows = np.array(list(per_volume.values()))
-    per_organ = np.nanmean(rows, axis=0)
-    organs = dict(zip(ORGANS, per_organ.tolist(), strict=True))
-    mean = float(np.nanmean(per_organ))
-    return {"per_volume": per_volume, "per_organ": organs, "mean_dice": mean}
-
-
-def _run(offset: int, per_volume: dict[str, list[float]], seed: int = 0, best: float = 0.5) -> dict:
+def _run(offset: int, per_volume: dict[str, list[float]], probe: dict[str, list[float]],
+         seed: int = 0, best: float = 0.5) -> dict:
     return {"run": f"test_moco_k1_s{seed}_r{offset}", "arm": "moco", "k": 1, "seed": seed,
-            "stage": "test", "readout_offset": offset, "labelled": ["p1"], **_record(per_volume),
-            "probe_levels": {"-1": _record(per_volume)},
+            "stage": "test", "readout_offset": offset, "labelled": ["p1"],
+            **_readout_record(per_volume, ORGANS),
+            "probe_levels": {"-1": _readout_record(probe, ORGANS)},
             "finetune_validation": {"best_val_dice": best}, "seconds": 10.0}  # fmt: skip
 
 
-def test_a_cell_is_the_mean_of_its_finetunings_per_volume_and_organ() -> None:
-    # Volume "a" has no spleen (NaN in both fine-tunings): it stays absent, not 0.
-    first = _run(0, {"a": [0.2, NAN], "b": [0.4, 0.6]}, best=0.45)
-    second = _run(FINETUNE_REPEAT_STRIDE, {"a": [0.4, NAN], "b": [0.0, 0.8]}, best=0.55)
+def test_a_cell_is_the_mean_of_its_finetunings_scores() -> None:
+    # Volume "a" has no spleen: the first fine-tuning predicts none (NaN), the second a false
+    # positive (0). Each run's own score counts once: the 0 is not given both runs' weight.
+    first = _run(0, {"a": [0.2, NAN], "b": [0.4, 0.6]}, {"a": [0.1, NAN], "b": [0.1, 0.1]},
+                 best=0.45)  # liver 0.3, spleen 0.6, mean 0.45  # fmt: skip
+    second = _run(FINETUNE_REPEAT_STRIDE, {"a": [0.4, 0.0], "b": [0.0, 0.8]},
+                  {"a": [0.3, NAN], "b": [0.3, 0.3]}, best=0.55)  # 0.2, 0.4, mean 0.3  # fmt: skip
     cell = combine_finetunings([first, second], ORGANS)
-    assert cell["per_volume"]["a"][0] == pytest.approx(0.3)
-    assert math.isnan(cell["per_volume"]["a"][1])
-    assert cell["per_volume"]["b"] == pytest.approx([0.2, 0.7])
-    assert cell["per_organ"] == pytest.approx({"liver": 0.25, "spleen": 0.7})
-    assert cell["mean_dice"] == pytest.approx(0.475)
-    assert cell["probe"]["mean_dice"] == pytest.approx(0.475)  # every readout is averaged
+    assert cell["per_organ"] == pytest.approx({"liver": 0.25, "spleen": 0.5})
+    assert cell["mean_dice"] == pytest.approx(0.375)  # per-volume averaging would give 0.3
+    assert cell["per_volume_mean"] == pytest.approx({"a": 0.2, "b": 0.45})
+    assert cell["probe"]["mean_dice"] == pytest.approx(0.2)  # the probe's own runs, averaged
+    assert cell["probe_levels"]["-1"]["per_organ"] == pytest.approx({"liver": 0.2, "spleen": 0.2})
     assert (cell["seed"], cell["readout_offset"], cell["seconds"]) == (0, 0, 20.0)
     assert [f["run"] for f in cell["finetunings"]] == [first["run"], second["run"]]
     assert [f["best_val_dice"] for f in cell["finetunings"]] == [0.45, 0.55]
     assert "finetune_validation" not in cell  # one checkpoint per fine-tuning, not per cell
+    # The cell's lowest organ is that of its worst fine-tuning (0.2), not of the mean (0.25).
+    assert summarise([cell], ORGANS)["moco|1"]["lowest_organ"] == pytest.approx(0.2)
+    assert summarise([cell], ORGANS, "probe")["moco|1"]["lowest_organ"] == pytest.approx(0.2)
     assert combine_finetunings([first], ORGANS) is first
+    other_seed = _run(0, {"a": [0.2, NAN], "b": [0.4, 0.6]}, {"a": [0.1, NAN], "b": [0.1, 0.1]},
+                      seed=1)  # fmt: skip
     with pytest.raises(ValueError, match="are not one cell"):
-        combine_finetunings([first, _run(0, {"a": [0.2, NAN], "b": [0.4, 0.6]}, seed=1)], ORGANS)
+        combine_finetunings([first, other_seed], ORGANS)
+    other_volumes = _run(1, {"a": [0.2, NAN], "c": [0.4, 0.6]}, {"a": [0.1, NAN], "c": [0.1, 0.1]})
     with pytest.raises(ValueError, match="scored different volumes"):
-        combine_finetunings([first, _run(1, {"a": [0.2, NAN], "c": [0.4, 0.6]})], ORGANS)
+        combine_finetunings([first, other_volumes], ORGANS)
+    with pytest.raises(ValueError, match="without 'probe_levels'"):
+        combine_finetunings([first, {**second, "probe_levels": {}}], ORGANS)
 
 
 def test_cell_offsets_keep_the_noise_floor_apart() -> None:
@@ -88,6 +92,10 @@ def test_the_organ_check_judges_each_finetuning_of_a_cell() -> None:
     assert check.detail == "1 of 2 runs: moco k=1 seed 0 (test_moco_k1_s0_r10000): spleen 0.010"
     finetunings[1]["per_organ"]["spleen"] = 0.02
     assert decide(None, summary).checks[2].passed is True
+    # A fine-tuning whose cell is not complete (so not in the summary) counts at once.
+    waiting = [("moco k=1 seed 1 (test_moco_k1_s1_r10000)", {"liver": 0.6, "spleen": 0.0})]
+    early = decide(None, summary, organ_runs=waiting).checks[2]
+    assert early.passed is False and early.detail.startswith("1 of 1 runs: moco k=1 seed 1 (")
 
 
 def test_pilot_table_groups_finetunings_in_the_order_given() -> None:
@@ -133,11 +141,28 @@ def test_benchmark_averages_the_repeated_cells_and_resumes_them(tmp_path: Path, 
     assert "finetunings" not in result["summary"]["random|2"]["runs"][0]  # k = 2: one run
     assert result["summary"]["random|2"]["runs"][0]["mean_dice"] == pytest.approx(
         files["test_random_k2_s0"]["mean_dice"])
-    assert result["noise_floor"]["finetune"]["n_seeds"] == 1
+    # The noise floor: repeat cells (r1000 + r11000 at k = 1, r1000 at k = 2) minus the cells.
+    dice = {name: run["mean_dice"] for name, run in files.items()}
+    k1 = ((dice["test_moco_lrc_k1_s0_r1000"] + dice["test_moco_lrc_k1_s0_r11000"])
+          - (dice["test_moco_lrc_k1_s0"] + dice["test_moco_lrc_k1_s0_r10000"])) / 2
+    k2 = dice["test_moco_lrc_k2_s0_r1000"] - dice["test_moco_lrc_k2_s0"]
+    noise = result["noise_floor"]["finetune"]
+    assert noise["n_seeds"] == 1 and noise["per_seed"]["0"] == pytest.approx((k1 + k2) / 2)
     text = (out / "label_efficiency.md").read_text()
     # The checkpoint rule counts each fine-tuning; the repeats of a cell are not noise floor.
     assert "| moco_lrc | 3 |" in text and "| moco_lrc (noise-floor repeat) | 3 |" in text
     assert "| random | 3 |" in text
+    assert "## Cells that are the mean of several fine-tunings" in text
+    assert f"| random | 1 | 0 | {cell['mean_dice']:.3f} | {dice['test_random_k1_s0']:.3f} (" in text
+    # Rebuilt without the option, the table has single-run cells and says so in its header:
+    # the first run's command (with --finetune-repeats 2) is not carried over.
+    assert cli([*argv[:argv.index("--finetune-repeats")],
+                *argv[argv.index("--finetune-repeat-ks") + 2:], "--report-only"]) == 0
+    single = json.loads((out / "label_efficiency.json").read_text())
+    assert "--finetune-repeats" not in single["command"]
+    assert single["settings"]["finetune_repeats"] == 1
+    assert single["summary"]["random|1"]["runs"][0]["mean_dice"] == pytest.approx(
+        dice["test_random_k1_s0"])
     # A cell whose second fine-tuning is missing is not reported; the report names the run.
     next(runs.glob("test_random_k1_s0_r10000-*.json")).unlink()
     capsys.readouterr()
@@ -159,3 +184,10 @@ def test_repeat_options_are_checked(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         cli(tiny(data, tmp_path / "out", "--finetune-repeats", "0"))
     assert "--finetune-repeats must be at least 1, not 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli(tiny(data, tmp_path / "out", "--finetune-repeat-ks", "1"))
+    assert "--finetune-repeat-ks without --finetune-repeats N (N > 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli(tiny(data, tmp_path / "out", "--finetune-repeats", "2", "--skip-main",
+                 "--readout-pilot", "--pilot-readout-offsets", "0", "0"))  # fmt: skip
+    assert "an offset given twice would count twice" in capsys.readouterr().err

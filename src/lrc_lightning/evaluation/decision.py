@@ -74,24 +74,33 @@ class Decision:
         return asdict(self)
 
 
-def _low_organs(cells: Sequence[dict[str, Any]], organ_floor: float) -> tuple[list[str], int]:
-    """Fine-tuned runs with an organ below the floor ("<arm> k=<k> seed <s>: <organs>"), and
-    the number of runs looked at. A cell that is the mean of several fine-tunings (its
-    ``finetunings``) is judged by each of them: a mean can hide one that missed an organ."""
-    low, runs = [], 0
+def _cell_runs(cells: Sequence[dict[str, Any]]) -> list[tuple[str, dict[str, float]]]:
+    """(label, per-organ Dice) of every fine-tuned run of the summaries' cells. A cell that
+    is the mean of several fine-tunings (its ``finetunings``) gives each of them: a mean can
+    hide one that missed an organ."""
+    found = []
     for summary in cells:
         for key, cell in sorted(summary.items()):
             for run in cell.get("runs", []):
                 parts = run.get("finetunings") or [run]
                 for part in parts:
-                    runs += 1
-                    organs = [f"{organ} {value:.3f}" for organ, value in part["per_organ"].items()
-                              if value == value and value < organ_floor]  # NaN: organ absent
-                    if organs:
-                        which = f" ({part['run']})" if len(parts) > 1 else ""
-                        label = key.replace("|", " k=")
-                        low.append(f"{label} seed {run['seed']}{which}: {', '.join(organs)}")
-    return low, runs
+                    which = f" ({part['run']})" if len(parts) > 1 else ""
+                    label = f"{key.replace('|', ' k=')} seed {run['seed']}{which}"
+                    found.append((label, part["per_organ"]))
+    return found
+
+
+def _low_organs(
+    runs: Sequence[tuple[str, dict[str, float]]], organ_floor: float
+) -> list[str]:
+    """The runs with an organ below the floor, as "<label>: <organs>"."""
+    low = []
+    for label, per_organ in runs:
+        organs = [f"{organ} {value:.3f}" for organ, value in per_organ.items()
+                  if value == value and value < organ_floor]  # NaN: the organ is absent
+        if organs:
+            low.append(f"{label}: {', '.join(organs)}")
+    return low
 
 
 def _random_check(
@@ -133,6 +142,7 @@ def decide(
     noise: dict[str, Any] | None = None,
     *,
     repeats: dict[str, Any] | None = None,
+    organ_runs: Sequence[tuple[str, dict[str, float]]] | None = None,
     seed_order: Sequence[int] | None = None,
     random_arm: str = "random",
     floor_k: int = 2,
@@ -155,6 +165,9 @@ def decide(
         noise: paired differences of the noise floor (repeat - original, fine-tuned), or
             None (its check is then not judged).
         repeats: the summary of the noise-floor repeat runs: their organs count too.
+        organ_runs: (label, per-organ Dice) of every finished fine-tuned run, cells not yet
+            complete included; when given, the organ check judges these instead of the
+            cells of ``summary`` and ``repeats`` (a failure then counts at once).
         seed_order: the declared order in which seeds are added (default: ascending). The
             rule reads the longest complete prefix of it and stops at the first prefix that
             meets it; later seeds do not enter the verdict.
@@ -190,7 +203,8 @@ def decide(
     checks = [_random_check(summary, random_arm, floor_k, random_floor, used, True)]
     if floor_k != 1:
         checks.append(_random_check(summary, random_arm, 1, random_floor, used, False))
-    low, runs = _low_organs([summary, repeats or {}], organ_floor)
+    judged = list(organ_runs) if organ_runs is not None else _cell_runs([summary, repeats or {}])
+    low, runs = _low_organs(judged, organ_floor), len(judged)
     checks.append(ValidityCheck(
         f"no organ of any fine-tuned run below {organ_floor}", None if runs == 0 else not low,
         f"{len(low)} of {runs} runs: " + "; ".join(low) if low else f"{runs} runs, none below",

@@ -219,6 +219,12 @@ READOUT_ONLY_OPTIONS = ("finetune_steps", "val_every", "patience", "probe_levels
                         "finetune_intensity_scale", "checkpoint_min_organ")  # fmt: skip
 
 
+#: Options that change how a table is formed from the same runs (never a run: not in the
+#: key), with their values before each existed.
+TABLE_OPTIONS = {"finetune_repeats": 1, "finetune_repeat_ks": None, "noise_floor": False,
+                 "noise_arm": "moco", "noise_seeds": None}  # fmt: skip
+
+
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     settings = {k: getattr(args, k) for k in RESULT_OPTIONS}
     settings["readout"] = {k: getattr(args, k) for k in READOUT_OPTIONS}
@@ -358,28 +364,40 @@ def is_noise_floor(offset: int) -> bool:
     return offset % FINETUNE_REPEAT_STRIDE == NOISE_SEED_OFFSET
 
 
-def _mean_tables(tables: Sequence[dict[str, list[float]]]) -> dict[str, list[float]]:
-    """Per-volume, per-organ Dice averaged over fine-tunings (NaN where an organ is absent)."""
-    volumes = list(tables[0])
-    if any(list(t) != volumes for t in tables[1:]):
+def _mean_readouts(records: Sequence[dict[str, Any]], organs: list[str]) -> dict[str, Any]:
+    """One readout averaged over fine-tunings: each organ's Dice, each test volume's mean
+    and the mean Dice, each the mean of the fine-tunings' own (NaN only where all are).
+
+    Scores of whole runs are averaged, not per-volume tables: where a test volume lacks an
+    organ, one fine-tuning may score it NaN (nothing predicted) and another 0 (a false
+    positive), and a per-volume mean would give that 0 the weight of all of them."""
+    volumes = list(records[0]["per_volume_mean"])
+    if any(list(r["per_volume_mean"]) != volumes for r in records[1:]):
         raise ValueError("the fine-tunings of one cell scored different volumes")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN: the organ is absent
-        return {v: np.nanmean([t[v] for t in tables], axis=0).tolist() for v in volumes}
+        return {
+            "per_organ": {o: float(np.nanmean([r["per_organ"][o] for r in records]))
+                          for o in organs},
+            "per_volume_mean": {v: float(np.nanmean([r["per_volume_mean"][v] for r in records]))
+                                for v in volumes},
+            "mean_dice": float(np.nanmean([r["mean_dice"] for r in records])),
+        }  # fmt: skip
 
 
 def combine_finetunings(runs: Sequence[dict[str, Any]], organs: list[str]) -> dict[str, Any]:
     """One cell from the run records of its fine-tunings (``--finetune-repeats``).
 
-    The per-volume, per-organ Dice of each readout (fine-tuned; every probe level) is averaged
-    over the fine-tunings, and the cell's per-organ and mean Dice are computed from that as
-    for one run. The record keeps a run's layout (``seed``, ``mean_dice``, ``per_organ``,
-    ``probe``) and lists its fine-tunings under ``finetunings``, so that the organ check can
-    judge each. A single run is returned unchanged.
+    Each readout (fine-tuned; every probe level) is the mean of the fine-tunings' own: per
+    organ, per test volume and the mean Dice (:func:`_mean_readouts`). The record keeps a
+    run's layout (``seed``, ``mean_dice``, ``per_organ``, ``per_volume_mean``, ``probe``;
+    the per-volume, per-organ tables stay in the run files) and lists its fine-tunings under
+    ``finetunings``, so that the organ check can judge each. A single run is returned
+    unchanged.
 
     Raises:
-        ValueError: the runs are not of one cell (arm, k, seed, labelled patients) or scored
-            different volumes.
+        ValueError: the runs are not of one cell (arm, k, seed, labelled patients), scored
+            different volumes, or lack the probe's levels (run files older than them).
     """
     if len(runs) == 1:
         return runs[0]
@@ -387,14 +405,17 @@ def combine_finetunings(runs: Sequence[dict[str, Any]], organs: list[str]) -> di
     cell = ("arm", "k", "seed", "stage", "labelled")
     if any(tuple(r[f] for f in cell) != tuple(first[f] for f in cell) for r in runs[1:]):
         raise ValueError(f"combine_finetunings: {[r['run'] for r in runs]} are not one cell")
-    levels = {level: _readout_record(_mean_tables([r["probe_levels"][level]["per_volume"]
-                                                   for r in runs]), organs)
-              for level in first.get("probe_levels") or {}}  # fmt: skip
-    combined = {k: v for k, v in first.items() if k not in ("finetune_validation", "seconds")}
-    combined.update(_readout_record(_mean_tables([r["per_volume"] for r in runs]), organs))
+    if not all(r.get("probe_levels") for r in runs):
+        raise ValueError(f"combine_finetunings: {[r['run'] for r in runs]}: a run file "
+                         "without 'probe_levels' (written before them) cannot be averaged")
+    levels = {level: _mean_readouts([r["probe_levels"][level] for r in runs], organs)
+              for level in first["probe_levels"]}  # fmt: skip
+    skip = ("finetune_validation", "seconds", "per_volume")
+    combined = {k: v for k, v in first.items() if k not in skip}
+    combined.update(_mean_readouts(runs, organs))
     combined.update({
         "probe_levels": levels,
-        "probe": levels.get("-1") or next(iter(levels.values()), first.get("probe")),
+        "probe": levels.get("-1") or next(iter(levels.values())),
         "seconds": round(sum(r.get("seconds", 0.0) for r in runs), 1),
         "finetunings": [{"run": r["run"], "readout_offset": r.get("readout_offset", 0),
                          "mean_dice": r["mean_dice"], "per_organ": r["per_organ"],
@@ -747,6 +768,13 @@ class Benchmark:
         return count
 
 
+def _run_label(run: dict[str, Any], with_id: bool) -> str:
+    """'<arm> k=<k> seed <s>' of a test run ('repeat' for the noise floor's arm, as its
+    summary names it), with the run's id where its cell has several fine-tunings."""
+    arm = "repeat" if is_noise_floor(run.get("readout_offset", 0)) else run["arm"]
+    return f"{arm} k={run['k']} seed {run['seed']}" + (f" ({run['run']})" if with_id else "")
+
+
 def summarise(
     results: Sequence[dict[str, Any] | None], organs: list[str], readout: str = "finetune"
 ) -> dict[str, Any]:
@@ -774,7 +802,7 @@ def summarise(
                           for o in organs},
             # With --finetune-repeats, the lowest organ of any single fine-tuning.
             "lowest_organ": min(min(min(part["per_organ"].values()) for part in
-                                    (r.get("finetunings") or [rec] if readout == "finetune"
+                                    ((r.get("finetunings") or [rec]) if readout == "finetune"
                                      else [rec])) for r, rec in runs),
             "runs": [{"seed": r["seed"], "mean_dice": rec["mean_dice"], "labelled": r["labelled"],
                       "per_organ": rec["per_organ"],
@@ -1096,8 +1124,9 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
                         help="each cell of --finetune-repeat-ks (and its noise-floor repeat) "
                              "is the mean of N fine-tunings of the same weights, with "
                              f"readout seeds {FINETUNE_REPEAT_STRIDE} apart (Dice averaged "
-                             "per volume and organ; the seed stays the unit); in a readout "
-                             "pilot: --pilot-readout-offsets grouped N at a time, in order")
+                             "over the runs' own scores; the seed stays the unit; ablations "
+                             "stay single runs); in a readout pilot: --pilot-readout-offsets "
+                             "grouped N at a time, in order")
     parser.add_argument("--finetune-repeat-ks", type=int, nargs="+", default=None,
                         metavar="K", help="the k of --finetune-repeats (default: every k)")
     parser.add_argument("--foreground-ratio", type=float, default=0.5,
@@ -1310,6 +1339,24 @@ def checkpoint_rule_section(results: Sequence[dict[str, Any] | None], min_organ:
     return "\n".join(lines) + "\n"
 
 
+def finetunings_section(cells: Sequence[dict[str, Any] | None]) -> str:
+    """The single fine-tunings behind each cell that averages several (``--finetune-repeats``):
+    their mean Dice and lowest organ, beside the cell's mean."""
+    lines = ["", "## Cells that are the mean of several fine-tunings", "",
+             "| arm | k | seed | cell mean Dice | fine-tunings: mean Dice (lowest organ) |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for cell in filter(None, cells):
+        if "finetunings" not in cell:
+            continue
+        arm = cell["arm"] + (" (noise-floor repeat)"
+                             if is_noise_floor(cell.get("readout_offset", 0)) else "")  # fmt: skip
+        parts = ", ".join(f"{f['mean_dice']:.3f} ({min(f['per_organ'].values()):.3f})"
+                          for f in cell["finetunings"])  # fmt: skip
+        lines.append(f"| {arm} | {cell['k']} | {cell['seed']} | {cell['mean_dice']:.3f} | "
+                     f"{parts} |")
+    return "\n".join(lines) + "\n"
+
+
 def _best_mean_point(curve: Sequence[Sequence[float]]) -> tuple[int, float]:
     """(step, Dice) that the validation mean alone picks: the highest, the earliest on ties
     (as ``BestOnValidation``, which replaces the best only on a strictly higher mean)."""
@@ -1376,6 +1423,10 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     if unknown and not args.skip_main:
         parser.error(f"--finetune-repeat-ks {' '.join(map(str, unknown))}: not among --ks "
                      f"{' '.join(map(str, args.ks))}")  # fmt: skip
+    if args.finetune_repeat_ks is not None and args.finetune_repeats == 1:
+        parser.error("--finetune-repeat-ks without --finetune-repeats N (N > 1) repeats nothing")
+    if len(set(args.pilot_readout_offsets)) < len(args.pilot_readout_offsets):
+        parser.error("--pilot-readout-offsets: an offset given twice would count twice")
     if args.readout_pilot and len(args.pilot_readout_offsets) % args.finetune_repeats:
         parser.error(f"--pilot-readout-offsets: {len(args.pilot_readout_offsets)} offsets do "
                      f"not form groups of --finetune-repeats {args.finetune_repeats}")
@@ -1392,9 +1443,11 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         # A report rebuilt from finished runs keeps the command and hardware of the runs.
         saved = out / f"{name}.json"
         earlier = json.loads(saved.read_text()) if args.report_only and saved.is_file() else {}
-        # Only a table of the same runs (the same key): another key's command would
-        # misdescribe them.
-        if earlier.get("key") == bench.key:
+        # Only a table of the same runs (the same key) and the same cells: another key's
+        # command, or another way of forming cells from them, would misdescribe it.
+        same_cells = all((earlier.get("settings") or {}).get(option, default)
+                         == getattr(args, option) for option, default in TABLE_OPTIONS.items())
+        if earlier.get("key") == bench.key and same_cells:
             return {k: v for k, v in earlier.items()
                     if k not in ("summary", "probe_summary", "noise_floor",
                                  "probe_levels_summary", "comparisons", "decision")}  # fmt: skip
@@ -1461,9 +1514,13 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
                                          summaries["finetune"], PRIMARY[1], args.ks)  # fmt: skip
             repeated = summarise([dict(r, arm="repeat") for r in repeats if r], bench.organs,
                                  "finetune")  # fmt: skip
+            # Every finished fine-tuning, so that one below the floor counts before the
+            # other fine-tunings of its cell have finished.
+            organ_runs = [(_run_label(r, len(cell_offsets(args, r["k"])) > 1), r["per_organ"])
+                          for r in finetunings if r]  # fmt: skip
             decision = decide(primary, summaries["finetune"],
                               noise.get("finetune") if noise else None, repeats=repeated,
-                              seed_order=args.seeds)  # fmt: skip
+                              organ_runs=organ_runs, seed_order=args.seeds)  # fmt: skip
         name = f"label_efficiency{args.tag}"
         main_head = header_of(name)
         payload = {**main_head, "classes": bench.organs, "summary": summaries["finetune"],
@@ -1480,6 +1537,8 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
                         decision)  # fmt: skip
         if args.checkpoint_min_organ > 0:
             text += checkpoint_rule_section(finetunings, args.checkpoint_min_organ)
+        if args.finetune_repeats > 1:
+            text += finetunings_section([*results, *repeats])
         (out / f"{name}.md").write_text(text)
         plot({r: summaries[r] for r in READOUTS}, args.arms, out / f"{name}.png")
         print(text)
