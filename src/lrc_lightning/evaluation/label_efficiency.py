@@ -1324,8 +1324,7 @@ def checkpoint_rule_section(results: Sequence[dict[str, Any] | None], min_organ:
     rows: dict[str, list[int]] = {}
     for r in filter(None, results):
         v = r.get("finetune_validation") or {}
-        arm = r["arm"] + (" (noise-floor repeat)" if is_noise_floor(r.get("readout_offset", 0))
-                          else "")  # fmt: skip
+        arm = _table_arm(r)
         row = rows.setdefault(arm, [0, 0, 0])
         row[0] += 1
         curve = v.get("curve") or []
@@ -1339,6 +1338,12 @@ def checkpoint_rule_section(results: Sequence[dict[str, Any] | None], min_organ:
     return "\n".join(lines) + "\n"
 
 
+def _table_arm(run: dict[str, Any]) -> str:
+    """A run's or cell's arm as the tables name it: '<arm> (noise-floor repeat)' for one."""
+    noise = is_noise_floor(run.get("readout_offset", 0))
+    return run["arm"] + (" (noise-floor repeat)" if noise else "")
+
+
 def finetunings_section(cells: Sequence[dict[str, Any] | None]) -> str:
     """The single fine-tunings behind each cell that averages several (``--finetune-repeats``):
     their mean Dice and lowest organ, beside the cell's mean."""
@@ -1348,8 +1353,7 @@ def finetunings_section(cells: Sequence[dict[str, Any] | None]) -> str:
     for cell in filter(None, cells):
         if "finetunings" not in cell:
             continue
-        arm = cell["arm"] + (" (noise-floor repeat)"
-                             if is_noise_floor(cell.get("readout_offset", 0)) else "")  # fmt: skip
+        arm = _table_arm(cell)
         parts = ", ".join(f"{f['mean_dice']:.3f} ({min(f['per_organ'].values()):.3f})"
                           for f in cell["finetunings"])  # fmt: skip
         lines.append(f"| {arm} | {cell['k']} | {cell['seed']} | {cell['mean_dice']:.3f} | "
