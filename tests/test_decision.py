@@ -178,3 +178,10 @@ def test_the_benchmark_report_opens_with_the_decision_from_its_run_files(tmp_pat
     # Beside every paired table, not only at the top: without a verdict no row is evidence.
     caution = "**Not interpretable** (3 seed(s) so far): no paired row below is evidence"
     assert text.count(caution) == text.count("Paired differences of mean Dice") >= 2
+    # A seed enters the rule only when every cell planned for it is finished: without seed
+    # 2's noise-floor repeat, its primary arms alone do not make it count.
+    next(runs.glob(f"test_moco_k1_s2_r{NOISE_SEED_OFFSET}-*.json")).unlink()
+    assert main([*argv, "--report-only"]) == 0
+    decision = json.loads((tmp_path / "label_efficiency.json").read_text())["decision"]
+    assert decision["seeds"] == [0, 1] and decision["verdict"] == "no result yet"
+    assert decision["checks"][2]["passed"] is True  # the low organ was in the missing run

@@ -17,6 +17,7 @@ from lrc_lightning.evaluation.label_efficiency import (
     cell_offsets,
     combine_finetunings,
     is_noise_floor,
+    lowest_organ,
     pilot_markdown,
     summarise,
 )
@@ -98,6 +99,17 @@ def test_the_organ_check_judges_each_finetuning_of_a_cell() -> None:
     assert early.passed is False and early.detail.startswith("1 of 1 runs: moco k=1 seed 1 (")
 
 
+def test_lowest_organ_skips_organs_never_scored_in_any_order() -> None:
+    nan = float("nan")
+    # Python's min over these gives nan for the first order: the 0.01 would be hidden.
+    assert lowest_organ({"liver": nan, "spleen": 0.01, "kidney": 0.5}) == 0.01
+    assert lowest_organ({"spleen": 0.5, "liver": nan, "kidney": 0.01}) == 0.01
+    assert lowest_organ([nan, nan]) != lowest_organ([nan, nan])  # none scored: NaN
+    runs = [{"arm": "moco", "k": 1, "seed": s, "labelled": ["p"], "mean_dice": v,
+             "per_organ": {"liver": nan, "spleen": v}} for s, v in ((0, 0.5), (1, 0.01))]
+    assert summarise(runs, ["liver", "spleen"], "finetune")["moco|1"]["lowest_organ"] == 0.01
+
+
 def test_pilot_table_groups_finetunings_in_the_order_given() -> None:
     values = {0: 0.50, 1000: 0.40, 2000: 0.60, 3000: 0.45, 4000: 0.55, 5000: 0.50,
               6000: 0.30, 7000: 0.30}  # 8000 is not finished  # fmt: skip
@@ -163,6 +175,16 @@ def test_benchmark_averages_the_repeated_cells_and_resumes_them(tmp_path: Path, 
     assert single["settings"]["finetune_repeats"] == 1
     assert single["summary"]["random|1"]["runs"][0]["mean_dice"] == pytest.approx(
         dice["test_random_k1_s0"])
+    # Rebuilt again with the same options but fewer ks: the header of the table with k = 2
+    # (same key, same way of forming cells) is not carried over either.
+    assert cli([*argv, "--report-only"]) == 0
+    assert "--finetune-repeats" in json.loads((out / "label_efficiency.json").read_text())[
+        "command"]
+    ks = len(argv) - 1 - argv[::-1].index("--ks")  # the last --ks: 1 2
+    assert cli([*argv[:ks], "--ks", "1", *argv[ks + 3:], "--report-only"]) == 0
+    only_k1 = json.loads((out / "label_efficiency.json").read_text())
+    assert only_k1["settings"]["ks"] == [1] and "--ks 1 --test-cases" in only_k1["command"]
+    assert set(only_k1["summary"]) == {"random|1", "moco_lrc|1"}
     # A cell whose second fine-tuning is missing is not reported; the report names the run.
     next(runs.glob("test_random_k1_s0_r10000-*.json")).unlink()
     capsys.readouterr()
@@ -190,4 +212,11 @@ def test_repeat_options_are_checked(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         cli(tiny(data, tmp_path / "out", "--finetune-repeats", "2", "--skip-main",
                  "--readout-pilot", "--pilot-readout-offsets", "0", "0"))  # fmt: skip
-    assert "an offset given twice would count twice" in capsys.readouterr().err
+    assert "--pilot-readout-offsets: 0 given twice would count twice" in capsys.readouterr().err
+    # A seed or k given twice would enter the seed-level statistics twice.
+    with pytest.raises(SystemExit):
+        cli(tiny(data, tmp_path / "out", "--seeds", "0", "1", "0"))
+    assert "--seeds: 0 given twice would count twice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli(tiny(data, tmp_path / "out", "--ks", "1", "1", "2"))
+    assert "--ks: 1 given twice would count twice" in capsys.readouterr().err

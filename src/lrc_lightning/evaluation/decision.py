@@ -25,7 +25,7 @@ defaults:
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -144,6 +144,7 @@ def decide(
     repeats: dict[str, Any] | None = None,
     organ_runs: Sequence[tuple[str, dict[str, float]]] | None = None,
     seed_order: Sequence[int] | None = None,
+    complete_seeds: Collection[int] | None = None,
     random_arm: str = "random",
     floor_k: int = 2,
     random_floor: float = 0.5,
@@ -171,6 +172,10 @@ def decide(
         seed_order: the declared order in which seeds are added (default: ascending). The
             rule reads the longest complete prefix of it and stops at the first prefix that
             meets it; later seeds do not enter the verdict.
+        complete_seeds: the seeds whose every planned cell is finished (other arms, the
+            noise floor and every fine-tuning of a repeated cell included), or None (every
+            seed of ``primary``). A seed outside it ends the prefix, even when its primary
+            arms are done: its unfinished runs could still fail a check.
         random_arm, floor_k, random_floor: random init's mean test Dice at ``floor_k``, on
             the verdict's seeds, must be at least ``random_floor`` (at k = 1 it is reported
             too, outside the verdict).
@@ -192,7 +197,8 @@ def decide(
         raise ValueError(f"min_seeds ({min_seeds}) must not exceed max_seeds ({max_seeds})")
     if min(target_se, organ_floor, noise_margin, random_floor) <= 0:
         raise ValueError("target_se, organ_floor, noise_margin and random_floor must be > 0")
-    per_seed = {int(s): float(d) for s, d in (primary or {}).get("per_seed", {}).items()}
+    per_seed = {int(s): float(d) for s, d in (primary or {}).get("per_seed", {}).items()
+                if complete_seeds is None or int(s) in complete_seeds}  # fmt: skip
     order = list(seed_order) if seed_order is not None else sorted(per_seed)
     seeds, stopped = _first_stop(per_seed, order, target_se, min_seeds, max_seeds)
     values = [per_seed[s] for s in seeds]

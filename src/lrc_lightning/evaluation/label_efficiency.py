@@ -61,7 +61,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -224,6 +224,10 @@ READOUT_ONLY_OPTIONS = ("finetune_steps", "val_every", "patience", "probe_levels
 TABLE_OPTIONS = {"finetune_repeats": 1, "finetune_repeat_ks": None, "noise_floor": False,
                  "noise_arm": "moco", "noise_seeds": None}  # fmt: skip
 
+#: Options that choose which cells a table holds (also never in the key).
+CELL_OPTIONS = ("seeds", "ks", "arms", "skip_main", "readout_pilot", "pilot_seeds", "pilot_ks",
+                "pilot_arms", "pilot_readout_offsets")  # fmt: skip
+
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     settings = {k: getattr(args, k) for k in RESULT_OPTIONS}
@@ -331,6 +335,15 @@ class BestOnValidation(pl.Callback):
             low = "" if every else f", an organ below {self.min_organ:g}"
             print(f"    validation Dice {score:.3f} at step {trainer.global_step}{low} (best "
                   f"{self.best:.3f} at step {self.best_step})", flush=True)  # fmt: skip
+
+
+def lowest_organ(per_organ: dict[str, float] | Iterable[float]) -> float:
+    """The lowest Dice over the organs that were scored (NaN: an organ absent from every test
+    volume); NaN if none was. Python's ``min`` would return NaN or not depending on the
+    organs' order, hiding a low organ."""
+    values = per_organ.values() if isinstance(per_organ, dict) else per_organ
+    scored = [v for v in values if v == v]
+    return min(scored) if scored else float("nan")
 
 
 def _volume_means(per_volume: dict[str, list[float]]) -> dict[str, float]:
@@ -747,7 +760,7 @@ class Benchmark:
             "seconds": round(seconds, 1),
         }  # fmt: skip
         atomic_json(path, result)
-        low = min(finetuned["per_organ"].values())
+        low = lowest_organ(finetuned["per_organ"])
         print(f"{run_id}: mean Dice fine-tuned {result['mean_dice']:.3f} (lowest organ "
               f"{low:.3f}, best validation step {validation['best_step']}), probe "
               f"{probed['mean_dice']:.3f} ({result['seconds']:.0f} s)", flush=True)  # fmt: skip
@@ -801,9 +814,9 @@ def summarise(
             "per_organ": {o: float(np.nanmean([rec["per_organ"][o] for _, rec in runs]))
                           for o in organs},
             # With --finetune-repeats, the lowest organ of any single fine-tuning.
-            "lowest_organ": min(min(min(part["per_organ"].values()) for part in
-                                    ((r.get("finetunings") or [rec]) if readout == "finetune"
-                                     else [rec])) for r, rec in runs),
+            "lowest_organ": lowest_organ(
+                lowest_organ(part["per_organ"]) for r, rec in runs
+                for part in ((r.get("finetunings") or [rec]) if readout == "finetune" else [rec])),
             "runs": [{"seed": r["seed"], "mean_dice": rec["mean_dice"], "labelled": r["labelled"],
                       "per_organ": rec["per_organ"],
                       "per_volume_mean": rec.get("per_volume_mean"),
@@ -1266,7 +1279,7 @@ def pilot_markdown(runs: Sequence[dict[str, Any]], head: dict[str, Any], organs:
                      f"{v.get('stopped_step', '')} |")  # fmt: skip
     if not runs:
         return "\n".join([*lines, "", "no finished run"]) + "\n"
-    low = [r for r in runs if min(r["per_organ"].values()) < 0.02]
+    low = [r for r in runs if lowest_organ(r["per_organ"]) < 0.02]
     means = [r["mean_dice"] for r in runs]
     lines += ["", f"{len(runs)} runs; mean Dice {np.mean(means):.3f} (lowest "
               f"{min(means):.3f}); runs with an organ below 0.02: {len(low)}"
@@ -1354,7 +1367,7 @@ def finetunings_section(cells: Sequence[dict[str, Any] | None]) -> str:
         if "finetunings" not in cell:
             continue
         arm = _table_arm(cell)
-        parts = ", ".join(f"{f['mean_dice']:.3f} ({min(f['per_organ'].values()):.3f})"
+        parts = ", ".join(f"{f['mean_dice']:.3f} ({lowest_organ(f['per_organ']):.3f})"
                           for f in cell["finetunings"])  # fmt: skip
         lines.append(f"| {arm} | {cell['k']} | {cell['seed']} | {cell['mean_dice']:.3f} | "
                      f"{parts} |")
@@ -1375,7 +1388,7 @@ def _best_mean(validation: dict[str, Any]) -> str:
         return ""
     step, score = _best_mean_point(curve)
     organs = dict(validation.get("organ_curve") or []).get(step) or {}
-    low = f", {min(organs.values()):.3f}" if organs else ""
+    low = f", {lowest_organ(organs):.3f}" if organs else ""
     return f"{step} ({score:.3f}{low})"
 
 
@@ -1429,8 +1442,13 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
                      f"{' '.join(map(str, args.ks))}")  # fmt: skip
     if args.finetune_repeat_ks is not None and args.finetune_repeats == 1:
         parser.error("--finetune-repeat-ks without --finetune-repeats N (N > 1) repeats nothing")
-    if len(set(args.pilot_readout_offsets)) < len(args.pilot_readout_offsets):
-        parser.error("--pilot-readout-offsets: an offset given twice would count twice")
+    for option in ("seeds", "ks", "arms", "noise_seeds", "pilot_seeds", "pilot_ks",
+                   "pilot_arms", "pilot_readout_offsets"):  # fmt: skip
+        values = getattr(args, option) or []
+        twice = sorted({str(v) for v in values if values.count(v) > 1})
+        if twice:
+            parser.error(f"--{option.replace('_', '-')}: {' '.join(twice)} given twice would "
+                         "count twice")
     if args.readout_pilot and len(args.pilot_readout_offsets) % args.finetune_repeats:
         parser.error(f"--pilot-readout-offsets: {len(args.pilot_readout_offsets)} offsets do "
                      f"not form groups of --finetune-repeats {args.finetune_repeats}")
@@ -1448,9 +1466,12 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         saved = out / f"{name}.json"
         earlier = json.loads(saved.read_text()) if args.report_only and saved.is_file() else {}
         # Only a table of the same runs (the same key) and the same cells: another key's
-        # command, or another way of forming cells from them, would misdescribe it.
-        same_cells = all((earlier.get("settings") or {}).get(option, default)
-                         == getattr(args, option) for option, default in TABLE_OPTIONS.items())
+        # command, another choice of cells (seeds, ks, arms, a pilot's offsets and their
+        # order) or another way of forming cells from them would misdescribe it.
+        saved_settings = earlier.get("settings") or {}
+        same_cells = all(saved_settings.get(option, default) == getattr(args, option)
+                         for option, default in TABLE_OPTIONS.items()) and all(
+            saved_settings.get(option) == getattr(args, option) for option in CELL_OPTIONS)
         if earlier.get("key") == bench.key and same_cells:
             return {k: v for k, v in earlier.items()
                     if k not in ("summary", "probe_summary", "noise_floor",
@@ -1497,9 +1518,12 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
                 run = bench.run(variant, k, seed, stage, readout_offset=offset)
                 finetunings.append(run)
                 cells.setdefault((variant.label, k, seed, is_noise_floor(offset)), []).append(run)
-        for (_, _, _, noise_floor), runs in cells.items():
+        incomplete: set[int] = set()
+        for (_, _, seed, noise_floor), runs in cells.items():
             # A cell is reported only when all its fine-tunings are finished.
             cell = None if None in runs else combine_finetunings(runs, bench.organs)
+            if cell is None:
+                incomplete.add(seed)
             (repeats if noise_floor else results).append(cell)
         level_readouts = [f"probe@{lv}" for lv in args.probe_levels if str(lv) != "-1"]
         summaries = {r: summarise(results, bench.organs, r)
@@ -1522,9 +1546,11 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
             # other fine-tunings of its cell have finished.
             organ_runs = [(_run_label(r, len(cell_offsets(args, r["k"])) > 1), r["per_organ"])
                           for r in finetunings if r]  # fmt: skip
+            complete = [seed for seed in args.seeds if seed not in incomplete]
             decision = decide(primary, summaries["finetune"],
                               noise.get("finetune") if noise else None, repeats=repeated,
-                              organ_runs=organ_runs, seed_order=args.seeds)  # fmt: skip
+                              organ_runs=organ_runs, seed_order=args.seeds,
+                              complete_seeds=complete)  # fmt: skip
         name = f"label_efficiency{args.tag}"
         main_head = header_of(name)
         payload = {**main_head, "classes": bench.organs, "summary": summaries["finetune"],
