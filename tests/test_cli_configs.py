@@ -186,3 +186,20 @@ def test_print_config(config: str, capsys) -> None:
     out = capsys.readouterr().out
     assert "class_path: lrc_lightning.models." in out
     assert "data: data/chaos-t2-demo" in out
+
+
+def test_supervised_config_pretrains_on_the_labelled_cases_only(cache: Path) -> None:
+    """The paper's supervised setting pre-trains on the labelled cases: with k = 1, one
+    patient's labels, not every pool case's (which a fine-tuning at k = 1 would then have
+    seen)."""
+    import yaml
+
+    from lrc_lightning import LRCDataModule
+
+    data = yaml.safe_load((CONFIGS / "supervised_lrc.yaml").read_text())["data"]
+    data.update(data=str(ROOT / "data" / "chaos-t2-demo"), cache_dir=str(cache), image_size=64)
+    module = LRCDataModule(**data)
+    module.setup("fit")
+    assert module.split is not None and len(module.split.pool) == 2
+    pretrained = {v.case_id for v in module.train_dataset().volumes}
+    assert pretrained == {c.case_id for c in module.split.labelled} and len(pretrained) == 1

@@ -1,7 +1,7 @@
 """The module paths from before the chapter folders, kept importable after the move.
 
-In lrc-lightning 0.2.0 every module lay directly under ``lrc_lightning/``; each now lives in
-the folder of its chapter (docs/concepts/layout.md). Code, LightningCLI configs
+Up to lrc-lightning 0.2.0 every module lay directly under ``lrc_lightning/``; since 0.3.0
+each lives in the folder of its chapter (docs/concepts/layout.md). Code, LightningCLI configs
 (``class_path``) and pickled checkpoints name classes by module path, so every old path keeps
 working through this one table: ``import lrc_lightning.term`` (or ``from lrc_lightning.term
 import LRCConfig``) gives the module ``lrc_lightning.objective.term`` itself, the same object,

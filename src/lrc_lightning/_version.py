@@ -2,4 +2,4 @@
 importing the package's façade (``lrc_lightning/__init__.py``), and setuptools can read it
 without importing anything (``setup.cfg``: ``version = attr: ...``)."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

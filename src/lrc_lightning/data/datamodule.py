@@ -241,7 +241,7 @@ class LRCDataModuleBase:
             cases only (supervised pre-training that may use only the labels it is given).
         precompute_workers: processes for the cache; ``shard``: ``"i/n"`` to fill only
             this share (a cluster job array).
-        hash_content: key the cache on file contents instead of path + size + mtime.
+        hash_content: key the cache on file contents instead of path + size + mtime + ctime.
         device_batches: make training batches on the training device from slices held
             there (:class:`~lrc_lightning.data.device_batches.DeviceBatches`: no loader
             workers, no copies per step; same augmentations). Under DDP each rank draws
