@@ -12,9 +12,10 @@
 # so no seed runs under this key either; nor under amendment 4's (--finetune-lr 3e-4, key
 # 1d2c15e3), whose pilot failed too, nor under amendment 5's (--finetune-steps 2000
 # --finetune-lr 3e-4, key cd444398) alone. Amendment 6 (that readout, with each k = 1 cell
-# the mean of 3 fine-tunings: --finetune-repeats 3 --finetune-repeat-ks 1) is being piloted;
-# if its pilot fails, Evidence II ends without a result. Run seeds only once its pilot
-# passes, with its options (EXTRA), as benchmarks/results/README.md says.
+# the mean of 3 fine-tunings: --finetune-repeats 3 --finetune-repeat-ks 1) failed its pilot
+# too (session 12), so Evidence II ended without a result and no seed runs under any of
+# these keys. This script stays as the record of the protocol's command, and as a starting
+# point for your own data (with --readout-pilot first).
 # Env: DATA (default ../shared/data/chaos-t2), OUT (benchmarks/results), WORK (.lrc_bench),
 # CACHE (.lrc_cache), SEEDS (default 0 1 2 3 4 5 6 7), THREADS (1), EXTRA (more options,
 # e.g. --report-only to rebuild the tables from the finished runs).

@@ -53,9 +53,10 @@ print(f"readout pilot at 256x256: lowest organ {low:.3f}, every organ at the che
       f"{'passes' if ok else 'FAILS: no test patient is scored'}")
 sys.exit(0 if ok else 1)
 PY
-    # 2. The protocol on the test patients: withheld until an amendment's readout pilot has
-    #    passed on the CPU (benchmarks/results/README.md; amendment 3's failed its noise
-    #    criterion). Set SCORE_TEST=1 only then, with that amendment's options in PROTOCOL.
+    # 2. The protocol on the test patients: withheld. Evidence II ended without a result
+    #    (session 12): no amendment's readout pilot passed its noise criterion on the CPU
+    #    (benchmarks/results/README.md), so SCORE_TEST=1 belongs only to a successor protocol
+    #    declared before its runs, with its own options in PROTOCOL.
     if [ "${SCORE_TEST:-0}" = 1 ]; then
         timeout "${BENCH_SECONDS:-270}" python3 benchmarks/label_efficiency.py "${PROTOCOL[@]}" \
             --seeds $SEEDS || echo "stopped (time limit or signal): rerun to resume"
