@@ -312,3 +312,28 @@ def test_pilot_power_matches_the_exact_range_of_two_normals() -> None:
     assert json.loads(lines[0])["sd_of_a_value"] == pytest.approx(0.053 / math.sqrt(3), abs=1e-4)
     with pytest.raises(ValueError, match="need n >= 1, groups >= 2"):
         pass_probability(0.05, 3, 1, 0.07)
+
+
+def test_seeds_needed_matches_simulated_seed_differences() -> None:
+    """The readout-noise sd of a seed's mean-over-k difference, against a simulation of it
+    (k = 1 a mean of 3 fine-tunings per arm, k = 2 and 4 single), and the seeds it implies."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from seeds_needed import seed_sd, seeds_needed
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    rng = np.random.default_rng(0)
+    noise = lambda n: rng.normal(0, 0.077, (200_000, n)).mean(axis=1)  # noqa: E731
+    diffs = ((noise(3) - noise(3)) + (noise(1) - noise(1)) + (noise(1) - noise(1))) / 3
+    assert seed_sd(0.077, [3, 1, 1]) == pytest.approx(diffs.std(), rel=0.01)
+    assert seeds_needed(0.077, [3, 1, 1], 0.015) == 14  # 0.0554**2 / 0.015**2 = 13.6
+    assert seeds_needed(0.0, [1, 1, 1], 0.015) == 2
+    out = json.loads(run("benchmarks/seeds_needed.py", "--sd", "0.077", "--df", "13",
+                         "--repeats", "3", "1", "1"))  # fmt: skip
+    assert out["seed_sd"] == 0.0554 and out["seeds_needed"] == 14
+    assert out["sd_ci95"] == [0.056, 0.124] and out["seeds_needed_ci95"] == [8, 36]
+    bad = subprocess.run([sys.executable, "benchmarks/seeds_needed.py", "--sd", "0.077",
+                          "--repeats", "3"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--repeats: 1 values for 3 --ks" in bad.stderr

@@ -116,8 +116,9 @@ def test_readout_pilot_scores_only_the_validation_patients(tmp_path: Path) -> No
     for seed in (0, 1):
         best = [r["finetune_validation"]["best_val_dice"] for r in saved["runs"]
                 if r["seed"] == seed]  # fmt: skip
-        assert f"| random | 1 | {seed} | 2 | {np.mean(best):.3f} | {max(best) - min(best):.3f} (" \
-            in table  # fmt: skip
+        sd = abs(best[0] - best[1]) / 2**0.5  # the sample sd of two values
+        assert (f"| random | 1 | {seed} | 2 | {np.mean(best):.3f} | {sd:.3f} | "
+                f"{max(best) - min(best):.3f} (") in table  # fmt: skip
     offsets = sorted((r["seed"], r["readout_offset"]) for r in saved["runs"])
     assert offsets == [(0, 0), (0, 1000), (1, 0), (1, 1000)]
     assert not (tmp_path / "label_efficiency.json").exists()  # no test score at all

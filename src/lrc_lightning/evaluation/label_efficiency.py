@@ -1293,11 +1293,12 @@ def pilot_markdown(runs: Sequence[dict[str, Any]], head: dict[str, Any], organs:
     repeated = {g: v for g, v in draws.items() if len(v) > 1}
     if repeated:
         lines += ["", "Validation Dice at the checkpoint (`best_val_dice`) over fine-tuning "
-                  "seeds of one draw:", "", "| arm | k | seed | fine-tuning seeds | mean | "
-                  "range (max - min) |", "|---|---|---|---|---|---|"]  # fmt: skip
+                  "seeds of one draw (sd: sample sd, n - 1):", "", "| arm | k | seed | "
+                  "fine-tuning seeds | mean | sd | range (max - min) |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
         lines += [f"| {arm} | {k} | {seed} | {len(v)} | {np.mean(v):.3f} | "
-                  f"{max(v) - min(v):.3f} ({min(v):.3f}-{max(v):.3f}) |"
-                  for (arm, k, seed), v in repeated.items()]  # fmt: skip
+                  f"{statistics.stdev(v):.3f} | {max(v) - min(v):.3f} ({min(v):.3f}-"
+                  f"{max(v):.3f}) |" for (arm, k, seed), v in repeated.items()]  # fmt: skip
     if groups:
         lines += _group_means(runs, groups)
     return "\n".join(lines) + "\n"
